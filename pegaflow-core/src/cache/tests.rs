@@ -1,0 +1,281 @@
+//! Scenario tests of the block cache with tiny pools.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::error::EngineError;
+use crate::memory::PoolAllocator;
+
+const UNIT: u64 = 256;
+
+fn ns(name: &str) -> Arc<str> {
+    Arc::from(name)
+}
+
+fn h(i: u8) -> BlockHash {
+    [i; HASH_BYTES]
+}
+
+/// A geometry of `layers` layers of one allocation unit each.
+fn geometry(layers: u32) -> Arc<PartGeometry> {
+    Arc::new(PartGeometry::new(vec![UNIT / u64::from(layers); layers as usize]))
+}
+
+/// A cache holding `blocks` single-rank parts of one unit.
+fn cache(blocks: u64) -> BlockCache {
+    BlockCache::new(PoolAllocator::new(blocks * UNIT, None))
+}
+
+fn save_all(
+    cache: &mut BlockCache,
+    n: &Arc<str>,
+    hashes: &[BlockHash],
+    rank: u32,
+    tp: u32,
+    g: &Arc<PartGeometry>,
+) -> u32 {
+    let layers: Vec<u32> = (0..g.num_layers()).collect();
+    let ticket = cache.prepare_save(n, hashes, rank, tp, g, &layers).unwrap();
+    cache.complete_save(ticket, true)
+}
+
+fn hits(cache: &mut BlockCache, n: &Arc<str>, hashes: &[BlockHash]) -> u32 {
+    let (hits, lease) = cache.query(Instant::now(), n, hashes, None).unwrap();
+    if let Some(lease) = lease {
+        cache.release_lease(&lease).unwrap();
+    }
+    hits
+}
+
+#[test]
+fn a_block_seals_only_when_every_layer_and_rank_is_saved() {
+    let mut c = BlockCache::new(PoolAllocator::new(1 << 20, None));
+    let n = ns("m");
+    let g = geometry(2);
+    // Rank 0, layer 0 only.
+    let t = c.prepare_save(&n, &[h(1)], 0, 2, &g, &[0]).unwrap();
+    assert_eq!(t.slots.len(), 1);
+    assert_eq!(c.complete_save(t, true), 0);
+    assert_eq!(hits(&mut c, &n, &[h(1)]), 0);
+    // Rank 0, both layers: layer 0 is skipped, layer 1 copied.
+    let t = c.prepare_save(&n, &[h(1)], 0, 2, &g, &[0, 1]).unwrap();
+    assert_eq!(t.slots.iter().map(|s| s.1).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(c.complete_save(t, true), 0);
+    assert_eq!(hits(&mut c, &n, &[h(1)]), 0, "rank 1 has not saved");
+    assert_eq!(save_all(&mut c, &n, &[h(1)], 1, 2, &g), 1);
+    assert_eq!(hits(&mut c, &n, &[h(1)]), 1);
+    assert_eq!(c.stats().sealed_blocks, 1);
+}
+
+#[test]
+fn slot_offsets_are_disjoint_per_layer_and_rank() {
+    let mut c = BlockCache::new(PoolAllocator::new(1 << 20, None));
+    let n = ns("m");
+    let g = Arc::new(PartGeometry::new(vec![100, 300]));
+    let t0 = c.prepare_save(&n, &[h(1), h(2)], 0, 2, &g, &[0, 1]).unwrap();
+    let t1 = c.prepare_save(&n, &[h(1), h(2)], 1, 2, &g, &[0, 1]).unwrap();
+    let mut ranges: Vec<(u64, u64)> =
+        t0.slots.iter().chain(&t1.slots).map(|&(_, layer, off)| (off, off + g.layer_bytes(layer))).collect();
+    ranges.sort();
+    assert_eq!(ranges.len(), 8);
+    assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{ranges:?}");
+}
+
+#[test]
+fn failed_copy_leaves_slots_empty_and_block_unsealed() {
+    let mut c = cache(4);
+    let n = ns("m");
+    let g = geometry(1);
+    let t = c.prepare_save(&n, &[h(1)], 0, 1, &g, &[0]).unwrap();
+    assert_eq!(c.complete_save(t, false), 0);
+    assert_eq!(hits(&mut c, &n, &[h(1)]), 0);
+    // The slot can be saved again.
+    assert_eq!(save_all(&mut c, &n, &[h(1)], 0, 1, &g), 1);
+}
+
+#[test]
+fn prefix_hits_stop_at_the_first_miss_and_namespaces_are_separate() {
+    let mut c = cache(8);
+    let n = ns("m");
+    let g = geometry(1);
+    save_all(&mut c, &n, &[h(1), h(2), h(4)], 0, 1, &g);
+    assert_eq!(hits(&mut c, &n, &[h(1), h(2), h(3), h(4)]), 2);
+    assert_eq!(hits(&mut c, &n, &[h(3), h(1)]), 0);
+    assert_eq!(hits(&mut c, &ns("other"), &[h(1)]), 0);
+}
+
+#[test]
+fn eviction_takes_the_oldest_unleased_block_first() {
+    let mut c = cache(3);
+    let n = ns("m");
+    let g = geometry(1);
+    for i in 1..=3 {
+        save_all(&mut c, &n, &[h(i)], 0, 1, &g);
+    }
+    // Using block 1 makes block 2 the oldest.
+    assert_eq!(hits(&mut c, &n, &[h(1)]), 1);
+    let t = c.prepare_save(&n, &[h(4)], 0, 1, &g, &[0]).unwrap();
+    assert_eq!(t.evicted, 1);
+    c.complete_save(t, true);
+    assert_eq!(hits(&mut c, &n, &[h(2)]), 0);
+    assert_eq!(hits(&mut c, &n, &[h(1)]), 1);
+    assert_eq!(hits(&mut c, &n, &[h(3)]), 1);
+    assert_eq!(c.stats().evictions, 1);
+}
+
+#[test]
+fn leased_blocks_survive_pressure_and_free_up_after_release() {
+    let mut c = cache(2);
+    let n = ns("m");
+    let g = geometry(1);
+    save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
+    let (hit, lease) = c.query(Instant::now(), &n, &[h(1), h(2)], None).unwrap();
+    assert_eq!(hit, 2);
+    let lease = lease.unwrap();
+    let err = c.prepare_save(&n, &[h(3)], 0, 1, &g, &[0]).unwrap_err();
+    assert!(matches!(err, EngineError::ResourceExhausted(_)), "{err}");
+    // The failed save changed nothing.
+    assert_eq!(c.stats().blocks, 2);
+    c.release_lease(&lease).unwrap();
+    assert_eq!(save_all(&mut c, &n, &[h(3)], 0, 1, &g), 1);
+    assert_eq!(c.stats().blocks, 2);
+}
+
+#[test]
+fn a_failed_multi_block_save_rolls_back_what_it_reserved() {
+    let mut c = cache(3);
+    let n = ns("m");
+    let g = geometry(1);
+    save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
+    let (_, lease) = c.query(Instant::now(), &n, &[h(1), h(2)], None).unwrap();
+    let before = c.stats();
+    // Needs 2 units; only 1 is free and nothing is evictable.
+    let err = c.prepare_save(&n, &[h(7), h(8)], 0, 1, &g, &[0]).unwrap_err();
+    assert!(matches!(err, EngineError::ResourceExhausted(_)));
+    assert_eq!(c.stats(), before);
+    c.release_lease(&lease.unwrap()).unwrap();
+}
+
+#[test]
+fn a_request_larger_than_the_pool_fails_without_evicting() {
+    let mut c = cache(2);
+    let n = ns("m");
+    let g = geometry(1);
+    save_all(&mut c, &n, &[h(1)], 0, 1, &g);
+    let err = c.prepare_save(&n, &[h(2), h(3), h(4)], 0, 1, &g, &[0]).unwrap_err();
+    assert!(err.to_string().contains("pool holds"), "{err}");
+    assert_eq!(c.stats().evictions, 0);
+    assert_eq!(hits(&mut c, &n, &[h(1)]), 1);
+}
+
+#[test]
+fn in_flight_saves_are_never_evicted() {
+    let mut c = cache(2);
+    let n = ns("m");
+    let g = geometry(1);
+    let in_flight = c.prepare_save(&n, &[h(1)], 0, 1, &g, &[0]).unwrap();
+    save_all(&mut c, &n, &[h(2)], 0, 1, &g);
+    // Needs room: block 2 (sealed, unleased) goes, block 1 (being copied) stays.
+    let t = c.prepare_save(&n, &[h(3)], 0, 1, &g, &[0]).unwrap();
+    assert_eq!(t.evicted, 1);
+    c.complete_save(t, true);
+    assert_eq!(c.complete_save(in_flight, true), 1);
+    assert_eq!(hits(&mut c, &n, &[h(1), h(3)]), 2);
+    assert_eq!(hits(&mut c, &n, &[h(2)]), 0);
+}
+
+#[test]
+fn leases_expire_and_unpin() {
+    let mut c = cache(2);
+    let n = ns("m");
+    let g = geometry(1);
+    save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
+    let t0 = Instant::now();
+    let (_, lease) = c.query(t0, &n, &[h(1), h(2)], Some(Duration::from_millis(50))).unwrap();
+    let lease = lease.unwrap();
+    assert_eq!(c.stats().leases, 1);
+    let later = t0 + Duration::from_millis(51);
+    let err = c.prepare_load(later, &lease, 0, 1, &g).unwrap_err();
+    assert!(matches!(err, EngineError::NotFound(_)), "{err}");
+    assert_eq!(c.stats().leases, 0);
+    assert!(matches!(c.release_lease(&lease), Err(EngineError::NotFound(_))));
+    // Unpinned again: both evictable.
+    let t = c.prepare_save(&n, &[h(3), h(4)], 0, 1, &g, &[0]).unwrap();
+    assert_eq!(t.evicted, 2);
+    c.complete_save(t, true);
+    assert!(c.query(t0, &n, &[h(1)], Some(Duration::from_secs(3600))).is_err(), "ttl above the maximum");
+}
+
+#[test]
+fn a_lease_is_released_once_every_rank_started_loading() {
+    let mut c = BlockCache::new(PoolAllocator::new(1 << 20, None));
+    let n = ns("m");
+    let g = geometry(2);
+    save_all(&mut c, &n, &[h(1), h(2)], 0, 2, &g);
+    save_all(&mut c, &n, &[h(1), h(2)], 1, 2, &g);
+    let now = Instant::now();
+    let (hit, lease) = c.query(now, &n, &[h(1), h(2)], None).unwrap();
+    assert_eq!(hit, 2);
+    let lease = lease.unwrap();
+    assert!(matches!(c.prepare_load(now, &lease, 0, 3, &g), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(c.prepare_load(now, &lease, 2, 1, &g), Err(EngineError::InvalidArgument(_))));
+    let other = geometry(1);
+    assert!(matches!(c.prepare_load(now, &lease, 0, 1, &other), Err(EngineError::InvalidArgument(_))));
+    let r0 = c.prepare_load(now, &lease, 0, 2, &g).unwrap();
+    assert_eq!(r0.part_offsets.len(), 2);
+    assert!(c.prepare_load(now, &lease, 0, 2, &g).is_err(), "a rank loads a lease once");
+    assert_eq!(c.stats().leases, 1);
+    let r1 = c.prepare_load(now, &lease, 1, 1, &g).unwrap();
+    assert_eq!(c.stats().leases, 0);
+    c.complete_load(r0);
+    c.complete_load(r1);
+}
+
+#[test]
+fn load_pins_outlive_the_lease() {
+    let mut c = cache(2);
+    let n = ns("m");
+    let g = geometry(1);
+    save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
+    let now = Instant::now();
+    let (_, lease) = c.query(now, &n, &[h(1)], None).unwrap();
+    let ticket = c.prepare_load(now, &lease.unwrap(), 0, 1, &g).unwrap();
+    assert_eq!(c.stats().leases, 0, "the only rank started: lease released");
+    // Block 1 is still being copied: only block 2 may go.
+    let t = c.prepare_save(&n, &[h(3)], 0, 1, &g, &[0]).unwrap();
+    c.complete_save(t, true);
+    // Two more blocks cannot fit while block 1 is pinned.
+    assert!(matches!(c.prepare_save(&n, &[h(4), h(5)], 0, 1, &g, &[0]), Err(EngineError::ResourceExhausted(_))));
+    c.complete_load(ticket);
+    assert_eq!(hits(&mut c, &n, &[h(1)]), 1);
+}
+
+#[test]
+fn saving_four_times_the_capacity_never_fails() {
+    let mut c = cache(16);
+    let n = ns("m");
+    let g = geometry(4);
+    for i in 0..64u8 {
+        assert_eq!(save_all(&mut c, &n, &[h(i)], 0, 1, &g), 1);
+    }
+    let s = c.stats();
+    assert_eq!(s.blocks, 16);
+    assert_eq!(s.evictions, 48);
+    assert_eq!(s.used_bytes, s.capacity_bytes);
+    // The newest 16 survive.
+    let newest: Vec<BlockHash> = (48..64u8).map(h).collect();
+    assert_eq!(hits(&mut c, &n, &newest), 16);
+}
+
+#[test]
+fn a_different_tp_size_or_layout_in_the_same_namespace_is_rejected() {
+    let mut c = BlockCache::new(PoolAllocator::new(1 << 20, None));
+    let n = ns("m");
+    let g = geometry(2);
+    let t = c.prepare_save(&n, &[h(1)], 0, 2, &g, &[0]).unwrap();
+    c.complete_save(t, true);
+    assert!(matches!(c.prepare_save(&n, &[h(1)], 0, 1, &g, &[0]), Err(EngineError::InvalidArgument(_))));
+    let other = geometry(4);
+    assert!(matches!(c.prepare_save(&n, &[h(1)], 0, 2, &other, &[0]), Err(EngineError::InvalidArgument(_))));
+}

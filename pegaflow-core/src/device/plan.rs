@@ -1,0 +1,54 @@
+//! Copy ops and their coalescing: runs contiguous on both sides become one copy.
+
+/// Copy `len` bytes between `device_offset` in a region and `host_offset` in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyOp {
+    /// Byte offset in the device region.
+    pub device_offset: u64,
+    /// Byte offset in the host pool.
+    pub host_offset: u64,
+    /// Bytes to copy.
+    pub len: u64,
+}
+
+/// Sorts `ops` by device offset and merges neighbours that are contiguous on both the
+/// device and the host side. The set of bytes copied is unchanged.
+pub fn coalesce(ops: &mut Vec<CopyOp>) {
+    ops.sort_unstable_by_key(|op| op.device_offset);
+    let mut merged: Vec<CopyOp> = Vec::with_capacity(ops.len());
+    for op in ops.drain(..) {
+        match merged.last_mut() {
+            Some(last)
+                if last.device_offset + last.len == op.device_offset
+                    && last.host_offset + last.len == op.host_offset =>
+            {
+                last.len += op.len;
+            }
+            _ => merged.push(op),
+        }
+    }
+    *ops = merged;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(device_offset: u64, host_offset: u64, len: u64) -> CopyOp {
+        CopyOp { device_offset, host_offset, len }
+    }
+
+    #[test]
+    fn merges_runs_contiguous_on_both_sides_only() {
+        let mut ops = vec![op(200, 1100, 100), op(0, 1000, 100), op(100, 5000, 100), op(300, 1200, 50)];
+        coalesce(&mut ops);
+        assert_eq!(ops, vec![op(0, 1000, 100), op(100, 5000, 100), op(200, 1100, 150)]);
+    }
+
+    #[test]
+    fn fully_contiguous_becomes_one_op() {
+        let mut ops: Vec<_> = (0..64).rev().map(|i| op(i * 32, 4096 + i * 32, 32)).collect();
+        coalesce(&mut ops);
+        assert_eq!(ops, vec![op(0, 4096, 64 * 32)]);
+    }
+}

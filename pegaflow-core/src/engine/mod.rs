@@ -1,0 +1,290 @@
+//! The engine: instances, and the save / query / load paths over the cache and the
+//! device backends.
+//!
+//! Locking: the cache mutex is held only to prepare or complete an operation, never
+//! across a copy. Completion runs in the backend's callback, so an abandoned request
+//! (client gone mid-save) still publishes or rolls back its slots.
+
+mod metrics;
+mod registry;
+mod transfer;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+pub use metrics::EngineMetrics;
+pub use registry::{InstanceInfo, LayerRegistration, RegisterRequest};
+
+use crate::cache::{BlockCache, BlockHash, CacheStats, HASH_BYTES};
+use crate::device::{DeviceBackend, HostDevice, HostDeviceOptions};
+use crate::error::{EngineError, Result};
+use crate::memory::{HostPool, PoolAllocator, PoolError, PoolOptions};
+use registry::{RankBinding, Registry};
+
+/// How to build an engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Cache capacity in bytes (the host pool).
+    pub pool_size: u64,
+    /// Back the pool with 2 MiB huge pages. Default: false.
+    pub use_hugepages: bool,
+    /// Typical bytes of one block of one rank; sizes the allocator. Default: 64 KiB.
+    pub hint_value_size: Option<u64>,
+    /// Copy threads per direction of the host backend. Default: half the CPUs (1..=8).
+    pub copy_threads: Option<usize>,
+}
+
+/// Why an engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineInitError {
+    /// The pool could not be mapped.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// Worker threads could not be started.
+    #[error("cannot start copy threads: {0}")]
+    Threads(#[from] std::io::Error),
+}
+
+/// What a save did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SaveOutcome {
+    /// Blocks whose slots this call copied.
+    pub saved_blocks: u32,
+    /// Blocks that became visible to queries.
+    pub sealed_blocks: u32,
+    /// Blocks skipped (already stored or being stored).
+    pub skipped_blocks: u32,
+    /// Blocks evicted to make room.
+    pub evicted_blocks: u32,
+}
+
+/// The KV-cache engine.
+pub struct Engine {
+    pool: Arc<HostPool>,
+    cache: Arc<Mutex<BlockCache>>,
+    registry: Registry,
+    metrics: Arc<EngineMetrics>,
+}
+
+impl Engine {
+    /// Maps the pool and starts the host backend.
+    pub fn new(config: EngineConfig) -> Result<Self, EngineInitError> {
+        let pool =
+            Arc::new(HostPool::new(PoolOptions { size: config.pool_size, use_hugepages: config.use_hugepages })?);
+        let allocator = PoolAllocator::new(pool.len(), config.hint_value_size);
+        let mut host_options = HostDeviceOptions::default();
+        if let Some(threads) = config.copy_threads {
+            host_options.copy_threads = threads;
+        }
+        let host: Arc<dyn DeviceBackend> = Arc::new(HostDevice::new(host_options)?);
+        let metrics = Arc::new(EngineMetrics::default());
+        let cache = BlockCache::new(allocator);
+        metrics.observe_cache(&cache.stats());
+        let registry = Registry::new(vec![host], metrics.instances.clone(), metrics.open_regions.clone());
+        Ok(Self { pool, cache: Arc::new(Mutex::new(cache)), registry, metrics })
+    }
+
+    /// The engine's metrics, to add to a registry.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
+    }
+
+    /// Cache counters.
+    pub fn stats(&self) -> CacheStats {
+        self.cache.lock().stats()
+    }
+
+    /// Registers every layer of one TP rank; returns the bytes one block of the rank
+    /// takes in the cache.
+    pub fn register(&self, request: RegisterRequest) -> Result<u64> {
+        self.registry.register(request)
+    }
+
+    /// Unregisters an instance (all ranks).
+    pub fn unregister(&self, instance_id: &str) -> Result<()> {
+        self.registry.unregister(instance_id)
+    }
+
+    /// Registered instances.
+    pub fn instances(&self) -> Vec<InstanceInfo> {
+        self.registry.list()
+    }
+
+    /// Copies `block_ids` of `tp_rank` (all layers, or `layers`) into the cache under
+    /// `block_hashes`. When this returns, the blocks it completed are visible to queries.
+    pub async fn save(
+        &self,
+        instance_id: &str,
+        tp_rank: u32,
+        layers: &[u32],
+        block_ids: &[u64],
+        block_hashes: &[Vec<u8>],
+    ) -> Result<SaveOutcome> {
+        let rank = self.registry.rank(instance_id, tp_rank)?;
+        if block_ids.len() != block_hashes.len() {
+            return Err(EngineError::invalid(format!(
+                "{} block ids but {} block hashes",
+                block_ids.len(),
+                block_hashes.len()
+            )));
+        }
+        let hashes = parse_hashes(block_hashes)?;
+        let layers = select_layers(&rank, layers)?;
+        check_block_ids(&rank, &layers, block_ids)?;
+        if block_ids.is_empty() {
+            return Ok(SaveOutcome::default());
+        }
+        let ticket =
+            self.cache.lock().prepare_save(&rank.namespace, &hashes, tp_rank, rank.tp_size, &rank.geometry, &layers)?;
+        let outcome = SaveOutcome {
+            saved_blocks: ticket.blocks(),
+            sealed_blocks: 0,
+            skipped_blocks: ticket.skipped,
+            evicted_blocks: ticket.evicted,
+        };
+        let job = transfer::save_job(&self.pool, &rank, block_ids, &ticket);
+        let bytes = job.bytes();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let cache = Arc::clone(&self.cache);
+        let metrics = Arc::clone(&self.metrics);
+        let saved_blocks = u64::from(ticket.blocks());
+        rank.backend.submit(
+            job,
+            Box::new(move |result| {
+                let mut cache = cache.lock();
+                let sealed = cache.complete_save(ticket, result.is_ok());
+                metrics.observe_cache(&cache.stats());
+                drop(cache);
+                if result.is_ok() {
+                    metrics.saved_blocks.inc_by(saved_blocks);
+                    metrics.saved_bytes.inc_by(bytes);
+                }
+                let _ = tx.send(result.map(|()| sealed));
+            }),
+        );
+        let sealed = rx.await.map_err(|_| EngineError::Unavailable("copy worker stopped".into()))??;
+        Ok(SaveOutcome { sealed_blocks: sealed, ..outcome })
+    }
+
+    /// Counts the leading cached blocks of `block_hashes` for the instance's namespace and
+    /// leases them for `ttl` (`None`: 30 s). Returns the hit count and the lease id.
+    pub fn query(
+        &self,
+        instance_id: &str,
+        block_hashes: &[Vec<u8>],
+        ttl: Option<Duration>,
+    ) -> Result<(u32, Option<String>)> {
+        let namespace = self.registry.namespace(instance_id)?;
+        let hashes = parse_hashes(block_hashes)?;
+        let mut cache = self.cache.lock();
+        let (hits, lease) = cache.query(Instant::now(), &namespace, &hashes, ttl)?;
+        self.metrics.observe_cache(&cache.stats());
+        drop(cache);
+        self.metrics.queries.inc();
+        self.metrics.query_blocks.inc_by(hashes.len() as u64);
+        self.metrics.query_hit_blocks.inc_by(u64::from(hits));
+        Ok((hits, lease))
+    }
+
+    /// Starts copying the first `block_ids.len()` blocks of a lease into `block_ids` of
+    /// `tp_rank` (all layers, or `layers`). Returns once the copy is queued; the outcome is
+    /// written to the client's load state `load_state_name`.
+    pub fn load(
+        &self,
+        instance_id: &str,
+        tp_rank: u32,
+        lease_id: &str,
+        block_ids: &[u64],
+        layers: &[u32],
+        load_state_name: &str,
+    ) -> Result<u32> {
+        let rank = self.registry.rank(instance_id, tp_rank)?;
+        let layers = select_layers(&rank, layers)?;
+        check_block_ids(&rank, &layers, block_ids)?;
+        let state = transfer::open_load_state(load_state_name)?;
+        let ticket =
+            self.cache.lock().prepare_load(Instant::now(), lease_id, tp_rank, block_ids.len(), &rank.geometry)?;
+        let job = transfer::load_job(&self.pool, &rank, block_ids, &layers, &ticket);
+        let bytes = job.bytes();
+        let blocks = block_ids.len() as u32;
+        let cache = Arc::clone(&self.cache);
+        let metrics = Arc::clone(&self.metrics);
+        rank.backend.submit(
+            job,
+            Box::new(move |result| {
+                let mut cache = cache.lock();
+                cache.complete_load(ticket);
+                metrics.observe_cache(&cache.stats());
+                drop(cache);
+                match &result {
+                    Ok(()) => {
+                        metrics.loaded_blocks.inc_by(u64::from(blocks));
+                        metrics.loaded_bytes.inc_by(bytes);
+                        state.complete(Ok(()));
+                    }
+                    Err(e) => {
+                        metrics.load_failures.inc();
+                        tracing::warn!(error = %e, "load failed");
+                        state.complete(Err(&e.to_string()));
+                    }
+                }
+            }),
+        );
+        Ok(blocks)
+    }
+
+    /// Releases a lease before it expires.
+    pub fn release_lease(&self, lease_id: &str) -> Result<()> {
+        let mut cache = self.cache.lock();
+        cache.release_lease(lease_id)?;
+        self.metrics.observe_cache(&cache.stats());
+        Ok(())
+    }
+
+    /// Drops expired leases; the server calls this periodically. Returns how many.
+    pub fn expire_leases(&self) -> usize {
+        let mut cache = self.cache.lock();
+        let expired = cache.expire_leases(Instant::now());
+        self.metrics.observe_cache(&cache.stats());
+        expired
+    }
+}
+
+fn parse_hashes(raw: &[Vec<u8>]) -> Result<Vec<BlockHash>> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, h)| {
+            BlockHash::try_from(h.as_slice()).map_err(|_| {
+                EngineError::invalid(format!("block hash {i} has {} bytes, expected {HASH_BYTES}", h.len()))
+            })
+        })
+        .collect()
+}
+
+/// The layers a request names (empty: all), checked and deduplicated.
+fn select_layers(rank: &RankBinding, layers: &[u32]) -> Result<Vec<u32>> {
+    let num_layers = rank.layers.len() as u32;
+    if layers.is_empty() {
+        return Ok((0..num_layers).collect());
+    }
+    let mut seen = vec![false; num_layers as usize];
+    for &layer in layers {
+        let slot = seen
+            .get_mut(layer as usize)
+            .ok_or_else(|| EngineError::invalid(format!("layer {layer} is outside 0..{num_layers}")))?;
+        if std::mem::replace(slot, true) {
+            return Err(EngineError::invalid(format!("layer {layer} is listed twice")));
+        }
+    }
+    Ok(layers.to_vec())
+}
+
+fn check_block_ids(rank: &RankBinding, layers: &[u32], block_ids: &[u64]) -> Result<()> {
+    let limit = layers.iter().map(|&l| rank.layers[l as usize].layout.num_blocks()).min().unwrap_or(0);
+    if let Some((i, id)) = block_ids.iter().enumerate().find(|(_, id)| **id >= limit) {
+        return Err(EngineError::invalid(format!("block id {id} (position {i}) is out of range 0..{limit}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,300 @@
+//! Registered instances: per TP rank, the mapped region and validated layout of every
+//! layer. Registration validates everything before it changes anything.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::cache::PartGeometry;
+use crate::device::{DeviceBackend, DeviceRegion, RegionSource};
+use crate::error::{EngineError, Result};
+use crate::layout::{KvLayout, TensorSpec};
+
+const MAX_ID_LEN: usize = 256;
+const MAX_TP_SIZE: u32 = 1024;
+const MAX_LAYERS: u32 = 4096;
+
+/// One layer of a registration request.
+#[derive(Debug, Clone)]
+pub struct LayerRegistration {
+    /// Layer index, `< num_layers`.
+    pub layer: u32,
+    /// Where the layer's tensor memory lives.
+    pub source: RegionSource,
+    /// The tensor inside that memory.
+    pub tensor: TensorSpec,
+}
+
+/// Registration of every layer of one TP rank.
+#[derive(Debug, Clone)]
+pub struct RegisterRequest {
+    /// Instance (one inference engine process group).
+    pub instance_id: String,
+    /// Blocks are shared between instances of the same namespace only.
+    pub namespace: String,
+    /// This rank.
+    pub tp_rank: u32,
+    /// Ranks in the instance.
+    pub tp_size: u32,
+    /// Layers per rank.
+    pub num_layers: u32,
+    /// Exactly one entry per layer.
+    pub layers: Vec<LayerRegistration>,
+}
+
+/// Admin view of an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    /// Instance id.
+    pub instance_id: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// TP size.
+    pub tp_size: u32,
+    /// Layers per rank.
+    pub num_layers: u32,
+    /// Ranks registered so far.
+    pub registered_ranks: Vec<u32>,
+    /// Distinct memory regions its ranks mapped.
+    pub open_regions: u32,
+}
+
+/// A mapped region that keeps the `open_regions` gauge honest: it counts until the last
+/// reference (a binding or an in-flight copy) is gone.
+struct TrackedRegion {
+    inner: Arc<dyn DeviceRegion>,
+    gauge: Gauge,
+}
+
+impl DeviceRegion for TrackedRegion {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self.inner.as_any()
+    }
+}
+
+impl Drop for TrackedRegion {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// One layer, ready for copies.
+pub(crate) struct LayerBinding {
+    pub region: Arc<dyn DeviceRegion>,
+    pub layout: KvLayout,
+}
+
+/// One registered rank.
+pub(crate) struct RankBinding {
+    pub namespace: Arc<str>,
+    pub tp_size: u32,
+    pub backend: Arc<dyn DeviceBackend>,
+    pub layers: Vec<LayerBinding>,
+    pub geometry: Arc<PartGeometry>,
+    pub regions: u32,
+}
+
+struct Instance {
+    namespace: Arc<str>,
+    tp_size: u32,
+    num_layers: u32,
+    ranks: HashMap<u32, Arc<RankBinding>>,
+}
+
+/// The instance table.
+pub(crate) struct Registry {
+    instances: Mutex<HashMap<String, Instance>>,
+    backends: Vec<Arc<dyn DeviceBackend>>,
+    instances_gauge: Gauge,
+    regions_gauge: Gauge,
+}
+
+impl Registry {
+    pub fn new(backends: Vec<Arc<dyn DeviceBackend>>, instances_gauge: Gauge, regions_gauge: Gauge) -> Self {
+        Self { instances: Mutex::new(HashMap::new()), backends, instances_gauge, regions_gauge }
+    }
+
+    /// Validates and maps a rank's layers; returns the bytes one block of the rank takes.
+    pub fn register(&self, req: RegisterRequest) -> Result<u64> {
+        validate_ids(&req)?;
+        self.check_compatible(&req)?;
+        let binding = self.bind(&req)?;
+        let block_bytes = binding.geometry.total();
+        let mut instances = self.instances.lock();
+        // Re-check under the lock: another registration may have raced this one.
+        if let Some(existing) = instances.get(&req.instance_id) {
+            check_matches(existing, &req)?;
+        }
+        let instance = instances.entry(req.instance_id.clone()).or_insert_with(|| Instance {
+            namespace: Arc::clone(&binding.namespace),
+            tp_size: req.tp_size,
+            num_layers: req.num_layers,
+            ranks: HashMap::new(),
+        });
+        instance.ranks.insert(req.tp_rank, Arc::new(binding));
+        self.instances_gauge.set(instances.len() as i64);
+        Ok(block_bytes)
+    }
+
+    /// Drops an instance; its regions unmap once in-flight copies finish.
+    pub fn unregister(&self, instance_id: &str) -> Result<()> {
+        let mut instances = self.instances.lock();
+        instances
+            .remove(instance_id)
+            .ok_or_else(|| EngineError::not_found(format!("unknown instance {instance_id:?}")))?;
+        self.instances_gauge.set(instances.len() as i64);
+        Ok(())
+    }
+
+    /// The binding of a registered rank.
+    pub fn rank(&self, instance_id: &str, tp_rank: u32) -> Result<Arc<RankBinding>> {
+        let instances = self.instances.lock();
+        let instance = instances
+            .get(instance_id)
+            .ok_or_else(|| EngineError::not_found(format!("unknown instance {instance_id:?}")))?;
+        instance.ranks.get(&tp_rank).cloned().ok_or_else(|| {
+            EngineError::not_found(format!("rank {tp_rank} of instance {instance_id:?} is not registered"))
+        })
+    }
+
+    /// Namespace of a registered instance.
+    pub fn namespace(&self, instance_id: &str) -> Result<Arc<str>> {
+        self.instances
+            .lock()
+            .get(instance_id)
+            .map(|i| Arc::clone(&i.namespace))
+            .ok_or_else(|| EngineError::not_found(format!("unknown instance {instance_id:?}")))
+    }
+
+    pub fn list(&self) -> Vec<InstanceInfo> {
+        let instances = self.instances.lock();
+        let mut out: Vec<InstanceInfo> = instances
+            .iter()
+            .map(|(id, i)| {
+                let mut ranks: Vec<u32> = i.ranks.keys().copied().collect();
+                ranks.sort_unstable();
+                InstanceInfo {
+                    instance_id: id.clone(),
+                    namespace: i.namespace.to_string(),
+                    tp_size: i.tp_size,
+                    num_layers: i.num_layers,
+                    registered_ranks: ranks,
+                    open_regions: i.ranks.values().map(|r| r.regions).sum(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        out
+    }
+
+    fn check_compatible(&self, req: &RegisterRequest) -> Result<()> {
+        match self.instances.lock().get(&req.instance_id) {
+            Some(existing) => check_matches(existing, req),
+            None => Ok(()),
+        }
+    }
+
+    /// Maps the regions (each distinct source once) and validates every layout.
+    fn bind(&self, req: &RegisterRequest) -> Result<RankBinding> {
+        let mut by_layer: Vec<Option<&LayerRegistration>> = vec![None; req.num_layers as usize];
+        for layer in &req.layers {
+            let slot = by_layer.get_mut(layer.layer as usize).ok_or_else(|| {
+                EngineError::invalid(format!("layer {} is outside 0..{}", layer.layer, req.num_layers))
+            })?;
+            if slot.replace(layer).is_some() {
+                return Err(EngineError::invalid(format!("layer {} is registered twice", layer.layer)));
+            }
+        }
+        let first = req.layers.first().ok_or_else(|| EngineError::invalid("no layers to register"))?;
+        let backend =
+            self.backends.iter().find(|b| b.handles(&first.source)).cloned().ok_or_else(|| {
+                EngineError::Device(crate::device::DeviceError::Unsupported(first.source.to_string()))
+            })?;
+        let mut regions: HashMap<&RegionSource, Arc<dyn DeviceRegion>> = HashMap::new();
+        let mut layers = Vec::with_capacity(by_layer.len());
+        for (index, layer) in by_layer.into_iter().enumerate() {
+            let layer = layer.ok_or_else(|| {
+                EngineError::invalid(format!("layer {index} is missing: register all {} layers", req.num_layers))
+            })?;
+            if !backend.handles(&layer.source) {
+                return Err(EngineError::invalid(format!(
+                    "layer {index} lives in {}, but layer 0 uses the {} backend: one backend per rank",
+                    layer.source,
+                    backend.name()
+                )));
+            }
+            let region = match regions.get(&layer.source) {
+                Some(region) => Arc::clone(region),
+                None => {
+                    let opened = backend.open_region(&layer.source)?;
+                    self.regions_gauge.inc();
+                    let tracked: Arc<dyn DeviceRegion> =
+                        Arc::new(TrackedRegion { inner: opened, gauge: self.regions_gauge.clone() });
+                    regions.insert(&layer.source, Arc::clone(&tracked));
+                    tracked
+                }
+            };
+            let layout = KvLayout::from_tensor(&layer.tensor, region.len())
+                .map_err(|source| EngineError::InvalidLayout { layer: index as u32, source })?;
+            layers.push(LayerBinding { region, layout });
+        }
+        let geometry = Arc::new(PartGeometry::new(layers.iter().map(|l| l.layout.slot_bytes()).collect()));
+        Ok(RankBinding {
+            namespace: Arc::from(req.namespace.as_str()),
+            tp_size: req.tp_size,
+            backend,
+            regions: regions.len() as u32,
+            layers,
+            geometry,
+        })
+    }
+}
+
+fn validate_ids(req: &RegisterRequest) -> Result<()> {
+    for (what, value) in [("instance_id", &req.instance_id), ("namespace", &req.namespace)] {
+        if value.is_empty() || value.len() > MAX_ID_LEN {
+            return Err(EngineError::invalid(format!("{what} must be 1..={MAX_ID_LEN} bytes")));
+        }
+    }
+    if req.tp_size == 0 || req.tp_size > MAX_TP_SIZE || req.tp_rank >= req.tp_size {
+        return Err(EngineError::invalid(format!(
+            "tp_rank {} / tp_size {}: need 0 <= rank < size <= {MAX_TP_SIZE}",
+            req.tp_rank, req.tp_size
+        )));
+    }
+    if req.num_layers == 0 || req.num_layers > MAX_LAYERS {
+        return Err(EngineError::invalid(format!("num_layers {} is not in 1..={MAX_LAYERS}", req.num_layers)));
+    }
+    if req.layers.len() != req.num_layers as usize {
+        return Err(EngineError::invalid(format!(
+            "{} layers given for num_layers {}",
+            req.layers.len(),
+            req.num_layers
+        )));
+    }
+    Ok(())
+}
+
+fn check_matches(existing: &Instance, req: &RegisterRequest) -> Result<()> {
+    if *existing.namespace != *req.namespace || existing.tp_size != req.tp_size || existing.num_layers != req.num_layers
+    {
+        return Err(EngineError::invalid(format!(
+            "instance {:?} is registered with namespace {:?}, tp_size {}, num_layers {}",
+            req.instance_id, existing.namespace, existing.tp_size, existing.num_layers
+        )));
+    }
+    if existing.ranks.contains_key(&req.tp_rank) {
+        return Err(EngineError::AlreadyExists(format!(
+            "rank {} of instance {:?} is already registered",
+            req.tp_rank, req.instance_id
+        )));
+    }
+    Ok(())
+}

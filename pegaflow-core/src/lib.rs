@@ -1,0 +1,14 @@
+//! PegaFlow engine core: KV layouts, the host memory pool, device backends, the block
+//! cache and the save / query / load orchestration. No networking lives here.
+
+pub mod cache;
+pub mod device;
+mod engine;
+mod error;
+pub mod layout;
+pub mod load_state;
+pub mod memory;
+pub mod shm;
+
+pub use engine::{Engine, EngineConfig, EngineMetrics, InstanceInfo, LayerRegistration, RegisterRequest, SaveOutcome};
+pub use error::{EngineError, Result};

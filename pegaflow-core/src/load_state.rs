@@ -1,0 +1,198 @@
+//! The load-completion flag shared between a client and the server.
+//!
+//! The client creates a small shared-memory file and passes its name with a Load call;
+//! the server writes the outcome when the copy finishes and the client polls it — no
+//! RPC round trip on the hot path. Layout (512 bytes, native endian):
+//!
+//! ```text
+//! 0..4   magic "PFLS"
+//! 4..8   state: 0 pending, 1 done, 2 failed   (written last, with Release ordering)
+//! 8..12  length of the failure reason
+//! 16..   UTF-8 failure reason (truncated to fit)
+//! ```
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::shm::{ShmError, ShmMapping, unlink};
+
+/// Size of a load-state file.
+pub const LOAD_STATE_BYTES: u64 = 512;
+const MAGIC: u32 = u32::from_le_bytes(*b"PFLS");
+const STATE_OFFSET: u64 = 4;
+const REASON_LEN_OFFSET: u64 = 8;
+const REASON_OFFSET: u64 = 16;
+const MAX_REASON: u64 = LOAD_STATE_BYTES - REASON_OFFSET;
+
+/// What a load has come to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadStatus {
+    /// Still copying.
+    Pending,
+    /// Every byte is in place.
+    Done,
+    /// The copy failed; the destination blocks hold undefined bytes.
+    Failed(String),
+}
+
+/// Why a load-state file is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadStateError {
+    /// Creating, opening or mapping the file failed.
+    #[error(transparent)]
+    Shm(#[from] ShmError),
+    /// The file is not a load state.
+    #[error("shared-memory file {0:?} is not a PegaFlow load state")]
+    BadMagic(String),
+}
+
+/// A mapped load state; the client side creates it, the server side opens it.
+pub struct LoadState {
+    map: ShmMapping,
+    // Start of the mapping, which is at least LOAD_STATE_BYTES long.
+    base: std::ptr::NonNull<u8>,
+    owner: bool,
+}
+
+// SAFETY: all shared words are accessed atomically; the reason bytes are published by
+// the state word (Release/Acquire).
+unsafe impl Send for LoadState {}
+// SAFETY: as above.
+unsafe impl Sync for LoadState {}
+
+impl LoadState {
+    /// Creates a fresh pending state under a unique name (client side). The file is
+    /// removed when this value is dropped.
+    pub fn create() -> Result<Self, LoadStateError> {
+        let name = format!("pegaflow-ls-{}", uuid::Uuid::new_v4().simple());
+        let state = Self::wrap(ShmMapping::create(&name, LOAD_STATE_BYTES)?, true)?;
+        state.word(0).store(MAGIC, Ordering::Relaxed);
+        state.word(STATE_OFFSET).store(0, Ordering::Release);
+        Ok(state)
+    }
+
+    /// Opens a state the client created (server side).
+    pub fn open(name: &str) -> Result<Self, LoadStateError> {
+        let state = Self::wrap(ShmMapping::open(name, LOAD_STATE_BYTES)?, false)?;
+        if state.word(0).load(Ordering::Relaxed) != MAGIC {
+            return Err(LoadStateError::BadMagic(name.to_owned()));
+        }
+        Ok(state)
+    }
+
+    fn wrap(map: ShmMapping, owner: bool) -> Result<Self, LoadStateError> {
+        let base = map.ptr_at(0, LOAD_STATE_BYTES).ok_or_else(|| ShmError::TooSmall {
+            name: map.name().to_owned(),
+            len: map.len(),
+            min: LOAD_STATE_BYTES,
+        })?;
+        Ok(Self { map, base, owner })
+    }
+
+    /// The file's name, to pass with a Load call.
+    pub fn name(&self) -> &str {
+        self.map.name()
+    }
+
+    /// Current status.
+    pub fn status(&self) -> LoadStatus {
+        match self.word(STATE_OFFSET).load(Ordering::Acquire) {
+            0 => LoadStatus::Pending,
+            1 => LoadStatus::Done,
+            _ => LoadStatus::Failed(self.reason()),
+        }
+    }
+
+    /// Sets the state back to pending so the object can serve another load.
+    pub fn reset(&self) {
+        self.word(REASON_LEN_OFFSET).store(0, Ordering::Relaxed);
+        self.word(STATE_OFFSET).store(0, Ordering::Release);
+    }
+
+    /// Publishes the outcome of a load (server side).
+    pub fn complete(&self, outcome: Result<(), &str>) {
+        match outcome {
+            Ok(()) => self.word(STATE_OFFSET).store(1, Ordering::Release),
+            Err(reason) => {
+                let bytes = truncate_utf8(reason, MAX_REASON as usize);
+                // SAFETY: REASON_OFFSET + bytes.len() <= LOAD_STATE_BYTES, inside the
+                // mapping; the client reads them only after seeing state 2, published below.
+                unsafe {
+                    let dst = self.base.add(REASON_OFFSET as usize);
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.as_ptr(), bytes.len());
+                }
+                self.word(REASON_LEN_OFFSET).store(bytes.len() as u32, Ordering::Relaxed);
+                self.word(STATE_OFFSET).store(2, Ordering::Release);
+            }
+        }
+    }
+
+    fn reason(&self) -> String {
+        let len = u64::from(self.word(REASON_LEN_OFFSET).load(Ordering::Relaxed)).min(MAX_REASON);
+        // SAFETY: REASON_OFFSET + len <= LOAD_STATE_BYTES, inside the mapping; the bytes
+        // were written before the state word the caller observed with Acquire ordering.
+        let bytes = unsafe { std::slice::from_raw_parts(self.base.add(REASON_OFFSET as usize).as_ptr(), len as usize) };
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    fn word(&self, offset: u64) -> &AtomicU32 {
+        // SAFETY: `offset` is one of the 4-aligned constants above, below
+        // LOAD_STATE_BYTES; the mapping is page-aligned, at least that long, and lives as
+        // long as `self`; these words are only ever accessed atomically.
+        unsafe { AtomicU32::from_ptr(self.base.add(offset as usize).as_ptr().cast()) }
+    }
+}
+
+impl Drop for LoadState {
+    fn drop(&mut self) {
+        if self.owner {
+            let _ = unlink(self.map.name());
+        }
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &[u8] {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s.as_bytes()[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_between_creator_and_opener() {
+        let client = LoadState::create().unwrap();
+        assert_eq!(client.status(), LoadStatus::Pending);
+        let server = LoadState::open(client.name()).unwrap();
+        server.complete(Ok(()));
+        assert_eq!(client.status(), LoadStatus::Done);
+        client.reset();
+        assert_eq!(client.status(), LoadStatus::Pending);
+        server.complete(Err("copy failed: ünïcode"));
+        assert_eq!(client.status(), LoadStatus::Failed("copy failed: ünïcode".into()));
+    }
+
+    #[test]
+    fn long_reasons_are_truncated_on_a_char_boundary() {
+        let client = LoadState::create().unwrap();
+        let server = LoadState::open(client.name()).unwrap();
+        server.complete(Err(&"é".repeat(1000)));
+        let LoadStatus::Failed(reason) = client.status() else { panic!("not failed") };
+        assert!(reason.len() <= MAX_REASON as usize && reason.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn rejects_foreign_files_and_cleans_up() {
+        let name = format!("pegaflow-test-{}", uuid::Uuid::new_v4().simple());
+        let other = ShmMapping::create(&name, LOAD_STATE_BYTES).unwrap();
+        assert!(matches!(LoadState::open(other.name()), Err(LoadStateError::BadMagic(_))));
+        unlink(&name).unwrap();
+        let client = LoadState::create().unwrap();
+        let path = crate::shm::shm_path(client.name()).unwrap();
+        drop(client);
+        assert!(!path.exists());
+    }
+}
