@@ -10,5 +10,7 @@ pub mod load_state;
 pub mod memory;
 pub mod shm;
 
-pub use engine::{Engine, EngineConfig, EngineMetrics, InstanceInfo, LayerRegistration, RegisterRequest, SaveOutcome};
+pub use engine::{
+    Engine, EngineConfig, EngineInitError, EngineMetrics, InstanceInfo, LayerRegistration, RegisterRequest, SaveOutcome,
+};
 pub use error::{EngineError, Result};

@@ -1,0 +1,99 @@
+//! Client sessions: a server stream per client whose closing means the client is gone.
+//!
+//! tonic drops a response stream when its client disconnects (process killed, socket
+//! closed, stream cancelled). The stream owns a guard; when the last session of an
+//! instance is dropped, the instance is unregistered and its mappings close.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pegaflow_core::{Engine, EngineError};
+use pegaflow_proto::SessionEvent;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::IntervalStream;
+use tonic::Status;
+use tracing::{info, warn};
+
+/// How often an open session sends a heartbeat (also surfaces dead peers).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Open sessions per instance.
+#[derive(Default)]
+pub struct Sessions {
+    open: Mutex<HashMap<String, usize>>,
+}
+
+impl Sessions {
+    /// Opens a session for `instance_id`.
+    pub fn open(self: &Arc<Self>, instance_id: String, engine: Arc<Engine>) -> SessionStream {
+        if let Ok(mut open) = self.open.lock() {
+            *open.entry(instance_id.clone()).or_default() += 1;
+        }
+        info!(instance = %instance_id, "session opened");
+        SessionStream {
+            ticks: IntervalStream::new(tokio::time::interval(HEARTBEAT)),
+            sequence: 0,
+            _guard: SessionGuard { instance_id, engine, sessions: Arc::clone(self) },
+        }
+    }
+
+    /// Counts a closed session; true when it was the instance's last.
+    fn close(&self, instance_id: &str) -> bool {
+        let Ok(mut open) = self.open.lock() else { return false };
+        match open.get_mut(instance_id) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            Some(_) => {
+                open.remove(instance_id);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+struct SessionGuard {
+    instance_id: String,
+    engine: Arc<Engine>,
+    sessions: Arc<Sessions>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if !self.sessions.close(&self.instance_id) {
+            return;
+        }
+        match self.engine.unregister(&self.instance_id) {
+            Ok(()) => info!(instance = %self.instance_id, "session closed: instance unregistered"),
+            Err(EngineError::NotFound(_)) => info!(instance = %self.instance_id, "session closed"),
+            Err(e) => warn!(instance = %self.instance_id, error = %e, "session closed: unregister failed"),
+        }
+    }
+}
+
+/// The heartbeat stream of one session.
+pub struct SessionStream {
+    ticks: IntervalStream,
+    sequence: u64,
+    _guard: SessionGuard,
+}
+
+impl Stream for SessionStream {
+    type Item = Result<SessionEvent, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match Pin::new(&mut self.ticks).poll_next(cx) {
+            Poll::Ready(Some(_)) => {
+                self.sequence += 1;
+                Poll::Ready(Some(Ok(SessionEvent { sequence: self.sequence })))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
