@@ -1,0 +1,100 @@
+"""Type stubs of the PyO3 extension ``pegaflow._native`` (kept in sync by stubtest)."""
+
+from collections.abc import Sequence
+
+__version__: str
+
+def run_server(argv: list[str]) -> int:
+    """Run the server with command-line ``argv`` (program name first); returns the exit code."""
+
+class KvLayer:
+    """One KV layer in a shared-memory file, described as a strided tensor."""
+
+    layer: int
+    shm_name: str
+    shape: list[int]
+    stride: list[int]
+    element_size: int
+    block_dim: int
+    kv_dim: int | None
+    byte_offset: int
+    def __new__(
+        cls,
+        layer: int,
+        shm_name: str,
+        shape: Sequence[int],
+        stride: Sequence[int],
+        element_size: int,
+        block_dim: int,
+        kv_dim: int | None = None,
+        byte_offset: int = 0,
+    ) -> KvLayer: ...
+
+class SaveResult:
+    """What a save did."""
+
+    saved_blocks: int
+    sealed_blocks: int
+    skipped_blocks: int
+    evicted_blocks: int
+
+class QueryResult:
+    """What a query found."""
+
+    hit_blocks: int
+    lease_id: str | None
+
+class LoadState:
+    """Shared-memory completion flag of one load."""
+
+    def __new__(cls) -> LoadState: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def error(self) -> str | None: ...
+    def status(self) -> str: ...
+    def is_done(self) -> bool: ...
+    def reset(self) -> None: ...
+    def wait(self, timeout_s: float = 30.0) -> None: ...
+
+class EngineClient:
+    """Blocking client of one pegaflow-server; every call has a deadline."""
+
+    def __new__(cls, endpoint: str = "127.0.0.1:50055", timeout_s: float = 5.0) -> EngineClient: ...
+    @property
+    def endpoint(self) -> str: ...
+    def health(self) -> dict[str, str | int]: ...
+    def register_kv_layers(
+        self,
+        instance_id: str,
+        namespace: str,
+        tp_rank: int,
+        tp_size: int,
+        layers: Sequence[KvLayer],
+    ) -> int: ...
+    def unregister_instance(self, instance_id: str) -> None: ...
+    def save(
+        self,
+        instance_id: str,
+        tp_rank: int,
+        block_ids: Sequence[int],
+        block_hashes: Sequence[bytes],
+        layers: Sequence[int] | None = None,
+    ) -> SaveResult: ...
+    def query(
+        self, instance_id: str, block_hashes: Sequence[bytes], lease_ttl_ms: int = 0
+    ) -> QueryResult: ...
+    def load(
+        self,
+        instance_id: str,
+        tp_rank: int,
+        lease_id: str,
+        block_ids: Sequence[int],
+        load_state: LoadState,
+        layers: Sequence[int] | None = None,
+    ) -> int: ...
+    def release_lease(self, lease_id: str) -> None: ...
+    def list_instances(self) -> list[dict[str, str | int | list[int]]]: ...
+    def open_session(self, instance_id: str) -> None: ...
+    def close_session(self, instance_id: str) -> None: ...
+    def close(self) -> None: ...

@@ -1,0 +1,30 @@
+//! `pegaflow._native`: the PyO3 extension of the `pegaflow-llm` package.
+//!
+//! A thin binding: it converts arguments, releases the GIL around blocking calls and maps
+//! errors; all logic lives in `pegaflow-core` and `pegaflow-server`.
+
+mod client;
+mod errors;
+mod load_state;
+mod types;
+
+use pyo3::prelude::*;
+
+/// Runs the PegaFlow server with command-line `argv` (program name first) until SIGINT
+/// or SIGTERM; returns the exit code. The GIL is released while it runs.
+#[pyfunction]
+fn run_server(py: Python<'_>, argv: Vec<String>) -> i32 {
+    py.detach(|| pegaflow_server::run_cli(argv))
+}
+
+#[pymodule(name = "_native")]
+fn pegaflow_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<client::PyEngineClient>()?;
+    m.add_class::<load_state::PyLoadState>()?;
+    m.add_class::<types::KvLayer>()?;
+    m.add_class::<types::SaveResult>()?;
+    m.add_class::<types::QueryResult>()?;
+    m.add_function(wrap_pyfunction!(run_server, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
