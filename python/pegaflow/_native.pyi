@@ -1,12 +1,16 @@
 """Type stubs of the PyO3 extension ``pegaflow._native`` (kept in sync by stubtest)."""
 
 from collections.abc import Sequence
+from typing import final
+
+__all__ = ["EngineClient", "KvLayer", "LoadState", "QueryResult", "SaveResult", "run_server"]
 
 __version__: str
 
 def run_server(argv: list[str]) -> int:
     """Run the server with command-line ``argv`` (program name first); returns the exit code."""
 
+@final
 class KvLayer:
     """One KV layer in a shared-memory file, described as a strided tensor."""
 
@@ -30,6 +34,7 @@ class KvLayer:
         byte_offset: int = 0,
     ) -> KvLayer: ...
 
+@final
 class SaveResult:
     """What a save did."""
 
@@ -38,12 +43,14 @@ class SaveResult:
     skipped_blocks: int
     evicted_blocks: int
 
+@final
 class QueryResult:
     """What a query found."""
 
     hit_blocks: int
     lease_id: str | None
 
+@final
 class LoadState:
     """Shared-memory completion flag of one load."""
 
@@ -57,6 +64,7 @@ class LoadState:
     def reset(self) -> None: ...
     def wait(self, timeout_s: float = 30.0) -> None: ...
 
+@final
 class EngineClient:
     """Blocking client of one pegaflow-server; every call has a deadline."""
 

@@ -9,6 +9,7 @@ whole model (one file, one tensor per layer).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import uuid
@@ -70,15 +71,11 @@ class SharedMemoryRegion:
             return
         self._closed = True
         if unlink:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-        try:
+        # BufferError: views are still alive; the mapping goes away with the last of them.
+        with contextlib.suppress(BufferError):
             self._mmap.close()
-        except BufferError:
-            # Views are still alive; the mapping goes away with the last of them.
-            pass
 
     def __enter__(self) -> SharedMemoryRegion:
         return self

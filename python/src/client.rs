@@ -56,12 +56,12 @@ impl PyEngineClient {
     /// Connects lazily to `endpoint` ("host:port" or "http://host:port"); every call
     /// fails after `timeout_s` seconds.
     #[new]
-    #[pyo3(signature = (endpoint = "127.0.0.1:50055".to_owned(), timeout_s = 5.0))]
-    fn new(py: Python<'_>, endpoint: String, timeout_s: f64) -> PyResult<Self> {
+    #[pyo3(signature = (endpoint = "127.0.0.1:50055", timeout_s = 5.0))]
+    fn new(py: Python<'_>, endpoint: &str, timeout_s: f64) -> PyResult<Self> {
         let timeout = Duration::try_from_secs_f64(timeout_s).ok().filter(|t| !t.is_zero()).ok_or_else(|| {
             pegaflow_error(py, "PegaflowInvalidArgument", format!("timeout_s must be > 0, got {timeout_s}"))
         })?;
-        let uri = if endpoint.contains("://") { endpoint.clone() } else { format!("http://{endpoint}") };
+        let uri = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("pegaflow-client")

@@ -1,0 +1,215 @@
+//! The engine end to end on the host backend, in process: registration, save, query,
+//! load with byte checks, concurrent saves and loads, re-registration.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pegaflow_core::device::RegionSource;
+use pegaflow_core::layout::TensorSpec;
+use pegaflow_core::load_state::{LoadState, LoadStatus};
+use pegaflow_core::shm::{ShmMapping, unlink};
+use pegaflow_core::{Engine, EngineConfig, EngineError, LayerRegistration, RegisterRequest};
+
+const LAYERS: u32 = 4;
+const BLOCKS: u64 = 64;
+const SEG: u64 = 512; // bytes per K or V segment: 16 tokens x 16 elements x 2 bytes
+
+/// A client's KV memory: LAYERS tensors (2, BLOCKS, 16, 16) of 2-byte elements in one file.
+struct ClientKv {
+    map: ShmMapping,
+}
+
+impl ClientKv {
+    fn new(seed: u8) -> Self {
+        let name = format!("pegaflow-it-{}", unique());
+        let map = ShmMapping::create(&name, Self::layer_bytes() * u64::from(LAYERS)).unwrap();
+        let kv = Self { map };
+        for (i, b) in kv.bytes_mut().iter_mut().enumerate() {
+            *b = ((i as u64 * 31 + u64::from(seed) * 7) % 251) as u8 ^ seed;
+        }
+        kv
+    }
+
+    fn layer_bytes() -> u64 {
+        2 * BLOCKS * SEG
+    }
+
+    #[allow(clippy::mut_from_ref)] // shared memory: the test coordinates access itself
+    fn bytes_mut(&self) -> &mut [u8] {
+        // SAFETY: the test owns the mapping; the engine copies only while a save/load is
+        // awaited, never while the test reads or writes.
+        unsafe { std::slice::from_raw_parts_mut(self.map.ptr_at(0, 1).unwrap().as_ptr(), self.map.len() as usize) }
+    }
+
+    /// Bytes of (layer, K/V, block).
+    fn segment(&self, layer: u32, kv: u64, block: u64) -> Vec<u8> {
+        let start = (u64::from(layer) * Self::layer_bytes() + kv * BLOCKS * SEG + block * SEG) as usize;
+        self.bytes_mut()[start..start + SEG as usize].to_vec()
+    }
+
+    fn request(&self, instance: &str, namespace: &str, rank: u32, tp: u32) -> RegisterRequest {
+        RegisterRequest {
+            instance_id: instance.into(),
+            namespace: namespace.into(),
+            tp_rank: rank,
+            tp_size: tp,
+            num_layers: LAYERS,
+            layers: (0..LAYERS)
+                .map(|layer| LayerRegistration {
+                    layer,
+                    source: RegionSource::HostShm { name: self.map.name().into() },
+                    tensor: TensorSpec {
+                        shape: vec![2, BLOCKS, 16, 16],
+                        stride: vec![(BLOCKS * 256) as i64, 256, 16, 1],
+                        element_size: 2,
+                        block_dim: 1,
+                        kv_dim: Some(0),
+                        byte_offset: u64::from(layer) * Self::layer_bytes(),
+                    },
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Drop for ClientKv {
+    fn drop(&mut self) {
+        let _ = unlink(self.map.name());
+    }
+}
+
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn engine(pool: u64) -> Arc<Engine> {
+    Arc::new(
+        Engine::new(EngineConfig {
+            pool_size: pool,
+            use_hugepages: false,
+            hint_value_size: None,
+            copy_threads: Some(2),
+        })
+        .unwrap(),
+    )
+}
+
+fn hashes(tag: u8, n: u64) -> Vec<Vec<u8>> {
+    (0..n).map(|i| [[tag; 8], i.to_le_bytes(), [0; 8], [0; 8]].concat()).collect()
+}
+
+async fn wait(state: &LoadState) -> LoadStatus {
+    let t0 = Instant::now();
+    loop {
+        let s = state.status();
+        if s != LoadStatus::Pending || t0.elapsed() > Duration::from_secs(10) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_query_load_round_trip_is_byte_exact() {
+    let e = engine(64 << 20);
+    let kv = ClientKv::new(1);
+    e.register(kv.request("a", "ns", 0, 1)).unwrap();
+    let h = hashes(1, 16);
+    let ids: Vec<u64> = (0..16).collect();
+    let out = e.save("a", 0, &[], &ids, &h).await.unwrap();
+    assert_eq!((out.saved_blocks, out.sealed_blocks), (16, 16));
+    // Read-your-writes: visible right after save returns.
+    let (hits, lease) = e.query("a", &h, None).unwrap();
+    assert_eq!(hits, 16);
+    let dst: Vec<u64> = (40..56).rev().collect();
+    let state = LoadState::create().unwrap();
+    assert_eq!(e.load("a", 0, &lease.unwrap(), &dst, &[], state.name()).unwrap(), 16);
+    assert_eq!(wait(&state).await, LoadStatus::Done);
+    for layer in 0..LAYERS {
+        for (src, dst) in ids.iter().zip(&dst) {
+            for half in 0..2 {
+                assert_eq!(kv.segment(layer, half, *src), kv.segment(layer, half, *dst), "layer {layer} block {src}");
+            }
+        }
+    }
+    assert_eq!(e.stats().leases, 0, "a single-rank load releases the lease");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_saves_and_loads_on_disjoint_blocks() {
+    let e = engine(64 << 20);
+    let kv = ClientKv::new(2);
+    e.register(kv.request("c", "ns", 0, 1)).unwrap();
+    let first = hashes(2, 8);
+    e.save("c", 0, &[], &(0..8).collect::<Vec<_>>(), &first).await.unwrap();
+    let mut tasks = Vec::new();
+    for round in 0..8u64 {
+        let e = Arc::clone(&e);
+        let first = first.clone();
+        tasks.push(tokio::spawn(async move {
+            // Saves read blocks 8..24 while loads write blocks 32.., so they are disjoint.
+            let h = hashes(10 + round as u8, 2);
+            e.save("c", 0, &[], &[8 + 2 * round, 9 + 2 * round], &h).await.unwrap();
+            let (hits, lease) = e.query("c", &first[..2], None).unwrap();
+            assert_eq!(hits, 2);
+            let state = LoadState::create().unwrap();
+            e.load("c", 0, &lease.unwrap(), &[32 + 4 * round, 33 + 4 * round], &[], state.name()).unwrap();
+            assert_eq!(wait(&state).await, LoadStatus::Done);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for round in 0..8u64 {
+        for layer in 0..LAYERS {
+            assert_eq!(kv.segment(layer, 1, 1), kv.segment(layer, 1, 33 + 4 * round));
+        }
+    }
+    assert_eq!(e.stats().sealed_blocks, 8 + 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unregister_then_register_again() {
+    let e = engine(16 << 20);
+    let kv = ClientKv::new(3);
+    e.register(kv.request("r", "ns", 0, 1)).unwrap();
+    assert!(matches!(e.register(kv.request("r", "ns", 0, 1)), Err(EngineError::AlreadyExists(_))));
+    assert_eq!(e.metrics().open_regions.get(), 1);
+    e.save("r", 0, &[], &[0], &hashes(3, 1)).await.unwrap();
+    e.unregister("r").unwrap();
+    assert_eq!(e.metrics().open_regions.get(), 0);
+    assert!(matches!(e.save("r", 0, &[], &[0], &hashes(3, 1)).await, Err(EngineError::NotFound(_))));
+    assert!(matches!(e.unregister("r"), Err(EngineError::NotFound(_))));
+    e.register(kv.request("r", "ns", 0, 1)).unwrap();
+    // The cache outlived the registration.
+    assert_eq!(e.query("r", &hashes(3, 1), None).unwrap().0, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_subset_does_not_seal_and_tp_ranks_must_all_save() {
+    let e = engine(16 << 20);
+    let (kv0, kv1) = (ClientKv::new(4), ClientKv::new(5));
+    e.register(kv0.request("t", "ns", 0, 2)).unwrap();
+    e.register(kv1.request("t", "ns", 1, 2)).unwrap();
+    let h = hashes(4, 2);
+    e.save("t", 0, &[0, 1], &[0, 1], &h).await.unwrap();
+    e.save("t", 0, &[2, 3], &[0, 1], &h).await.unwrap();
+    assert_eq!(e.query("t", &h, None).unwrap().0, 0, "rank 1 has not saved");
+    let out = e.save("t", 1, &[], &[0, 1], &h).await.unwrap();
+    assert_eq!(out.sealed_blocks, 2);
+    let (hits, lease) = e.query("t", &h, None).unwrap();
+    assert_eq!(hits, 2);
+    let lease = lease.unwrap();
+    let (s0, s1) = (LoadState::create().unwrap(), LoadState::create().unwrap());
+    e.load("t", 0, &lease, &[10, 11], &[], s0.name()).unwrap();
+    e.load("t", 1, &lease, &[10, 11], &[], s1.name()).unwrap();
+    assert_eq!(wait(&s0).await, LoadStatus::Done);
+    assert_eq!(wait(&s1).await, LoadStatus::Done);
+    for layer in 0..LAYERS {
+        assert_eq!(kv0.segment(layer, 0, 1), kv0.segment(layer, 0, 11));
+        assert_eq!(kv1.segment(layer, 1, 0), kv1.segment(layer, 1, 10));
+        assert_ne!(kv0.segment(layer, 0, 11), kv1.segment(layer, 0, 11), "ranks hold their own bytes");
+    }
+}

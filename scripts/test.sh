@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs every check and test of PegaFlow on a machine without a GPU:
+# Rust fmt + clippy + tests, then one release build of the Python wheel installed in a
+# fresh venv, Python lint (ruff, mypy, stubtest) and pytest (end-to-end against a real
+# pegaflow-server). `cargo test --release` and the wheel share one release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install Rust from https://rustup.rs" >&2
+  exit 1
+fi
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  rustup component add rustfmt clippy
+fi
+cargo --version
+python3 --version
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+step "cargo test"
+cargo test --workspace --release
+
+step "python venv + wheel"
+venv=${PEGAFLOW_TEST_VENV:-$root/target/test-venv}
+rm -rf "$venv"
+python3 -m venv "$venv"
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+python -m pip install -q --upgrade pip
+python -m pip install -q "maturin>=1.7,<2" "pytest>=8" "mypy>=1.10" "ruff>=0.6" "numpy>=1.24"
+rm -rf "$root/target/wheels"
+(cd python && maturin build --release --out "$root/target/wheels")
+python -m pip install -q "$root"/target/wheels/pegaflow_llm-*.whl
+
+step "python lint"
+(cd python && ruff check . ../examples ../scripts && ruff format --check . ../examples ../scripts && mypy)
+# stubtest checks the .pyi against the installed extension (run outside the source tree).
+(cd "$root/target" && python -m mypy.stubtest pegaflow._native)
+
+step "pytest"
+(cd python && python -m pytest -q -ra tests)
+
+step "examples"
+python examples/quickstart.py --spawn-server
+
+printf '\nall checks passed\n'
