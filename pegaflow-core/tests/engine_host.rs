@@ -1,6 +1,8 @@
 //! The engine end to end on the host backend, in process: registration, save, query,
 //! load with byte checks, concurrent saves and loads, re-registration.
 
+#![allow(clippy::unwrap_used)] // a test crate: helpers panic on setup failure
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
