@@ -78,7 +78,13 @@ impl PyEngineClient {
                 .keep_alive_while_idle(true)
                 .connect_lazy()
         };
-        Ok(Self { runtime, client: GrpcClient::new(channel), endpoint, timeout, sessions: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            runtime,
+            client: GrpcClient::new(channel),
+            endpoint: endpoint.to_owned(),
+            timeout,
+            sessions: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The server address.
