@@ -173,6 +173,7 @@ impl PyEngineClient {
     /// Starts loading the first len(block_ids) leased blocks into `block_ids`; wait on
     /// `load_state` for completion. Returns the number of blocks queued.
     #[pyo3(signature = (instance_id, tp_rank, lease_id, block_ids, load_state, layers = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword signature
     fn load(
         &self,
         py: Python<'_>,
