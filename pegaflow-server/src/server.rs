@@ -79,7 +79,14 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         })
     };
 
-    let service = EngineService::new(Arc::clone(&engine), Arc::new(Sessions::default()));
+    let signals = {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        })
+    };
+    let service = EngineService::new(Arc::clone(&engine), Arc::new(Sessions::new(stop_rx.clone())));
     info!(
         addr = %config.addr,
         pool_bytes = pool_size,
@@ -93,14 +100,12 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(EngineServer::new(service))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-            tokio::select! {
-                () = shutdown_signal() => {}
-                _ = stop.wait_for(|s| *s) => {}
-            }
+            let _ = stop.wait_for(|s| *s).await;
         })
         .await;
     info!("shutting down");
     let _ = stop_tx.send(true);
+    signals.abort();
     sweeper.abort();
     if let Some(task) = http_task {
         match task.await {

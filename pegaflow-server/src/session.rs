@@ -5,6 +5,7 @@
 //! instance is dropped, the instance is unregistered and its mappings close.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use pegaflow_core::{Engine, EngineError};
 use pegaflow_proto::SessionEvent;
+use tokio::sync::watch;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::IntervalStream;
 use tonic::Status;
@@ -20,20 +22,31 @@ use tracing::{info, warn};
 /// How often an open session sends a heartbeat (also surfaces dead peers).
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// Open sessions per instance.
-#[derive(Default)]
+/// Open sessions per instance. Every session stream ends when shutdown begins, so open
+/// sessions never hold up a graceful stop.
 pub struct Sessions {
     open: Mutex<HashMap<String, usize>>,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl Sessions {
+    /// Sessions that end once `shutdown` turns true.
+    pub fn new(shutdown: watch::Receiver<bool>) -> Self {
+        Self { open: Mutex::new(HashMap::new()), shutdown }
+    }
+
     /// Opens a session for `instance_id`.
     pub fn open(self: &Arc<Self>, instance_id: String, engine: Arc<Engine>) -> SessionStream {
         if let Ok(mut open) = self.open.lock() {
             *open.entry(instance_id.clone()).or_default() += 1;
         }
         info!(instance = %instance_id, "session opened");
+        let mut shutdown = self.shutdown.clone();
         SessionStream {
+            shutdown: Box::pin(async move {
+                // An error means the sender is gone: the server is stopping too.
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            }),
             ticks: IntervalStream::new(tokio::time::interval(HEARTBEAT)),
             sequence: 0,
             _guard: SessionGuard { instance_id, engine, sessions: Arc::clone(self) },
@@ -78,6 +91,7 @@ impl Drop for SessionGuard {
 
 /// The heartbeat stream of one session.
 pub struct SessionStream {
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
     ticks: IntervalStream,
     sequence: u64,
     _guard: SessionGuard,
@@ -87,6 +101,9 @@ impl Stream for SessionStream {
     type Item = Result<SessionEvent, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut self.ticks).poll_next(cx) {
             Poll::Ready(Some(_)) => {
                 self.sequence += 1;
