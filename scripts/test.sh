@@ -47,7 +47,7 @@ step "python lint"
 (cd "$root/target" && python -m mypy.stubtest pegaflow._native)
 
 step "pytest"
-(cd python && python -m pytest -q -ra tests)
+(cd python && pytest -q -ra tests)
 
 step "examples"
 python examples/quickstart.py --spawn-server

@@ -61,6 +61,7 @@ pub struct ShmMapping {
     name: String,
     base: NonNull<u8>,
     len: u64,
+    file: File,
     _map: MmapMut,
 }
 
@@ -77,7 +78,7 @@ impl ShmMapping {
         let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound { ShmError::NotFound(name.to_owned()) } else { io(e) }
         })?;
-        Self::map(name, &file, min_len)
+        Self::map(name, file, min_len)
     }
 
     /// Creates a new file of `len` bytes (fails if it exists) and maps it.
@@ -89,10 +90,10 @@ impl ShmMapping {
             let _ = std::fs::remove_file(&path);
             return Err(io(e));
         }
-        Self::map(name, &file, len)
+        Self::map(name, file, len)
     }
 
-    fn map(name: &str, file: &File, min_len: u64) -> Result<Self, ShmError> {
+    fn map(name: &str, file: File, min_len: u64) -> Result<Self, ShmError> {
         let io = |source: std::io::Error| ShmError::Io { name: name.to_owned(), source };
         let len = file.metadata().map_err(io)?.len();
         if len < min_len.max(1) {
@@ -100,10 +101,23 @@ impl ShmMapping {
         }
         // SAFETY: the file is a shared-memory object whose size was checked above; other
         // processes may write it concurrently, which is why only raw pointers leave here.
-        let mut map = unsafe { MmapOptions::new().map_mut(file) }.map_err(io)?;
+        let mut map = unsafe { MmapOptions::new().map_mut(&file) }.map_err(io)?;
         let base =
             NonNull::new(map.as_mut_ptr()).ok_or_else(|| io(std::io::Error::other("mmap returned a null pointer")))?;
-        Ok(Self { name: name.to_owned(), base, len, _map: map })
+        Ok(Self { name: name.to_owned(), base, len, file, _map: map })
+    }
+
+    /// Fails unless the file still holds every mapped byte.
+    ///
+    /// Touching a mapped page past the end of a file that was shrunk after mapping raises
+    /// SIGBUS, so copies check this first. A client that shrinks the file *during* a copy
+    /// can still fault the server; clients must not resize registered files.
+    pub fn check_intact(&self) -> Result<(), ShmError> {
+        let len = self.file.metadata().map_err(|source| ShmError::Io { name: self.name.clone(), source })?.len();
+        if len < self.len {
+            return Err(ShmError::TooSmall { name: self.name.clone(), len, min: self.len });
+        }
+        Ok(())
     }
 
     /// The file's name under `/dev/shm`.
@@ -168,6 +182,9 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { opened.ptr_at(10, 1).unwrap().read() }, 42);
         assert!(opened.ptr_at(4096, 1).is_none());
+        opened.check_intact().unwrap();
+        std::fs::OpenOptions::new().write(true).open(shm_path(&name).unwrap()).unwrap().set_len(100).unwrap();
+        assert!(matches!(opened.check_intact(), Err(ShmError::TooSmall { len: 100, .. })));
         unlink(&name).unwrap();
         assert!(matches!(ShmMapping::open(&name, 1), Err(ShmError::NotFound(_))));
         unlink(&name).unwrap();

@@ -3,7 +3,15 @@
 from collections.abc import Sequence
 from typing import final
 
-__all__ = ["EngineClient", "KvLayer", "LoadState", "QueryResult", "SaveResult", "run_server"]
+__all__ = [
+    "EngineClient",
+    "KvLayer",
+    "LoadState",
+    "QueryResult",
+    "SaveResult",
+    "__version__",
+    "run_server",
+]
 
 __version__: str
 

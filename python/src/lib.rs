@@ -14,7 +14,11 @@ use pyo3::prelude::*;
 /// or SIGTERM; returns the exit code. The GIL is released while it runs.
 #[pyfunction]
 fn run_server(py: Python<'_>, argv: Vec<String>) -> i32 {
-    py.detach(|| pegaflow_server::run_cli(argv))
+    let code = py.detach(|| pegaflow_server::run_cli(argv));
+    // The server already handled SIGINT/SIGTERM and stopped cleanly; Python's own handler
+    // saw the same signal and would raise KeyboardInterrupt on return. Consume it here.
+    let _ = py.check_signals();
+    code
 }
 
 #[pymodule(name = "_native")]

@@ -219,11 +219,17 @@ fn split(job: &CopyJob, threads: usize) -> Vec<Vec<(Arc<dyn DeviceRegion>, CopyO
 }
 
 fn run_task(task: &Task) -> Result<(), DeviceError> {
+    let mut checked: Option<*const HostRegion> = None;
     for (region, op) in &task.pieces {
         let region = region
             .as_any()
             .downcast_ref::<HostRegion>()
             .ok_or_else(|| DeviceError::Unsupported("a non-host region on the host backend".into()))?;
+        // Pieces come grouped by region: check each file once per task.
+        if checked != Some(region as *const HostRegion) {
+            region.map.check_intact()?;
+            checked = Some(region);
+        }
         let out_of_bounds =
             || DeviceError::OutOfBounds(format!("{op:?} in {} ({} B)", region.map.name(), region.map.len()));
         let device = region.map.ptr_at(op.device_offset, op.len).ok_or_else(out_of_bounds)?;
@@ -302,6 +308,26 @@ mod tests {
             }],
         };
         assert!(matches!(run(&device, job), Err(DeviceError::OutOfBounds(_))));
+        unlink(&name).unwrap();
+    }
+
+    #[test]
+    fn a_file_shrunk_after_mapping_fails_the_copy_instead_of_faulting() {
+        let device = HostDevice::new(HostDeviceOptions { copy_threads: 1 }).unwrap();
+        let pool = Arc::new(HostPool::new(PoolOptions { size: 1 << 20, use_hugepages: false }).unwrap());
+        let name = format!("pegaflow-test-{}", uuid::Uuid::new_v4().simple());
+        let region = region_with(&name, &[7u8; 8192]);
+        std::fs::OpenOptions::new().write(true).open(crate::shm::shm_path(&name).unwrap()).unwrap().set_len(0).unwrap();
+        let job = CopyJob {
+            direction: Direction::Save,
+            pool,
+            regions: vec![super::super::RegionCopy {
+                region,
+                ops: vec![CopyOp { device_offset: 4096, host_offset: 0, len: 4096 }],
+            }],
+        };
+        let err = run(&device, job).unwrap_err();
+        assert!(matches!(err, DeviceError::Shm(crate::shm::ShmError::TooSmall { .. })), "{err}");
         unlink(&name).unwrap();
     }
 

@@ -1,10 +1,15 @@
 //! Carves the pool into block-sized ranges with `offset-allocator` (O(1) TLSF-like bins).
 //!
 //! `offset-allocator` counts in `u32` units, so the pool is divided into units of a
-//! power-of-two size large enough that the whole pool fits in `u32`; requests are
-//! rounded up to whole units. Byte accounting (`used_bytes`) counts the rounded sizes,
-//! which is what the pool really loses.
+//! power-of-two size large enough that the whole pool fits in `u32`. Requests are
+//! rounded up to whole units and then to the allocator's size bin: its search only looks
+//! at bins whose smallest size fits the request, so a request between two bin sizes would
+//! never reuse a hole of exactly its own size (evicting one block would not make room for
+//! one). Bins are 8 per power of two, so rounding costs at most 12.5%, and nothing for
+//! sizes that are already bin sizes (such as powers of two). Byte accounting
+//! (`used_bytes`) counts the rounded sizes, which is what the pool really loses.
 
+use offset_allocator::ext::min_allocator_size;
 use offset_allocator::{Allocation, Allocator};
 
 /// Smallest allocation unit; keeps ranges aligned for vectorised copies and DMA.
@@ -99,9 +104,16 @@ impl PoolAllocator {
         self.live
     }
 
-    /// Bytes `len` really takes once rounded to units.
+    /// Bytes `len` really takes once rounded to units and to its size bin.
     pub fn rounded(&self, len: u64) -> u64 {
-        len.div_ceil(self.unit) * self.unit
+        self.units_for(len).map_or(u64::MAX, |units| u64::from(units) * self.unit)
+    }
+
+    /// Units a request of `len` bytes takes, or `None` when it cannot fit in `u32` units.
+    fn units_for(&self, len: u64) -> Option<u32> {
+        let units = u32::try_from(len.div_ceil(self.unit)).ok()?;
+        let binned = min_allocator_size(units);
+        (binned >= units).then_some(binned)
     }
 
     /// A range of `len` bytes, or `None` when no free range is large enough (the caller
@@ -110,7 +122,7 @@ impl PoolAllocator {
         if len == 0 {
             return None;
         }
-        let units = u32::try_from(len.div_ceil(self.unit)).ok()?;
+        let units = self.units_for(len)?;
         let allocation = self.inner.allocate(units)?;
         self.used_bytes += u64::from(units) * self.unit;
         self.live += 1;
@@ -161,6 +173,24 @@ mod tests {
         let a = PoolAllocator::new(4 << 40, Some(1 << 30)); // 4 TiB
         assert!(a.capacity() >= (4u64 << 40) - a.rounded(1));
         assert!(a.rounded(1) > MIN_UNIT);
+    }
+
+    #[test]
+    fn a_freed_hole_fits_an_equal_request_of_any_size() {
+        // 37 units is not a bin size: without bin rounding the hole left by freeing one
+        // allocation is never found for the next.
+        let mut a = PoolAllocator::new(20 * 37 * 256 * 2, None);
+        let len = 37 * 256;
+        let mut live: Vec<_> = std::iter::from_fn(|| a.allocate(len)).collect();
+        let fitted = live.len();
+        assert!(fitted as u64 * a.rounded(len) <= a.capacity());
+        assert!(a.rounded(len) <= len + len / 8, "bin rounding costs at most 12.5%");
+        for i in (0..fitted).step_by(2).rev() {
+            a.free(live.swap_remove(i));
+            let again = a.allocate(len);
+            assert!(again.is_some(), "one freed allocation makes room for one");
+            live.extend(again);
+        }
     }
 
     #[test]
