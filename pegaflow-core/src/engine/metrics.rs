@@ -40,6 +40,8 @@ pub struct EngineMetrics {
     pub pool_capacity_bytes: Gauge,
     /// Live leases.
     pub leases: Gauge,
+    /// Pool bytes whose pages are faulted in (populated in the background after start).
+    pub pool_ready_bytes: Gauge,
     /// Blocks evicted.
     pub evictions: Gauge,
 }
@@ -63,6 +65,7 @@ impl EngineMetrics {
         r.register("pool_used_bytes", "Pool bytes held by blocks", self.pool_used_bytes.clone());
         r.register("pool_capacity_bytes", "Usable pool bytes", self.pool_capacity_bytes.clone());
         r.register("leases", "Live leases", self.leases.clone());
+        r.register("pool_ready_bytes", "Pool bytes populated so far", self.pool_ready_bytes.clone());
         r.register("evicted_blocks", "Blocks evicted since start", self.evictions.clone());
     }
 

@@ -83,6 +83,7 @@ impl Engine {
         let cache = BlockCache::new(allocator);
         metrics.observe_cache(&cache.stats());
         let registry = Registry::new(vec![host], metrics.instances.clone(), metrics.open_regions.clone());
+        populate_in_background(Arc::clone(&pool), metrics.pool_ready_bytes.clone())?;
         Ok(Self { pool, cache: Arc::new(Mutex::new(cache)), registry, metrics })
     }
 
@@ -250,6 +251,30 @@ impl Engine {
         self.metrics.observe_cache(&cache.stats());
         expired
     }
+}
+
+/// Faults the pool's pages in after the server starts serving, so copies do not pay
+/// first-touch page faults; progress goes to `pegaflow_pool_ready_bytes`.
+fn populate_in_background(pool: Arc<HostPool>, gauge: prometheus_client::metrics::gauge::Gauge) -> std::io::Result<()> {
+    std::thread::Builder::new().name("pegaflow-populate".into()).spawn(move || {
+        let started = Instant::now();
+        let ready = std::sync::atomic::AtomicU64::new(0);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
+        let result = std::thread::scope(|scope| {
+            let worker = scope.spawn(|| pool.populate(threads, &ready));
+            while !worker.is_finished() {
+                gauge.set(ready.load(std::sync::atomic::Ordering::Relaxed) as i64);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            worker.join().unwrap_or_else(|_| Err(std::io::Error::other("populate thread panicked")))
+        });
+        gauge.set(ready.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        match result {
+            Ok(()) => tracing::info!(bytes = pool.len(), seconds = started.elapsed().as_secs_f64(), "pool pages ready"),
+            Err(e) => tracing::warn!(error = %e, "cannot populate the pool up front; pages fault in on first use"),
+        }
+    })?;
+    Ok(())
 }
 
 fn parse_hashes(raw: &[Vec<u8>]) -> Result<Vec<BlockHash>> {
