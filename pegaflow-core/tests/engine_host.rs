@@ -93,6 +93,7 @@ fn engine(pool: u64) -> Arc<Engine> {
             use_hugepages: false,
             hint_value_size: None,
             copy_threads: Some(2),
+            cuda_devices: Vec::new(),
         })
         .unwrap(),
     )

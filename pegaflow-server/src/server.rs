@@ -33,14 +33,12 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let started = Instant::now();
     let metrics_addr = config.metrics_socket().map_err(ServerError::Config)?;
     let pool_size = config.effective_pool_size();
-    if !config.devices.is_empty() {
-        warn!(devices = ?config.devices, "--devices given, but this build has only the host backend");
-    }
     let engine = Arc::new(Engine::new(EngineConfig {
         pool_size,
         use_hugepages: config.use_hugepages,
         hint_value_size: config.hint_value_size,
         copy_threads: None,
+        cuda_devices: config.devices.clone(),
     })?);
     let mut registry = Registry::default();
     engine.metrics().register(&mut registry);

@@ -30,6 +30,24 @@ impl EngineService {
 fn layer_from_proto(layer: pb::LayerRegistration) -> Result<LayerRegistration, Status> {
     let source = match layer.region {
         Some(pb::layer_registration::Region::HostShm(shm)) => RegionSource::HostShm { name: shm.name },
+        Some(pb::layer_registration::Region::CudaIpc(ipc)) => RegionSource::CudaIpc {
+            handle: ipc.handle.as_slice().try_into().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "layer {}: CUDA IPC handle has {} bytes, expected 64 (expandable segments are not supported)",
+                    layer.layer,
+                    ipc.handle.len()
+                ))
+            })?,
+            device_uuid: ipc.device_uuid.as_slice().try_into().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "layer {}: device UUID has {} bytes, expected 16",
+                    layer.layer,
+                    ipc.device_uuid.len()
+                ))
+            })?,
+            offset: ipc.offset,
+            size: ipc.size,
+        },
         None => return Err(Status::invalid_argument(format!("layer {} has no memory region", layer.layer))),
     };
     let layout =

@@ -20,26 +20,35 @@ def run_server(argv: list[str]) -> int:
 
 @final
 class KvLayer:
-    """One KV layer in a shared-memory file, described as a strided tensor."""
+    """One KV layer: a strided tensor in a shared-memory file or a CUDA IPC allocation."""
 
     layer: int
-    shm_name: str
     shape: list[int]
     stride: list[int]
     element_size: int
     block_dim: int
     kv_dim: int | None
     byte_offset: int
+    shm_name: str | None
+    cuda_ipc_handle: bytes | None
+    device_uuid: bytes | None
+    region_offset: int
+    region_size: int
     def __new__(
         cls,
         layer: int,
-        shm_name: str,
+        *,
         shape: Sequence[int],
         stride: Sequence[int],
         element_size: int,
         block_dim: int,
         kv_dim: int | None = None,
         byte_offset: int = 0,
+        shm_name: str | None = None,
+        cuda_ipc_handle: bytes | None = None,
+        device_uuid: bytes | None = None,
+        region_offset: int = 0,
+        region_size: int = 0,
     ) -> KvLayer: ...
 
 @final

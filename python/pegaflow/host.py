@@ -109,7 +109,7 @@ def kv_layer_spec(
     if any(s % itemsize for s in array.strides):
         raise ValueError(f"strides {array.strides} are not multiples of the item size {itemsize}")
     return KvLayer(
-        layer=layer,
+        layer,
         shm_name=region.name,
         shape=[int(d) for d in array.shape],
         stride=[int(s) // itemsize for s in array.strides],

@@ -3,66 +3,131 @@
 use pegaflow_proto as pb;
 use pyo3::prelude::*;
 
-/// One KV layer living in a shared-memory file, described as a strided tensor.
-#[pyclass(module = "pegaflow._native", frozen, get_all)]
+/// One KV layer, described as a strided tensor inside a memory region: a shared-memory
+/// file (host backend) or a CUDA allocation shared by IPC (CUDA backend).
+#[pyclass(module = "pegaflow._native", frozen)]
 #[derive(Clone)]
 pub struct KvLayer {
     /// Layer index.
+    #[pyo3(get)]
     pub layer: u32,
-    /// Shared-memory file name under /dev/shm.
-    pub shm_name: String,
     /// Tensor shape.
+    #[pyo3(get)]
     pub shape: Vec<u64>,
     /// Tensor strides, in elements.
+    #[pyo3(get)]
     pub stride: Vec<i64>,
     /// Bytes per element.
+    #[pyo3(get)]
     pub element_size: u32,
     /// Dimension indexing blocks.
+    #[pyo3(get)]
     pub block_dim: u32,
     /// Dimension separating K and V, or None when fused.
+    #[pyo3(get)]
     pub kv_dim: Option<u32>,
-    /// Byte offset of the tensor inside the file.
+    /// Byte offset of the tensor inside its region.
+    #[pyo3(get)]
     pub byte_offset: u64,
+    /// Shared-memory file name under /dev/shm (host backend).
+    #[pyo3(get)]
+    pub shm_name: Option<String>,
+    /// Raw 64-byte CUDA IPC handle of the allocation (CUDA backend).
+    pub cuda_ipc_handle: Option<Vec<u8>>,
+    /// 16-byte UUID of the GPU (CUDA backend).
+    pub device_uuid: Option<Vec<u8>>,
+    /// Byte offset of the region inside the CUDA allocation.
+    #[pyo3(get)]
+    pub region_offset: u64,
+    /// Bytes of the region (CUDA backend).
+    #[pyo3(get)]
+    pub region_size: u64,
 }
 
 #[pymethods]
 impl KvLayer {
     #[new]
-    #[pyo3(signature = (layer, shm_name, shape, stride, element_size, block_dim, kv_dim = None, byte_offset = 0))]
+    #[pyo3(signature = (
+        layer, *, shape, stride, element_size, block_dim, kv_dim = None, byte_offset = 0,
+        shm_name = None, cuda_ipc_handle = None, device_uuid = None, region_offset = 0, region_size = 0
+    ))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword constructor
     fn new(
+        py: Python<'_>,
         layer: u32,
-        shm_name: String,
         shape: Vec<u64>,
         stride: Vec<i64>,
         element_size: u32,
         block_dim: u32,
         kv_dim: Option<u32>,
         byte_offset: u64,
-    ) -> Self {
-        Self { layer, shm_name, shape, stride, element_size, block_dim, kv_dim, byte_offset }
+        shm_name: Option<String>,
+        cuda_ipc_handle: Option<Vec<u8>>,
+        device_uuid: Option<Vec<u8>>,
+        region_offset: u64,
+        region_size: u64,
+    ) -> PyResult<Self> {
+        let invalid = |msg: &str| crate::errors::pegaflow_error(py, "PegaflowInvalidArgument", msg.to_owned());
+        match (&shm_name, &cuda_ipc_handle) {
+            (Some(_), None) => {}
+            (None, Some(_)) if device_uuid.is_some() && region_size > 0 => {}
+            (None, Some(_)) => return Err(invalid("a CUDA layer needs device_uuid and region_size > 0")),
+            _ => return Err(invalid("give exactly one of shm_name (host) or cuda_ipc_handle (CUDA)")),
+        }
+        Ok(Self {
+            layer,
+            shape,
+            stride,
+            element_size,
+            block_dim,
+            kv_dim,
+            byte_offset,
+            shm_name,
+            cuda_ipc_handle,
+            device_uuid,
+            region_offset,
+            region_size,
+        })
+    }
+
+    /// Raw 64-byte CUDA IPC handle, or None for a host layer.
+    #[getter]
+    fn cuda_ipc_handle(&self) -> Option<&[u8]> {
+        self.cuda_ipc_handle.as_deref()
+    }
+
+    /// 16-byte GPU UUID, or None for a host layer.
+    #[getter]
+    fn device_uuid(&self) -> Option<&[u8]> {
+        self.device_uuid.as_deref()
     }
 
     fn __repr__(&self) -> String {
+        let region = match &self.shm_name {
+            Some(name) => format!("shm_name={name:?}"),
+            None => format!("cuda_ipc (offset={}, size={})", self.region_offset, self.region_size),
+        };
         format!(
-            "KvLayer(layer={}, shm_name={:?}, shape={:?}, stride={:?}, element_size={}, block_dim={}, kv_dim={:?}, byte_offset={})",
-            self.layer,
-            self.shm_name,
-            self.shape,
-            self.stride,
-            self.element_size,
-            self.block_dim,
-            self.kv_dim,
-            self.byte_offset
+            "KvLayer(layer={}, {region}, shape={:?}, stride={:?}, element_size={}, block_dim={}, kv_dim={:?}, byte_offset={})",
+            self.layer, self.shape, self.stride, self.element_size, self.block_dim, self.kv_dim, self.byte_offset
         )
     }
 }
 
 impl KvLayer {
     pub fn to_proto(&self) -> pb::LayerRegistration {
+        let region = match (&self.shm_name, &self.cuda_ipc_handle) {
+            (Some(name), _) => pb::layer_registration::Region::HostShm(pb::HostShmRegion { name: name.clone() }),
+            (None, handle) => pb::layer_registration::Region::CudaIpc(pb::CudaIpcRegion {
+                handle: handle.clone().unwrap_or_default(),
+                device_uuid: self.device_uuid.clone().unwrap_or_default(),
+                offset: self.region_offset,
+                size: self.region_size,
+            }),
+        };
         pb::LayerRegistration {
             layer: self.layer,
-            region: Some(pb::layer_registration::Region::HostShm(pb::HostShmRegion { name: self.shm_name.clone() })),
+            region: Some(region),
             layout: Some(pb::TensorLayout {
                 shape: self.shape.clone(),
                 stride: self.stride.clone(),

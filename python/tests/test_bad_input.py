@@ -148,7 +148,7 @@ def _specs_with(kv: SharedKvCache, index: int, **changes: object) -> list[KvLaye
     """``kv``'s layer specs with the spec of layer ``index`` altered by ``changes``."""
     specs = kv.layer_specs()
     base = specs[index]
-    fields = {
+    fields: dict[str, object] = {
         "layer": base.layer,
         "shm_name": base.shm_name,
         "shape": list(base.shape),

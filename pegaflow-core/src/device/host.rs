@@ -72,6 +72,7 @@ impl DeviceBackend for HostDevice {
     fn open_region(&self, source: &RegionSource) -> Result<Arc<dyn DeviceRegion>, DeviceError> {
         match source {
             RegionSource::HostShm { name } => Ok(Arc::new(HostRegion { map: ShmMapping::open(name, 1)? })),
+            other => Err(DeviceError::Unsupported(format!("{other} on the host backend"))),
         }
     }
 

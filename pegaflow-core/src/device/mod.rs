@@ -5,12 +5,14 @@
 //! `host` maps shared-memory files and copies with memcpy (CPU inference and every CI
 //! test); a CUDA backend slots in beside it.
 
+pub mod cuda;
 mod host;
 mod plan;
 
 use std::any::Any;
 use std::sync::Arc;
 
+pub use cuda::CudaDevice;
 pub use host::{HostDevice, HostDeviceOptions};
 pub use plan::{CopyOp, coalesce};
 
@@ -32,6 +34,9 @@ pub enum DeviceError {
     /// The backend stopped (shutting down).
     #[error("device backend {0} is shut down")]
     ShutDown(&'static str),
+    /// A CUDA driver call failed.
+    #[error("CUDA error: {0}")]
+    Cuda(String),
 }
 
 /// Where a client's KV tensor memory comes from.
@@ -42,12 +47,24 @@ pub enum RegionSource {
         /// File name under `/dev/shm`.
         name: String,
     },
+    /// A CUDA allocation exported by the client with `cudaIpcGetMemHandle`.
+    CudaIpc {
+        /// The raw 64-byte IPC handle.
+        handle: [u8; 64],
+        /// UUID of the GPU holding the allocation (independent of device numbering).
+        device_uuid: [u8; 16],
+        /// Byte offset of the registered range inside the allocation.
+        offset: u64,
+        /// Bytes of the registered range.
+        size: u64,
+    },
 }
 
 impl std::fmt::Display for RegionSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::HostShm { name } => write!(f, "shared memory {name:?}"),
+            Self::CudaIpc { offset, size, .. } => write!(f, "CUDA IPC memory ({size} B at offset {offset})"),
         }
     }
 }
@@ -120,4 +137,9 @@ pub trait DeviceBackend: Send + Sync {
     fn open_region(&self, source: &RegionSource) -> Result<Arc<dyn DeviceRegion>, DeviceError>;
     /// Queues a copy job.
     fn submit(&self, job: CopyJob, done: CopyDone);
+    /// Makes the pool ready for fast DMA (e.g. page-locks it). Called once, from a
+    /// background thread after the pool is populated; returns whether anything was done.
+    fn pin_pool(&self, _pool: &Arc<HostPool>) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
 }

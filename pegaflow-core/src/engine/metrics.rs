@@ -42,6 +42,8 @@ pub struct EngineMetrics {
     pub leases: Gauge,
     /// Pool bytes whose pages are faulted in (populated in the background after start).
     pub pool_ready_bytes: Gauge,
+    /// 1 once the pool is page-locked for GPU DMA.
+    pub pool_dma_ready: Gauge,
     /// Blocks evicted.
     pub evictions: Gauge,
 }
@@ -66,6 +68,7 @@ impl EngineMetrics {
         r.register("pool_capacity_bytes", "Usable pool bytes", self.pool_capacity_bytes.clone());
         r.register("leases", "Live leases", self.leases.clone());
         r.register("pool_ready_bytes", "Pool bytes populated so far", self.pool_ready_bytes.clone());
+        r.register("pool_dma_ready", "1 once the pool is pinned for GPU DMA", self.pool_dma_ready.clone());
         r.register("evicted_blocks", "Blocks evicted since start", self.evictions.clone());
     }
 

@@ -18,13 +18,13 @@ pub use metrics::EngineMetrics;
 pub use registry::{InstanceInfo, LayerRegistration, RegisterRequest};
 
 use crate::cache::{BlockCache, BlockHash, CacheStats, HASH_BYTES};
-use crate::device::{DeviceBackend, HostDevice, HostDeviceOptions};
+use crate::device::{CudaDevice, DeviceBackend, HostDevice, HostDeviceOptions};
 use crate::error::{EngineError, Result};
 use crate::memory::{HostPool, PoolAllocator, PoolError, PoolOptions};
 use registry::{RankBinding, Registry};
 
 /// How to build an engine.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Cache capacity in bytes (the host pool).
     pub pool_size: u64,
@@ -34,6 +34,8 @@ pub struct EngineConfig {
     pub hint_value_size: Option<u64>,
     /// Copy threads per direction of the host backend. Default: half the CPUs (1..=8).
     pub copy_threads: Option<usize>,
+    /// CUDA device ordinals to serve; empty means all.
+    pub cuda_devices: Vec<u32>,
 }
 
 /// Why an engine could not start.
@@ -79,11 +81,13 @@ impl Engine {
             host_options.copy_threads = threads;
         }
         let host: Arc<dyn DeviceBackend> = Arc::new(HostDevice::new(host_options)?);
+        let cuda: Arc<dyn DeviceBackend> = Arc::new(CudaDevice::new(config.cuda_devices.clone()));
         let metrics = Arc::new(EngineMetrics::default());
         let cache = BlockCache::new(allocator);
         metrics.observe_cache(&cache.stats());
-        let registry = Registry::new(vec![host], metrics.instances.clone(), metrics.open_regions.clone());
-        populate_in_background(Arc::clone(&pool), metrics.pool_ready_bytes.clone())?;
+        let backends = vec![host, cuda];
+        let registry = Registry::new(backends.clone(), metrics.instances.clone(), metrics.open_regions.clone());
+        prepare_pool_in_background(Arc::clone(&pool), backends, Arc::clone(&metrics))?;
         Ok(Self { pool, cache: Arc::new(Mutex::new(cache)), registry, metrics })
     }
 
@@ -253,25 +257,45 @@ impl Engine {
     }
 }
 
-/// Faults the pool's pages in after the server starts serving, so copies do not pay
-/// first-touch page faults; progress goes to `pegaflow_pool_ready_bytes`.
-fn populate_in_background(pool: Arc<HostPool>, gauge: prometheus_client::metrics::gauge::Gauge) -> std::io::Result<()> {
-    std::thread::Builder::new().name("pegaflow-populate".into()).spawn(move || {
+/// Makes the pool ready after the server starts serving: faults its pages in (progress in
+/// `pegaflow_pool_ready_bytes`), then lets each backend pin it for DMA
+/// (`pegaflow_pool_dma_ready`). Copies work meanwhile, only slower.
+fn prepare_pool_in_background(
+    pool: Arc<HostPool>,
+    backends: Vec<Arc<dyn DeviceBackend>>,
+    metrics: Arc<EngineMetrics>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name("pegaflow-pool".into()).spawn(move || {
         let started = Instant::now();
         let ready = std::sync::atomic::AtomicU64::new(0);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
         let result = std::thread::scope(|scope| {
             let worker = scope.spawn(|| pool.populate(threads, &ready));
             while !worker.is_finished() {
-                gauge.set(ready.load(std::sync::atomic::Ordering::Relaxed) as i64);
+                metrics.pool_ready_bytes.set(ready.load(std::sync::atomic::Ordering::Relaxed) as i64);
                 std::thread::sleep(Duration::from_millis(50));
             }
             worker.join().unwrap_or_else(|_| Err(std::io::Error::other("populate thread panicked")))
         });
-        gauge.set(ready.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        metrics.pool_ready_bytes.set(ready.load(std::sync::atomic::Ordering::Relaxed) as i64);
         match result {
             Ok(()) => tracing::info!(bytes = pool.len(), seconds = started.elapsed().as_secs_f64(), "pool pages ready"),
             Err(e) => tracing::warn!(error = %e, "cannot populate the pool up front; pages fault in on first use"),
+        }
+        for backend in &backends {
+            let t0 = Instant::now();
+            match backend.pin_pool(&pool) {
+                Ok(true) => {
+                    metrics.pool_dma_ready.set(1);
+                    tracing::info!(
+                        backend = backend.name(),
+                        seconds = t0.elapsed().as_secs_f64(),
+                        "pool pinned for DMA"
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(backend = backend.name(), error = %e, "cannot pin the pool; DMA runs slower"),
+            }
         }
     })?;
     Ok(())

@@ -1,0 +1,230 @@
+//! Per-device, per-direction copy workers: a thread with the device's context current,
+//! its own streams (one for DMA, one for the gather/scatter kernel), and two staging slots
+//! so the kernel of one chunk overlaps the DMA of the previous one.
+
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+use tracing::{info, warn};
+
+use super::driver::{Context, DeviceBuffer, Event, PinnedBuffer, Result, Stream};
+use super::kernel::CopyKernel;
+use super::plan::{Chunk, Segment, Strategy, choose, plan_staged};
+use crate::device::{CopyDone, DeviceError, DeviceRegion, Direction};
+use crate::memory::HostPool;
+
+/// Bytes of one staging slot (two per worker).
+const SLOT_BYTES: u64 = 32 << 20;
+/// Kernel table entries per chunk.
+const MAX_TABLE: usize = 8192;
+const ENTRY_BYTES: u64 = 24;
+
+/// One request for a worker.
+pub(crate) struct CopyRequest {
+    pub pool: Arc<HostPool>,
+    pub segments: Vec<Segment>,
+    /// Keeps the device mappings alive until the copy is done.
+    pub _regions: Vec<Arc<dyn DeviceRegion>>,
+    pub done: CopyDone,
+}
+
+/// A worker thread for one direction of one device.
+pub(crate) struct Worker {
+    tx: Mutex<Option<mpsc::Sender<CopyRequest>>>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Worker {
+    pub fn start(ctx: Arc<Context>, ordinal: i32, direction: Direction) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<CopyRequest>();
+        let name = format!("pegaflow-cuda{ordinal}-{}", if direction == Direction::Save { "save" } else { "load" });
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            let mut engine = ctx.bind().and_then(|()| CopyEngine::new(&ctx, direction));
+            while let Ok(request) = rx.recv() {
+                let result = match &mut engine {
+                    Ok(engine) => engine.run(&request.pool, request.segments),
+                    Err(e) => Err(DeviceError::Cuda(format!("copy worker unavailable: {e}"))),
+                };
+                (request.done)(result);
+            }
+        })?;
+        Ok(Self { tx: Mutex::new(Some(tx)), handle: Mutex::new(Some(handle)) })
+    }
+
+    pub fn submit(&self, request: CopyRequest) {
+        let undelivered = match self.tx.lock().as_ref() {
+            Some(tx) => tx.send(request).err().map(|e| e.0),
+            None => Some(request),
+        };
+        if let Some(request) = undelivered {
+            (request.done)(Err(DeviceError::ShutDown("cuda")));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.tx.lock().take();
+        if let Some(handle) = self.handle.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+struct Slot {
+    staging: DeviceBuffer,
+    table: PinnedBuffer,
+    device_table: DeviceBuffer,
+    kernel_done: Event,
+    dma_done: Event,
+}
+
+struct CopyEngine {
+    direction: Direction,
+    dma: Stream,
+    compute: Stream,
+    cc: (i32, i32),
+    /// Staging slots and kernel, made on first staged request; `Err` disables staging.
+    staged: Option<std::result::Result<(CopyKernel, [Slot; 2]), String>>,
+}
+
+impl CopyEngine {
+    fn new(ctx: &Context, direction: Direction) -> Result<Self> {
+        Ok(Self {
+            direction,
+            dma: Stream::new()?,
+            compute: Stream::new()?,
+            cc: ctx.compute_capability()?,
+            staged: None,
+        })
+    }
+
+    fn run(&mut self, pool: &HostPool, segments: Vec<Segment>) -> Result<()> {
+        if segments.is_empty() {
+            return Ok(());
+        }
+        let result = match choose(&segments) {
+            Strategy::Staged if self.staging_ready() => self.run_staged(pool, segments),
+            _ => self.run_direct(pool, &segments),
+        };
+        if result.is_err() {
+            // Drain whatever was queued before reporting, so no buffer is reused mid-copy.
+            let _ = self.dma.synchronize();
+            let _ = self.compute.synchronize();
+        }
+        result
+    }
+
+    fn staging_ready(&mut self) -> bool {
+        if self.staged.is_none() {
+            let made = (|| -> Result<_> {
+                let kernel = CopyKernel::load(self.cc)?;
+                let slot = || -> Result<Slot> {
+                    Ok(Slot {
+                        staging: DeviceBuffer::new(SLOT_BYTES)?,
+                        table: PinnedBuffer::new(MAX_TABLE as u64 * ENTRY_BYTES)?,
+                        device_table: DeviceBuffer::new(MAX_TABLE as u64 * ENTRY_BYTES)?,
+                        kernel_done: Event::new()?,
+                        dma_done: Event::new()?,
+                    })
+                };
+                Ok((kernel, [slot()?, slot()?]))
+            })();
+            match &made {
+                Ok(_) => info!(direction = ?self.direction, "GPU staging ready"),
+                Err(e) => warn!(error = %e, "GPU staging unavailable; falling back to one DMA per segment"),
+            }
+            self.staged = Some(made.map_err(|e| e.to_string()));
+        }
+        matches!(self.staged, Some(Ok(_)))
+    }
+
+    fn run_direct(&self, pool: &HostPool, segments: &[Segment]) -> Result<()> {
+        for s in segments {
+            let host = host_ptr(pool, s.host_offset, s.len)?;
+            // SAFETY: `host` is inside the pool (checked) and owned by this job until done;
+            // the device range is inside a live registered region (engine-validated).
+            unsafe {
+                match self.direction {
+                    Direction::Save => self.dma.copy_to_host(host, s.device_ptr, s.len)?,
+                    Direction::Load => self.dma.copy_to_device(s.device_ptr, host, s.len)?,
+                }
+            }
+        }
+        self.dma.synchronize()
+    }
+
+    fn run_staged(&self, pool: &HostPool, segments: Vec<Segment>) -> Result<()> {
+        let Some(Ok((kernel, slots))) = &self.staged else {
+            return Err(DeviceError::Cuda("staging not initialised".into()));
+        };
+        let chunks = plan_staged(segments, SLOT_BYTES, MAX_TABLE);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let slot = &slots[i % 2];
+            match self.direction {
+                Direction::Save => {
+                    if i >= 2 {
+                        slot.dma_done.synchronize()?; // chunk i-2 left this slot
+                    }
+                    self.launch(kernel, slot, chunk)?;
+                    slot.kernel_done.record(&self.compute)?;
+                    self.dma.wait(&slot.kernel_done)?;
+                    for d in &chunk.dmas {
+                        let host = host_ptr(pool, d.host_offset, d.len)?;
+                        // SAFETY: pool range checked and owned by the job; the staging range is
+                        // inside the slot and filled by the kernel this stream waited for.
+                        unsafe { self.dma.copy_to_host(host, slot.staging.ptr + d.staging_offset, d.len)? };
+                    }
+                    slot.dma_done.record(&self.dma)?;
+                }
+                Direction::Load => {
+                    if i >= 2 {
+                        slot.kernel_done.synchronize()?; // chunk i-2's scatter read this slot
+                    }
+                    for d in &chunk.dmas {
+                        let host = host_ptr(pool, d.host_offset, d.len)?;
+                        // SAFETY: as above, in the other direction.
+                        unsafe { self.dma.copy_to_device(slot.staging.ptr + d.staging_offset, host, d.len)? };
+                    }
+                    slot.dma_done.record(&self.dma)?;
+                    self.compute.wait(&slot.dma_done)?;
+                    self.launch(kernel, slot, chunk)?;
+                    slot.kernel_done.record(&self.compute)?;
+                }
+            }
+        }
+        match self.direction {
+            Direction::Save => self.dma.synchronize(),
+            Direction::Load => self.compute.synchronize(),
+        }
+    }
+
+    /// Writes the chunk's table (device ↔ staging) and launches the kernel on the compute
+    /// stream. The slot's table is free: the caller waited for its previous use.
+    fn launch(&self, kernel: &CopyKernel, slot: &Slot, chunk: &Chunk) -> Result<()> {
+        let n = chunk.segments.len();
+        // SAFETY: the pinned table holds MAX_TABLE entries and the plan never puts more in
+        // a chunk; no copy reads it now (the caller synchronised its previous use).
+        let table = unsafe { std::slice::from_raw_parts_mut(slot.table.ptr.as_ptr().cast::<u64>(), 3 * n) };
+        for (entry, s) in table.chunks_exact_mut(3).zip(&chunk.segments) {
+            let staging = slot.staging.ptr + s.staging_offset;
+            let (src, dst) = match self.direction {
+                Direction::Save => (s.device_ptr, staging),
+                Direction::Load => (staging, s.device_ptr),
+            };
+            entry.copy_from_slice(&[src, dst, s.len]);
+        }
+        // SAFETY: the table is pinned and stays untouched until this stream passes the
+        // upload (guaranteed by the slot's events); every entry is a live device range.
+        unsafe {
+            self.compute.copy_to_device(slot.device_table.ptr, slot.table.ptr, n as u64 * ENTRY_BYTES)?;
+            kernel.launch(&self.compute, slot.device_table.ptr, n as u32)
+        }
+    }
+}
+
+fn host_ptr(pool: &HostPool, offset: u64, len: u64) -> Result<std::ptr::NonNull<u8>> {
+    pool.ptr_at(offset, len)
+        .ok_or_else(|| DeviceError::OutOfBounds(format!("{len} bytes at pool offset {offset} ({} B pool)", pool.len())))
+}
