@@ -31,9 +31,7 @@ extern "C" __global__ void pegaflow_copy_segments(const unsigned long long* __re
 }
 "#;
 
-/// Blocks per launch: enough to saturate HBM for gathers, few enough to leave the
-/// inference engine's kernels most SMs.
-pub(crate) const GRID: u32 = 32;
+/// Threads per block.
 const THREADS: u32 = 512;
 
 /// The loaded kernel of one context.
@@ -79,7 +77,7 @@ impl CopyKernel {
     /// # Safety
     /// `table` must hold `n` (src, dst, len) triples of valid, non-overlapping device
     /// ranges that stay valid until the stream passes the kernel.
-    pub unsafe fn launch(&self, stream: &Stream, table: u64, n: u32) -> Result<()> {
+    pub unsafe fn launch(&self, stream: &Stream, table: u64, n: u32, grid: u32) -> Result<()> {
         let mut table = table;
         let mut n = n;
         let mut params: [*mut c_void; 2] = [(&mut table as *mut u64).cast(), (&mut n as *mut u32).cast()];
@@ -87,7 +85,7 @@ impl CopyKernel {
         unsafe {
             sys::cuLaunchKernel(
                 self.function,
-                GRID.min(n.max(1)),
+                grid.min(n).max(1),
                 1,
                 1,
                 THREADS,

@@ -14,11 +14,35 @@ use super::plan::{Chunk, Segment, Strategy, choose, plan_staged};
 use crate::device::{CopyDone, DeviceError, DeviceRegion, Direction};
 use crate::memory::HostPool;
 
-/// Bytes of one staging slot (two per worker).
-const SLOT_BYTES: u64 = 32 << 20;
 /// Kernel table entries per chunk.
 const MAX_TABLE: usize = 8192;
 const ENTRY_BYTES: u64 = 24;
+
+/// Staging and kernel settings. Defaults come from measurements on the H100
+/// (docs/benchmarks.md); `PEGAFLOW_CUDA_{GRID,SLOT_MB,SLOTS}` override them for tuning.
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    /// Blocks per gather/scatter launch: enough to outrun the link, few enough to leave
+    /// the inference engine's kernels nearly every SM.
+    grid: u32,
+    /// Bytes of one staging slot.
+    slot_bytes: u64,
+    /// Staging slots in flight (pipeline depth).
+    slots: usize,
+}
+
+impl Tuning {
+    fn from_env() -> Self {
+        let var = |name: &str, default: u64| -> u64 {
+            std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|v| *v > 0).unwrap_or(default)
+        };
+        Self {
+            grid: var("PEGAFLOW_CUDA_GRID", 32) as u32,
+            slot_bytes: var("PEGAFLOW_CUDA_SLOT_MB", 32) << 20,
+            slots: var("PEGAFLOW_CUDA_SLOTS", 2).clamp(2, 16) as usize,
+        }
+    }
+}
 
 /// One request for a worker.
 pub(crate) struct CopyRequest {
@@ -85,8 +109,9 @@ struct CopyEngine {
     dma: Stream,
     compute: Stream,
     cc: (i32, i32),
+    tuning: Tuning,
     /// Staging slots and kernel, made on first staged request; `Err` disables staging.
-    staged: Option<std::result::Result<(CopyKernel, [Slot; 2]), String>>,
+    staged: Option<std::result::Result<(CopyKernel, Vec<Slot>), String>>,
 }
 
 impl CopyEngine {
@@ -94,8 +119,9 @@ impl CopyEngine {
         Ok(Self {
             direction,
             dma: Stream::new()?,
-            compute: Stream::new()?,
+            compute: Stream::new_low_priority()?,
             cc: ctx.compute_capability()?,
+            tuning: Tuning::from_env(),
             staged: None,
         })
     }
@@ -104,10 +130,20 @@ impl CopyEngine {
         if segments.is_empty() {
             return Ok(());
         }
-        let result = match choose(&segments) {
-            Strategy::Staged if self.staging_ready() => self.run_staged(pool, segments),
-            _ => self.run_direct(pool, &segments),
+        let started = std::time::Instant::now();
+        let (count, bytes) = (segments.len(), segments.iter().map(|s| s.len).sum::<u64>());
+        let strategy = match choose(&segments) {
+            Strategy::Staged if self.staging_ready() => Strategy::Staged,
+            _ => Strategy::Direct,
         };
+        let result = match strategy {
+            Strategy::Staged => self.run_staged(pool, segments),
+            Strategy::Direct => self.run_direct(pool, &segments),
+        };
+        tracing::debug!(
+            direction = ?self.direction, ?strategy, segments = count, bytes,
+            micros = started.elapsed().as_micros() as u64, "cuda copy"
+        );
         if result.is_err() {
             // Drain whatever was queued before reporting, so no buffer is reused mid-copy.
             let _ = self.dma.synchronize();
@@ -122,17 +158,18 @@ impl CopyEngine {
                 let kernel = CopyKernel::load(self.cc)?;
                 let slot = || -> Result<Slot> {
                     Ok(Slot {
-                        staging: DeviceBuffer::new(SLOT_BYTES)?,
+                        staging: DeviceBuffer::new(self.tuning.slot_bytes)?,
                         table: PinnedBuffer::new(MAX_TABLE as u64 * ENTRY_BYTES)?,
                         device_table: DeviceBuffer::new(MAX_TABLE as u64 * ENTRY_BYTES)?,
                         kernel_done: Event::new()?,
                         dma_done: Event::new()?,
                     })
                 };
-                Ok((kernel, [slot()?, slot()?]))
+                let slots = (0..self.tuning.slots).map(|_| slot()).collect::<Result<Vec<_>>>()?;
+                Ok((kernel, slots))
             })();
             match &made {
-                Ok(_) => info!(direction = ?self.direction, "GPU staging ready"),
+                Ok(_) => info!(direction = ?self.direction, tuning = ?self.tuning, "GPU staging ready"),
                 Err(e) => warn!(error = %e, "GPU staging unavailable; falling back to one DMA per segment"),
             }
             self.staged = Some(made.map_err(|e| e.to_string()));
@@ -159,12 +196,13 @@ impl CopyEngine {
         let Some(Ok((kernel, slots))) = &self.staged else {
             return Err(DeviceError::Cuda("staging not initialised".into()));
         };
-        let chunks = plan_staged(segments, SLOT_BYTES, MAX_TABLE);
+        let chunks = plan_staged(segments, self.tuning.slot_bytes, MAX_TABLE);
+        let depth = slots.len();
         for (i, chunk) in chunks.iter().enumerate() {
-            let slot = &slots[i % 2];
+            let slot = &slots[i % depth];
             match self.direction {
                 Direction::Save => {
-                    if i >= 2 {
+                    if i >= depth {
                         slot.dma_done.synchronize()?; // chunk i-2 left this slot
                     }
                     self.launch(kernel, slot, chunk)?;
@@ -179,7 +217,7 @@ impl CopyEngine {
                     slot.dma_done.record(&self.dma)?;
                 }
                 Direction::Load => {
-                    if i >= 2 {
+                    if i >= depth {
                         slot.kernel_done.synchronize()?; // chunk i-2's scatter read this slot
                     }
                     for d in &chunk.dmas {
@@ -219,7 +257,7 @@ impl CopyEngine {
         // upload (guaranteed by the slot's events); every entry is a live device range.
         unsafe {
             self.compute.copy_to_device(slot.device_table.ptr, slot.table.ptr, n as u64 * ENTRY_BYTES)?;
-            kernel.launch(&self.compute, slot.device_table.ptr, n as u32)
+            kernel.launch(&self.compute, slot.device_table.ptr, n as u32, self.tuning.grid)
         }
     }
 }
