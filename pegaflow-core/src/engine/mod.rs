@@ -127,6 +127,7 @@ impl Engine {
         block_ids: &[u64],
         block_hashes: &[Vec<u8>],
     ) -> Result<SaveOutcome> {
+        let started = Instant::now();
         let rank = self.registry.rank(instance_id, tp_rank)?;
         if block_ids.len() != block_hashes.len() {
             return Err(EngineError::invalid(format!(
@@ -151,6 +152,7 @@ impl Engine {
         };
         let job = transfer::save_job(&self.pool, &rank, block_ids, &ticket);
         let bytes = job.bytes();
+        let prepared = started.elapsed();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let cache = Arc::clone(&self.cache);
         let metrics = Arc::clone(&self.metrics);
@@ -170,6 +172,13 @@ impl Engine {
             }),
         );
         let sealed = rx.await.map_err(|_| EngineError::Unavailable("copy worker stopped".into()))??;
+        tracing::debug!(
+            blocks = block_ids.len(),
+            bytes,
+            prepare_us = prepared.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "save"
+        );
         Ok(SaveOutcome { sealed_blocks: sealed, ..outcome })
     }
 
