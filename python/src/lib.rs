@@ -10,6 +10,11 @@ mod types;
 
 use pyo3::prelude::*;
 
+// Same allocator as the server binary (see pegaflow-server/src/bin): the server also runs
+// inside this extension through `run_server`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Runs the PegaFlow server with command-line `argv` (program name first) until SIGINT
 /// or SIGTERM; returns the exit code. The GIL is released while it runs.
 #[pyfunction]

@@ -85,11 +85,12 @@ impl DeviceBackend for HostDevice {
     }
 }
 
-/// One copy task: a share of a job's ops.
+/// One copy task: a share of a job's ops, each naming its region by index.
 struct Task {
     direction: Direction,
     pool: Arc<HostPool>,
-    pieces: Vec<(Arc<dyn DeviceRegion>, CopyOp)>,
+    regions: Arc<[Arc<dyn DeviceRegion>]>,
+    pieces: Vec<(usize, CopyOp)>,
     join: Arc<JobJoin>,
 }
 
@@ -161,9 +162,16 @@ impl Workers {
             return;
         }
         debug!(workers = self.name, bytes = job.bytes(), tasks = shares.len(), "host copy");
+        let regions: Arc<[Arc<dyn DeviceRegion>]> = job.regions.iter().map(|r| Arc::clone(&r.region)).collect();
         let tx = self.tx.lock().clone();
         for pieces in shares {
-            let task = Task { direction: job.direction, pool: Arc::clone(&job.pool), pieces, join: Arc::clone(&join) };
+            let task = Task {
+                direction: job.direction,
+                pool: Arc::clone(&job.pool),
+                regions: Arc::clone(&regions),
+                pieces,
+                join: Arc::clone(&join),
+            };
             let undelivered = match &tx {
                 Some(tx) => tx.send(task).err().map(|e| e.0),
                 None => Some(task),
@@ -186,7 +194,7 @@ impl Drop for Workers {
 
 /// Splits a job into at most `threads` shares of about equal bytes, cutting ops where
 /// needed. Small jobs stay whole.
-fn split(job: &CopyJob, threads: usize) -> Vec<Vec<(Arc<dyn DeviceRegion>, CopyOp)>> {
+fn split(job: &CopyJob, threads: usize) -> Vec<Vec<(usize, CopyOp)>> {
     let total = job.bytes();
     if total == 0 {
         return Vec::new();
@@ -196,12 +204,12 @@ fn split(job: &CopyJob, threads: usize) -> Vec<Vec<(Arc<dyn DeviceRegion>, CopyO
     let mut out = Vec::with_capacity(shares as usize);
     let mut current = Vec::new();
     let mut filled = 0u64;
-    for region in &job.regions {
+    for (index, region) in job.regions.iter().enumerate() {
         for op in &region.ops {
             let mut op = *op;
             while op.len > 0 {
                 let take = op.len.min(target - filled);
-                current.push((Arc::clone(&region.region), CopyOp { len: take, ..op }));
+                current.push((index, CopyOp { len: take, ..op }));
                 op.device_offset += take;
                 op.host_offset += take;
                 op.len -= take;
@@ -221,8 +229,8 @@ fn split(job: &CopyJob, threads: usize) -> Vec<Vec<(Arc<dyn DeviceRegion>, CopyO
 
 fn run_task(task: &Task) -> Result<(), DeviceError> {
     let mut checked: Option<*const HostRegion> = None;
-    for (region, op) in &task.pieces {
-        let region = region
+    for &(index, ref op) in &task.pieces {
+        let region = task.regions[index]
             .as_any()
             .downcast_ref::<HostRegion>()
             .ok_or_else(|| DeviceError::Unsupported("a non-host region on the host backend".into()))?;

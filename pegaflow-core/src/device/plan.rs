@@ -14,7 +14,11 @@ pub struct CopyOp {
 /// Sorts `ops` by device offset and merges neighbours that are contiguous on both the
 /// device and the host side. The set of bytes copied is unchanged.
 pub fn coalesce(ops: &mut Vec<CopyOp>) {
-    ops.sort_unstable_by_key(|op| op.device_offset);
+    // Stable sort merges natural runs in linear time; engine-built ops are made of a few
+    // sorted runs (e.g. all K segments, then all V segments).
+    if !ops.is_sorted_by_key(|op| op.device_offset) {
+        ops.sort_by_key(|op| op.device_offset);
+    }
     let mut merged: Vec<CopyOp> = Vec::with_capacity(ops.len());
     for op in ops.drain(..) {
         match merged.last_mut() {

@@ -88,6 +88,8 @@ impl Drop for TrackedRegion {
 /// One layer, ready for copies.
 pub(crate) struct LayerBinding {
     pub region: Arc<dyn DeviceRegion>,
+    /// Index of `region` among the rank's distinct regions (groups copies without hashing).
+    pub region_index: usize,
     pub layout: KvLayout,
 }
 
@@ -217,7 +219,7 @@ impl Registry {
             self.backends.iter().find(|b| b.handles(&first.source)).cloned().ok_or_else(|| {
                 EngineError::Device(crate::device::DeviceError::Unsupported(first.source.to_string()))
             })?;
-        let mut regions: HashMap<&RegionSource, Arc<dyn DeviceRegion>> = HashMap::new();
+        let mut regions: HashMap<&RegionSource, (usize, Arc<dyn DeviceRegion>)> = HashMap::new();
         let mut layers = Vec::with_capacity(by_layer.len());
         for (index, layer) in by_layer.into_iter().enumerate() {
             let layer = layer.ok_or_else(|| {
@@ -230,20 +232,21 @@ impl Registry {
                     backend.name()
                 )));
             }
-            let region = match regions.get(&layer.source) {
-                Some(region) => Arc::clone(region),
+            let (region_index, region) = match regions.get(&layer.source) {
+                Some((i, region)) => (*i, Arc::clone(region)),
                 None => {
                     let opened = backend.open_region(&layer.source)?;
                     self.regions_gauge.inc();
                     let tracked: Arc<dyn DeviceRegion> =
                         Arc::new(TrackedRegion { inner: opened, gauge: self.regions_gauge.clone() });
-                    regions.insert(&layer.source, Arc::clone(&tracked));
-                    tracked
+                    let i = regions.len();
+                    regions.insert(&layer.source, (i, Arc::clone(&tracked)));
+                    (i, tracked)
                 }
             };
             let layout = KvLayout::from_tensor(&layer.tensor, region.len())
                 .map_err(|source| EngineError::InvalidLayout { layer: index as u32, source })?;
-            layers.push(LayerBinding { region, layout });
+            layers.push(LayerBinding { region, region_index, layout });
         }
         let geometry = Arc::new(PartGeometry::new(layers.iter().map(|l| l.layout.slot_bytes()).collect()));
         Ok(RankBinding {

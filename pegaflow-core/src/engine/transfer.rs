@@ -1,49 +1,53 @@
 //! Turns prepared tickets into copy jobs: the one place that pairs layout addresses
 //! (device side) with slot offsets (pool side).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::registry::RankBinding;
+use super::registry::{LayerBinding, RankBinding};
 use crate::cache::{LoadTicket, SaveTicket};
-use crate::device::{CopyJob, CopyOp, DeviceRegion, Direction, RegionCopy, coalesce};
+use crate::device::{CopyJob, CopyOp, Direction, RegionCopy, coalesce};
 use crate::error::{EngineError, Result};
 use crate::load_state::{LoadState, LoadStateError};
 use crate::memory::HostPool;
 use crate::shm::ShmError;
 
-/// Collects ops per region (keyed by the region's address) and coalesces them.
-#[derive(Default)]
+/// Collects ops per region (by the layer's region index) and coalesces them.
 struct JobBuilder {
-    regions: Vec<RegionCopy>,
-    index: HashMap<*const (), usize>,
+    regions: Vec<Option<RegionCopy>>,
 }
 
 impl JobBuilder {
-    fn push(&mut self, region: &Arc<dyn DeviceRegion>, op: CopyOp) {
-        let key = Arc::as_ptr(region).cast::<()>();
-        let i = *self.index.entry(key).or_insert_with(|| {
-            self.regions.push(RegionCopy { region: Arc::clone(region), ops: Vec::new() });
-            self.regions.len() - 1
-        });
-        self.regions[i].ops.push(op);
+    fn new(rank: &RankBinding) -> Self {
+        Self { regions: (0..rank.regions as usize).map(|_| None).collect() }
     }
 
-    fn finish(mut self, direction: Direction, pool: &Arc<HostPool>) -> CopyJob {
-        for region in &mut self.regions {
+    fn push(&mut self, binding: &LayerBinding, op: CopyOp) {
+        self.regions[binding.region_index]
+            .get_or_insert_with(|| RegionCopy { region: Arc::clone(&binding.region), ops: Vec::new() })
+            .ops
+            .push(op);
+    }
+
+    fn finish(self, direction: Direction, pool: &Arc<HostPool>) -> CopyJob {
+        let mut regions: Vec<RegionCopy> = self.regions.into_iter().flatten().collect();
+        for region in &mut regions {
             coalesce(&mut region.ops);
         }
-        CopyJob { direction, pool: Arc::clone(pool), regions: self.regions }
+        CopyJob { direction, pool: Arc::clone(pool), regions }
     }
 }
 
 /// Copies for every slot of a save ticket: each segment of the layer's block goes to the
 /// slot, segments back to back.
 pub(super) fn save_job(pool: &Arc<HostPool>, rank: &RankBinding, block_ids: &[u64], ticket: &SaveTicket) -> CopyJob {
-    let mut job = JobBuilder::default();
+    let mut per_layer: Vec<Vec<(u64, u64)>> = vec![Vec::new(); rank.layers.len()];
     for &(index, layer, slot_offset) in &ticket.slots {
-        let binding = &rank.layers[layer as usize];
-        push_segments(&mut job, binding, block_ids[index], slot_offset);
+        per_layer[layer as usize].push((block_ids[index], slot_offset));
+    }
+    let mut job = JobBuilder::new(rank);
+    for (binding, mut slots) in rank.layers.iter().zip(per_layer) {
+        slots.sort_unstable_by_key(|&(block, _)| block);
+        push_layer(&mut job, binding, &slots);
     }
     job.finish(Direction::Save, pool)
 }
@@ -57,27 +61,34 @@ pub(super) fn load_job(
     layers: &[u32],
     ticket: &LoadTicket,
 ) -> CopyJob {
-    let mut job = JobBuilder::default();
-    for (&block, &part_offset) in block_ids.iter().zip(&ticket.part_offsets) {
-        for &layer in layers {
-            let binding = &rank.layers[layer as usize];
-            push_segments(&mut job, binding, block, part_offset + ticket.geometry.layer_offset(layer));
-        }
+    let mut order: Vec<(u64, u64)> = block_ids.iter().copied().zip(ticket.part_offsets.iter().copied()).collect();
+    order.sort_unstable_by_key(|&(block, _)| block);
+    let mut job = JobBuilder::new(rank);
+    let mut slots = Vec::with_capacity(order.len());
+    for &layer in layers {
+        let layer_offset = ticket.geometry.layer_offset(layer);
+        slots.clear();
+        slots.extend(order.iter().map(|&(block, part)| (block, part + layer_offset)));
+        push_layer(&mut job, &rank.layers[layer as usize], &slots);
     }
     job.finish(Direction::Load, pool)
 }
 
-fn push_segments(job: &mut JobBuilder, binding: &super::registry::LayerBinding, block: u64, slot_offset: u64) {
+/// Ops for one layer's `(block, slot offset)` pairs, sorted by block: segment-major, so a
+/// region's ops form at most one ascending run per segment and coalescing stays linear.
+fn push_layer(job: &mut JobBuilder, binding: &LayerBinding, slots: &[(u64, u64)]) {
     let layout = &binding.layout;
     for segment in 0..layout.num_segments() {
-        job.push(
-            &binding.region,
-            CopyOp {
-                device_offset: layout.segment_offset(block, segment),
-                host_offset: slot_offset + segment * layout.segment_bytes(),
-                len: layout.segment_bytes(),
-            },
-        );
+        for &(block, slot_offset) in slots {
+            job.push(
+                binding,
+                CopyOp {
+                    device_offset: layout.segment_offset(block, segment),
+                    host_offset: slot_offset + segment * layout.segment_bytes(),
+                    len: layout.segment_bytes(),
+                },
+            );
+        }
     }
 }
 

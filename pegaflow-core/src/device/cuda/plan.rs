@@ -80,7 +80,10 @@ pub fn choose(segments: &[Segment]) -> Strategy {
 /// `max_table` kernel entries. Segments are ordered by pool offset so each chunk's pool
 /// side collapses into few large DMAs; a segment larger than the room left is split.
 pub fn plan_staged(mut segments: Vec<Segment>, slot_bytes: u64, max_table: usize) -> Vec<Chunk> {
-    segments.sort_unstable_by_key(|s| s.host_offset);
+    // Run-adaptive stable sort: the engine emits segments in a few ascending runs.
+    if !segments.is_sorted_by_key(|s| s.host_offset) {
+        segments.sort_by_key(|s| s.host_offset);
+    }
     let mut chunks = Vec::new();
     let mut chunk = Chunk::default();
     let mut pos = 0u64;

@@ -29,6 +29,8 @@ struct Tuning {
     slot_bytes: u64,
     /// Staging slots in flight (pipeline depth).
     slots: usize,
+    /// Forces a strategy (`PEGAFLOW_CUDA_STRATEGY=direct|staged`); `None` chooses per request.
+    force: Option<Strategy>,
 }
 
 impl Tuning {
@@ -40,6 +42,11 @@ impl Tuning {
             grid: var("PEGAFLOW_CUDA_GRID", 32) as u32,
             slot_bytes: var("PEGAFLOW_CUDA_SLOT_MB", 32) << 20,
             slots: var("PEGAFLOW_CUDA_SLOTS", 2).clamp(2, 16) as usize,
+            force: match std::env::var("PEGAFLOW_CUDA_STRATEGY").as_deref() {
+                Ok("direct") => Some(Strategy::Direct),
+                Ok("staged") => Some(Strategy::Staged),
+                _ => None,
+            },
         }
     }
 }
@@ -132,7 +139,7 @@ impl CopyEngine {
         }
         let started = std::time::Instant::now();
         let (count, bytes) = (segments.len(), segments.iter().map(|s| s.len).sum::<u64>());
-        let strategy = match choose(&segments) {
+        let strategy = match self.tuning.force.unwrap_or_else(|| choose(&segments)) {
             Strategy::Staged if self.staging_ready() => Strategy::Staged,
             _ => Strategy::Direct,
         };
