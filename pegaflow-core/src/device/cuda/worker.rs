@@ -19,12 +19,9 @@ const MAX_TABLE: usize = 8192;
 const ENTRY_BYTES: u64 = 24;
 
 /// Staging and kernel settings. Defaults come from measurements on the H100
-/// (docs/benchmarks.md); `PEGAFLOW_CUDA_{GRID,SLOT_MB,SLOTS}` override them for tuning.
+/// (docs/benchmarks.md); `PEGAFLOW_CUDA_{SLOT_MB,SLOTS,STRATEGY}` override them for tuning.
 #[derive(Debug, Clone, Copy)]
 struct Tuning {
-    /// Blocks per gather/scatter launch: enough to outrun the link, few enough to leave
-    /// the inference engine's kernels nearly every SM.
-    grid: u32,
     /// Bytes of one staging slot.
     slot_bytes: u64,
     /// Staging slots in flight (pipeline depth).
@@ -39,7 +36,6 @@ impl Tuning {
             std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|v| *v > 0).unwrap_or(default)
         };
         Self {
-            grid: var("PEGAFLOW_CUDA_GRID", 32) as u32,
             slot_bytes: var("PEGAFLOW_CUDA_SLOT_MB", 32) << 20,
             slots: var("PEGAFLOW_CUDA_SLOTS", 2).clamp(2, 16) as usize,
             force: match std::env::var("PEGAFLOW_CUDA_STRATEGY").as_deref() {
@@ -264,7 +260,8 @@ impl CopyEngine {
         // upload (guaranteed by the slot's events); every entry is a live device range.
         unsafe {
             self.compute.copy_to_device(slot.device_table.ptr, slot.table.ptr, n as u64 * ENTRY_BYTES)?;
-            kernel.launch(&self.compute, slot.device_table.ptr, n as u32, self.tuning.grid)
+            let longest = chunk.segments.iter().map(|s| s.len).max().unwrap_or(0);
+            kernel.launch(&self.compute, slot.device_table.ptr, n as u32, longest)
         }
     }
 }
