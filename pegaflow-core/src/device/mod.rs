@@ -137,6 +137,9 @@ pub trait DeviceBackend: Send + Sync {
     fn open_region(&self, source: &RegionSource) -> Result<Arc<dyn DeviceRegion>, DeviceError>;
     /// Queues a copy job.
     fn submit(&self, job: CopyJob, done: CopyDone);
+    /// Loads whatever the backend needs (drivers, contexts) ahead of the first request.
+    /// Called once from a background thread at start, concurrently with pool population.
+    fn warm_up(&self) {}
     /// Makes the pool ready for fast DMA (e.g. page-locks it). Called once, from a
     /// background thread after the pool is populated; returns whether anything was done.
     fn pin_pool(&self, _pool: &Arc<HostPool>) -> Result<bool, DeviceError> {

@@ -279,6 +279,9 @@ fn prepare_pool_in_background(
         let ready = std::sync::atomic::AtomicU64::new(0);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
         let result = std::thread::scope(|scope| {
+            for backend in &backends {
+                scope.spawn(|| backend.warm_up());
+            }
             let worker = scope.spawn(|| pool.populate(threads, &ready));
             while !worker.is_finished() {
                 metrics.pool_ready_bytes.set(ready.load(std::sync::atomic::Ordering::Relaxed) as i64);

@@ -192,6 +192,11 @@ impl DeviceBackend for CudaDevice {
         }
     }
 
+    fn warm_up(&self) {
+        // Initialises the driver and contexts (about a second) while the pool populates.
+        let _ = self.state();
+    }
+
     fn pin_pool(&self, pool: &Arc<HostPool>) -> Result<bool, DeviceError> {
         let state = match self.state() {
             Ok(state) => state,
