@@ -40,10 +40,16 @@ SEGMENT = BLOCK * HEADS * DIM * 2
 WORKLOADS = {"8B-4K": 256, "8B-256": 16}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports (all sockets held open together, so none repeats)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -245,7 +251,8 @@ def main() -> None:
     import torch
 
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(0)}
-    endpoint, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    grpc_port, http_port = free_ports(2)
+    endpoint, http = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}"
     t0 = time.perf_counter()
     flags = ["--addr", endpoint, "--pool-size", args.pool_size, "--metrics-addr", http]
     server = subprocess.Popen(["pegaflow-server", *flags, "--log-level", "info"])
@@ -256,6 +263,8 @@ def main() -> None:
                 probe.health()
                 break
             except pf.PegaflowError:
+                if server.poll() is not None:
+                    raise RuntimeError(f"pegaflow-server exited with {server.returncode}") from None
                 time.sleep(0.005)
         res["serving_s"] = time.perf_counter() - t0
         while metrics(f"http://{http}/metrics").get("pegaflow_pool_dma_ready", 0) != 1:
