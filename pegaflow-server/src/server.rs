@@ -85,6 +85,9 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         })
     };
     let service = EngineService::new(Arc::clone(&engine), Arc::new(Sessions::new(stop_rx.clone())));
+    // Listeners are bound: pool population, CUDA start-up and pinning may now compete for
+    // the machine without delaying the first answer.
+    engine.prepare_pool_in_background();
     info!(
         addr = %config.addr,
         pool_bytes = pool_size,

@@ -65,6 +65,8 @@ pub struct SaveOutcome {
 /// The KV-cache engine.
 pub struct Engine {
     pool: Arc<HostPool>,
+    backends: Vec<Arc<dyn DeviceBackend>>,
+    preparing: std::sync::Once,
     cache: Arc<Mutex<BlockCache>>,
     registry: Registry,
     metrics: Arc<EngineMetrics>,
@@ -87,8 +89,27 @@ impl Engine {
         metrics.observe_cache(&cache.stats());
         let backends = vec![host, cuda];
         let registry = Registry::new(backends.clone(), metrics.instances.clone(), metrics.open_regions.clone());
-        prepare_pool_in_background(Arc::clone(&pool), backends, Arc::clone(&metrics))?;
-        Ok(Self { pool, cache: Arc::new(Mutex::new(cache)), registry, metrics })
+        Ok(Self {
+            pool,
+            backends,
+            preparing: std::sync::Once::new(),
+            cache: Arc::new(Mutex::new(cache)),
+            registry,
+            metrics,
+        })
+    }
+
+    /// Starts making the pool ready in the background (populate its pages, warm up and pin
+    /// for the device backends); the server calls it once it is listening, so start-up
+    /// never waits for it. Copies work before it finishes, only slower. Idempotent.
+    pub fn prepare_pool_in_background(&self) {
+        self.preparing.call_once(|| {
+            let spawned =
+                prepare_pool_in_background(Arc::clone(&self.pool), self.backends.clone(), Arc::clone(&self.metrics));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start pool preparation; pages fault in on first use");
+            }
+        });
     }
 
     /// The engine's metrics, to add to a registry.
