@@ -190,3 +190,24 @@ def test_pool_becomes_dma_ready(gpu_server: ServerHandle) -> None:
     while gpu_server.metrics().get("pegaflow_pool_dma_ready", 0) != 1:
         assert time.monotonic() < deadline, "pool never pinned"
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("strategy", ["batched", "staged", "direct"])
+def test_every_copy_strategy_is_byte_exact(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch, instance_id: str, strategy: str
+) -> None:
+    """The server is forced onto one strategy (the environment reaches its process)."""
+    monkeypatch.setenv("PEGAFLOW_CUDA_STRATEGY", strategy)
+    server = start_server(pool_size="1gb")
+    tensors, specs = nhd()
+    client = server.client()
+    client.register_kv_layers(instance_id, f"ns-{strategy}", 0, 1, specs)
+    src, dst = list(range(1, 97, 3)), list(range(100, 132))
+    h = hashes(len(src))
+    before = [block_slice(t, 1, src).clone() for t in tensors]
+    client.save(instance_id, 0, src, h)
+    q = client.query(instance_id, h)
+    load(client, instance_id, q.lease_id, dst)
+    torch.cuda.synchronize()
+    for layer, t in enumerate(tensors):
+        assert torch.equal(block_slice(t, 1, dst), before[layer]), f"{strategy}: layer {layer}"

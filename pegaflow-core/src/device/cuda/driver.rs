@@ -211,6 +211,49 @@ impl Stream {
         check(unsafe { sys::cuMemcpyDtoHAsync_v2(dst.as_ptr().cast(), src, len as usize, self.0) }, "cuMemcpyDtoHAsync")
     }
 
+    /// Copies `sizes[i]` bytes from `srcs[i]` to `dsts[i]` for every i with one
+    /// `cuMemcpyBatchAsync_v2` call (copy engines only; CUDA 13.0+ drivers). Host
+    /// addresses are passed as pointers into registered memory.
+    ///
+    /// # Safety
+    /// Every range must stay valid until the stream passes the batch; device → host when
+    /// `to_host`, else host → device.
+    pub unsafe fn copy_batch(
+        &self,
+        dsts: &mut [u64],
+        srcs: &mut [u64],
+        sizes: &mut [usize],
+        to_host: bool,
+    ) -> Result<()> {
+        let device = sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: 0 };
+        let host = sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST, id: 0 };
+        let (src_hint, dst_hint) = if to_host { (device, host) } else { (host, device) };
+        let mut attrs = sys::CUmemcpyAttributes {
+            srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+            srcLocHint: src_hint,
+            dstLocHint: dst_hint,
+            flags: 0,
+        };
+        let mut attr_index = 0usize;
+        // SAFETY: the three arrays have equal length (checked by the caller's construction)
+        // and the caller's contract covers every range.
+        check(
+            unsafe {
+                sys::cuMemcpyBatchAsync_v2(
+                    dsts.as_mut_ptr(),
+                    srcs.as_mut_ptr(),
+                    sizes.as_mut_ptr(),
+                    sizes.len(),
+                    &mut attrs,
+                    &mut attr_index,
+                    1,
+                    self.0,
+                )
+            },
+            "cuMemcpyBatchAsync",
+        )
+    }
+
     /// Host → device copy.
     ///
     /// # Safety

@@ -8,6 +8,7 @@
 
 mod driver;
 mod kernel;
+mod lanes;
 pub mod plan;
 mod worker;
 
@@ -113,7 +114,8 @@ fn init(filter: &[u32]) -> Result<CudaState, String> {
             continue;
         }
         let ctx = Arc::new(Context::retain(ordinal).map_err(|e| e.to_string())?);
-        let worker = |direction| Worker::start(Arc::clone(&ctx), ordinal, direction).map_err(|e| e.to_string());
+        let worker =
+            |direction| Worker::start(Arc::clone(&ctx), ordinal, direction, driver_version).map_err(|e| e.to_string());
         gpus.push(Arc::new(Gpu { ordinal, uuid, save: worker(Direction::Save)?, load: worker(Direction::Load)?, ctx }));
     }
     if gpus.is_empty() {

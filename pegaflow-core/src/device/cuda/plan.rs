@@ -55,7 +55,12 @@ pub struct Chunk {
 pub enum Strategy {
     /// One DMA per (coalesced) segment.
     Direct,
-    /// GPU gather/scatter through the staging buffer, pipelined with large DMAs.
+    /// The driver's batched copy over several streams: copy engines only (default for
+    /// fragmented requests on CUDA 13+ drivers; leaves the inference engine's kernels alone).
+    Batched,
+    /// GPU gather/scatter through the staging buffer, pipelined with large DMAs: the
+    /// fastest per request, but its kernels make the GPU time-slice with the client's
+    /// context (opt-in, and the fallback on drivers without the batched copy).
     Staged,
 }
 
@@ -66,13 +71,14 @@ pub const DIRECT_MIN_AVG_BYTES: u64 = 2 << 20;
 /// extra hop are not worth it).
 pub const DIRECT_MAX_SEGMENTS: usize = 4;
 
-/// Picks the strategy for a request.
-pub fn choose(segments: &[Segment]) -> Strategy {
+/// Picks the strategy for a request: direct DMAs for few or large segments, else the
+/// strategy for fragmented requests, `fragmented`.
+pub fn choose(segments: &[Segment], fragmented: Strategy) -> Strategy {
     let total: u64 = segments.iter().map(|s| s.len).sum();
     if segments.len() <= DIRECT_MAX_SEGMENTS || total / segments.len().max(1) as u64 >= DIRECT_MIN_AVG_BYTES {
         Strategy::Direct
     } else {
-        Strategy::Staged
+        fragmented
     }
 }
 
@@ -177,9 +183,10 @@ mod tests {
     #[test]
     fn strategy_follows_segment_size() {
         let small: Vec<_> = (0..16_384).map(|i| seg(i * 32_768, i * 32_768, 32_768)).collect();
-        assert_eq!(choose(&small), Strategy::Staged);
+        assert_eq!(choose(&small, Strategy::Batched), Strategy::Batched);
+        assert_eq!(choose(&small, Strategy::Staged), Strategy::Staged);
         let large: Vec<_> = (0..256).map(|i| seg(i << 22, i << 22, 4 << 20)).collect();
-        assert_eq!(choose(&large), Strategy::Direct);
-        assert_eq!(choose(&small[..3]), Strategy::Direct);
+        assert_eq!(choose(&large, Strategy::Batched), Strategy::Direct);
+        assert_eq!(choose(&small[..3], Strategy::Batched), Strategy::Direct);
     }
 }
