@@ -11,9 +11,11 @@ and fresh hashes every round:
 - an 8192^3 bf16 matmul loop alone and while copies run (slowdown)
 
 Reference in the same run: one 1 GiB pinned copy each way (the link limit). Bytes of the
-last round are verified. Writes $OUT/bench_cuda.json when OUT is set.
+last round are verified. Writes $OUT/bench_cuda.json when OUT is set. With
+--peer-results (the peg_results.json of shared/bench/peg_bench.py, run in the same GPU
+session) it also prints our time divided by the peer's.
 
-    python scripts/bench_cuda.py --reps 20
+    python scripts/bench_cuda.py --reps 20 [--peer-results peg_results.json]
 """
 
 from __future__ import annotations
@@ -241,12 +243,27 @@ class Bench:
         }
 
 
+def peer_ratios(res: dict[str, Any], path: str) -> None:
+    """Prints our p50 time ÷ the peer's (below 1 means we are faster)."""
+    with open(path) as f:
+        runs = json.load(f)["runs"]
+    for mode, results in runs.items():
+        for name, blocks in WORKLOADS.items():
+            for ours_key, peer_key in (("save", "save"), ("query_load", "query+load")):
+                peer = results.get(f"{peer_key} {blocks} blk x {LAYERS} layers")
+                if peer:
+                    ratio = res[name][ours_key]["p50_ms"] / peer["p50_ms"]
+                    res.setdefault("vs_peer", {})[f"{mode} {name} {ours_key}"] = ratio
+                    print(f"{name} {peer_key}: ours / {mode} = {ratio:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--pool-size", default="8gb")
+    parser.add_argument("--peer-results", help="peg_results.json from the peer's benchmark")
     args = parser.parse_args()
     import torch
 
@@ -308,6 +325,8 @@ def main() -> None:
         res["interference"] = bench.interference()
         print("matmul loop:", res["interference"])
         client.close()
+        if args.peer_results:
+            peer_ratios(res, args.peer_results)
     finally:
         server.terminate()
         server.wait(60)
