@@ -110,6 +110,10 @@ impl LoadState {
 
     /// Publishes the outcome of a load (server side).
     pub fn complete(&self, outcome: Result<(), &str>) {
+        if self.map.check_intact().is_err() {
+            // The client shrank its file: writing would fault (SIGBUS). It gave up anyway.
+            return;
+        }
         match outcome {
             Ok(()) => self.word(STATE_OFFSET).store(1, Ordering::Release),
             Err(reason) => {

@@ -216,3 +216,20 @@ async fn a_layer_subset_does_not_seal_and_tp_ranks_must_all_save() {
         assert_ne!(kv0.segment(layer, 0, 11), kv1.segment(layer, 0, 11), "ranks hold their own bytes");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_with_repeated_destination_blocks_is_refused() {
+    let e = engine(16 << 20);
+    let kv = ClientKv::new(6);
+    e.register(kv.request("d", "ns", 0, 1)).unwrap();
+    let h = hashes(6, 2);
+    e.save("d", 0, &[], &[0, 1], &h).await.unwrap();
+    let (_, lease) = e.query("d", &h, None).unwrap();
+    let lease = lease.unwrap();
+    let state = LoadState::create().unwrap();
+    let err = e.load("d", 0, &lease, &[9, 9], &[], state.name()).unwrap_err();
+    assert!(matches!(err, EngineError::InvalidArgument(_)), "{err}");
+    // Nothing changed: the lease still loads.
+    e.load("d", 0, &lease, &[9, 10], &[], state.name()).unwrap();
+    assert_eq!(wait(&state).await, LoadStatus::Done);
+}

@@ -345,7 +345,13 @@ impl BlockCache {
             self.pin(key);
         }
         let hits = keys.len() as u32;
-        let id = self.leases.insert(Lease { keys, expires_at: now + ttl, tp_size, started_ranks: HashSet::new() });
+        let id = self.leases.insert(Lease {
+            namespace: Arc::clone(namespace),
+            keys,
+            expires_at: now + ttl,
+            tp_size,
+            started_ranks: HashSet::new(),
+        });
         Ok((hits, Some(id)))
     }
 
@@ -354,6 +360,7 @@ impl BlockCache {
     pub fn prepare_load(
         &mut self,
         now: Instant,
+        namespace: &Arc<str>,
         lease_id: &str,
         rank: u32,
         count: usize,
@@ -364,6 +371,10 @@ impl BlockCache {
             .leases
             .get_mut(lease_id)
             .ok_or_else(|| EngineError::not_found(format!("unknown or expired lease {lease_id:?}")))?;
+        if *lease.namespace != **namespace {
+            // Leases never cross namespaces: different models must not read each other.
+            return Err(EngineError::not_found(format!("unknown or expired lease {lease_id:?}")));
+        }
         if count == 0 || count > lease.keys.len() {
             return Err(EngineError::invalid(format!(
                 "{count} destination blocks for a lease of {} blocks",

@@ -12,6 +12,7 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 pub(super) const MAX_LEASE_TTL: Duration = Duration::from_secs(600);
 
 pub(super) struct Lease {
+    pub namespace: std::sync::Arc<str>,
     pub keys: Vec<BlockKey>,
     pub expires_at: Instant,
     pub tp_size: u32,

@@ -196,7 +196,7 @@ fn leases_expire_and_unpin() {
     let lease = lease.unwrap();
     assert_eq!(c.stats().leases, 1);
     let later = t0 + Duration::from_millis(51);
-    let err = c.prepare_load(later, &lease, 0, 1, &g).unwrap_err();
+    let err = c.prepare_load(later, &n, &lease, 0, 1, &g).unwrap_err();
     assert!(matches!(err, EngineError::NotFound(_)), "{err}");
     assert_eq!(c.stats().leases, 0);
     assert!(matches!(c.release_lease(&lease), Err(EngineError::NotFound(_))));
@@ -218,15 +218,19 @@ fn a_lease_is_released_once_every_rank_started_loading() {
     let (hit, lease) = c.query(now, &n, &[h(1), h(2)], None).unwrap();
     assert_eq!(hit, 2);
     let lease = lease.unwrap();
-    assert!(matches!(c.prepare_load(now, &lease, 0, 3, &g), Err(EngineError::InvalidArgument(_))));
-    assert!(matches!(c.prepare_load(now, &lease, 2, 1, &g), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(c.prepare_load(now, &n, &lease, 0, 3, &g), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(c.prepare_load(now, &n, &lease, 2, 1, &g), Err(EngineError::InvalidArgument(_))));
     let other = geometry(1);
-    assert!(matches!(c.prepare_load(now, &lease, 0, 1, &other), Err(EngineError::InvalidArgument(_))));
-    let r0 = c.prepare_load(now, &lease, 0, 2, &g).unwrap();
+    assert!(matches!(c.prepare_load(now, &n, &lease, 0, 1, &other), Err(EngineError::InvalidArgument(_))));
+    assert!(
+        matches!(c.prepare_load(now, &ns("other"), &lease, 0, 2, &g), Err(EngineError::NotFound(_))),
+        "a lease never serves another namespace"
+    );
+    let r0 = c.prepare_load(now, &n, &lease, 0, 2, &g).unwrap();
     assert_eq!(r0.part_offsets.len(), 2);
-    assert!(c.prepare_load(now, &lease, 0, 2, &g).is_err(), "a rank loads a lease once");
+    assert!(c.prepare_load(now, &n, &lease, 0, 2, &g).is_err(), "a rank loads a lease once");
     assert_eq!(c.stats().leases, 1);
-    let r1 = c.prepare_load(now, &lease, 1, 1, &g).unwrap();
+    let r1 = c.prepare_load(now, &n, &lease, 1, 1, &g).unwrap();
     assert_eq!(c.stats().leases, 0);
     c.complete_load(r0);
     c.complete_load(r1);
@@ -240,7 +244,7 @@ fn load_pins_outlive_the_lease() {
     save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
     let now = Instant::now();
     let (_, lease) = c.query(now, &n, &[h(1)], None).unwrap();
-    let ticket = c.prepare_load(now, &lease.unwrap(), 0, 1, &g).unwrap();
+    let ticket = c.prepare_load(now, &n, &lease.unwrap(), 0, 1, &g).unwrap();
     assert_eq!(c.stats().leases, 0, "the only rank started: lease released");
     // Block 1 is still being copied: only block 2 may go.
     let t = c.prepare_save(&n, &[h(3)], 0, 1, &g, &[0]).unwrap();

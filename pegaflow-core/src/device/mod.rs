@@ -79,6 +79,10 @@ pub trait DeviceRegion: Send + Sync {
     }
     /// Lets the backend that created the region recover its concrete type.
     fn as_any(&self) -> &dyn Any;
+    /// The GPU holding the region, for backends with several devices.
+    fn device_ordinal(&self) -> Option<i32> {
+        None
+    }
 }
 
 /// Direction of a copy.

@@ -181,8 +181,11 @@ impl Engine {
         rank.backend.submit(
             job,
             Box::new(move |result| {
+                // A caller that gave up (deadline, disconnect) may already have reused its
+                // blocks, so bytes copied meanwhile can be torn: publish nothing then.
+                let abandoned = tx.is_closed();
                 let mut cache = cache.lock();
-                let sealed = cache.complete_save(ticket, result.is_ok());
+                let sealed = cache.complete_save(ticket, result.is_ok() && !abandoned);
                 metrics.observe_cache(&cache.stats());
                 drop(cache);
                 if result.is_ok() {
@@ -238,9 +241,16 @@ impl Engine {
         let rank = self.registry.rank(instance_id, tp_rank)?;
         let layers = select_layers(&rank, layers)?;
         check_block_ids(&rank, &layers, block_ids)?;
+        check_distinct(block_ids)?;
         let state = transfer::open_load_state(load_state_name)?;
-        let ticket =
-            self.cache.lock().prepare_load(Instant::now(), lease_id, tp_rank, block_ids.len(), &rank.geometry)?;
+        let ticket = self.cache.lock().prepare_load(
+            Instant::now(),
+            &rank.namespace,
+            lease_id,
+            tp_rank,
+            block_ids.len(),
+            &rank.geometry,
+        )?;
         let job = transfer::load_job(&self.pool, &rank, block_ids, &layers, &ticket);
         let bytes = job.bytes();
         let blocks = block_ids.len() as u32;
@@ -361,6 +371,16 @@ fn select_layers(rank: &RankBinding, layers: &[u32]) -> Result<Vec<u32>> {
         }
     }
     Ok(layers.to_vec())
+}
+
+/// Destination blocks of one load must differ: two copies into the same bytes race.
+fn check_distinct(block_ids: &[u64]) -> Result<()> {
+    let mut sorted = block_ids.to_vec();
+    sorted.sort_unstable();
+    match sorted.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(EngineError::invalid(format!("destination block id {} is listed twice", w[0]))),
+        None => Ok(()),
+    }
 }
 
 fn check_block_ids(rank: &RankBinding, layers: &[u32], block_ids: &[u64]) -> Result<()> {

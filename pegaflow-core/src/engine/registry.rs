@@ -77,6 +77,10 @@ impl DeviceRegion for TrackedRegion {
     fn as_any(&self) -> &dyn Any {
         self.inner.as_any()
     }
+
+    fn device_ordinal(&self) -> Option<i32> {
+        self.inner.device_ordinal()
+    }
 }
 
 impl Drop for TrackedRegion {
@@ -247,6 +251,13 @@ impl Registry {
             let layout = KvLayout::from_tensor(&layer.tensor, region.len())
                 .map_err(|source| EngineError::InvalidLayout { layer: index as u32, source })?;
             layers.push(LayerBinding { region, region_index, layout });
+        }
+        let devices: std::collections::BTreeSet<Option<i32>> =
+            layers.iter().map(|l| l.region.device_ordinal()).collect();
+        if devices.len() > 1 {
+            return Err(EngineError::invalid(format!(
+                "the layers of one rank live on several devices {devices:?}: register one GPU per rank"
+            )));
         }
         let geometry = Arc::new(PartGeometry::new(layers.iter().map(|l| l.layout.slot_bytes()).collect()));
         Ok(RankBinding {

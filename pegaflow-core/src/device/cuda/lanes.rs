@@ -42,11 +42,15 @@ impl Lanes {
                 let stream = ctx.bind().and_then(|()| Stream::new());
                 while let Ok(mut job) = rx.recv() {
                     let result = match &stream {
-                        // SAFETY: the sender built every range from a live registered region
-                        // and the registered pool, and waits for this reply before reusing them.
                         Ok(stream) => {
-                            unsafe { stream.copy_batch(&mut job.dsts, &mut job.srcs, &mut job.sizes, job.to_host) }
-                                .and_then(|()| stream.synchronize())
+                            // SAFETY: the sender built every range from a live registered
+                            // region and the registered pool, and waits for this reply
+                            // before releasing either.
+                            let queued =
+                                unsafe { stream.copy_batch(&mut job.dsts, &mut job.srcs, &mut job.sizes, job.to_host) };
+                            // Drain even after an error: part of a batch may be in flight.
+                            let drained = stream.synchronize();
+                            queued.and(drained)
                         }
                         Err(e) => Err(DeviceError::Cuda(format!("lane unavailable: {e}"))),
                     };
@@ -64,7 +68,10 @@ impl Lanes {
         let share = segments.len().div_ceil(lanes);
         let (reply, results) = mpsc::channel();
         let mut sent = 0;
-        for (lane, part) in self.senders.iter().zip(segments.chunks(share)) {
+        let mut outcome = Ok(());
+        // Never return before every batch already handed to a lane has finished: the
+        // caller frees pool slots and device mappings once this returns.
+        'parts: for (lane, part) in self.senders.iter().zip(segments.chunks(share)) {
             let mut job = LaneJob {
                 dsts: Vec::with_capacity(part.len()),
                 srcs: Vec::with_capacity(part.len()),
@@ -73,20 +80,24 @@ impl Lanes {
                 reply: reply.clone(),
             };
             for s in part {
-                let host = pool.ptr_at(s.host_offset, s.len).ok_or_else(|| {
-                    DeviceError::OutOfBounds(format!("{} bytes at pool offset {}", s.len, s.host_offset))
-                })?;
+                let Some(host) = pool.ptr_at(s.host_offset, s.len) else {
+                    outcome =
+                        Err(DeviceError::OutOfBounds(format!("{} bytes at pool offset {}", s.len, s.host_offset)));
+                    break 'parts;
+                };
                 let host = host.as_ptr() as u64;
                 let (dst, src) = if to_host { (host, s.device_ptr) } else { (s.device_ptr, host) };
                 job.dsts.push(dst);
                 job.srcs.push(src);
                 job.sizes.push(s.len as usize);
             }
-            lane.send(job).map_err(|_| DeviceError::ShutDown("cuda lanes"))?;
+            if lane.send(job).is_err() {
+                outcome = Err(DeviceError::ShutDown("cuda lanes"));
+                break;
+            }
             sent += 1;
         }
         drop(reply);
-        let mut outcome = Ok(());
         for _ in 0..sent {
             match results.recv() {
                 Ok(Ok(())) => {}

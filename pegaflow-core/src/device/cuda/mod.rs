@@ -52,6 +52,10 @@ impl DeviceRegion for CudaRegion {
         self.len
     }
 
+    fn device_ordinal(&self) -> Option<i32> {
+        Some(self.gpu.ordinal)
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -216,8 +220,12 @@ impl DeviceBackend for CudaDevice {
 
 impl Drop for CudaDevice {
     fn drop(&mut self) {
-        if let (Some(pool), Some(Ok(state))) = (self.pinned.lock().take(), self.state.get())
-            && state.gpus[0].ctx.bind().is_ok()
+        let Some(Ok(state)) = self.state.take() else { return };
+        let ctx = Arc::clone(&state.gpus[0].ctx);
+        // Join the workers first (queued copies finish), then unpin the pool they used.
+        drop(state);
+        if let Some(pool) = self.pinned.lock().take()
+            && ctx.bind().is_ok()
             && let Some(base) = pool.ptr_at(0, pool.len())
         {
             let _ = driver::host_unregister(base);

@@ -103,7 +103,11 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.tx.lock().take();
-        if let Some(handle) = self.handle.lock().take() {
+        if let Some(handle) = self.handle.lock().take()
+            && handle.thread().id() != std::thread::current().id()
+        {
+            // (The last reference may be dropped by the worker's own last request; the
+            // thread then ends by itself once the channel is closed.)
             let _ = handle.join();
         }
     }
