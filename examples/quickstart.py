@@ -24,8 +24,8 @@ def main(endpoint: str) -> None:
     with pf.SharedKvCache(4, (2, 128, 16, 4, 64), np.float16, block_dim=1, kv_dim=0) as kv:
         for layer in kv.layers:
             layer[...] = np.random.default_rng(0).standard_normal(layer.shape)
-        client.register_kv_layers("quickstart", "demo-model", 0, 1, kv.layer_specs())
         client.open_session("quickstart")  # the server unregisters us if we die
+        client.register_kv_layers("quickstart", "demo-model", 0, 1, kv.layer_specs())
 
         # Block hashes come from the inference engine (a prefix hash chain).
         hashes = [hashlib.sha256(f"block-{i}".encode()).digest() for i in range(8)]

@@ -70,6 +70,7 @@ impl ClientKv {
                     },
                 })
                 .collect(),
+            session_id: None,
         }
     }
 }

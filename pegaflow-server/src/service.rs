@@ -82,6 +82,7 @@ impl EngineApi for EngineService {
             tp_size: req.tp_size,
             num_layers: req.num_layers,
             layers,
+            session_id: (!req.session_id.is_empty()).then_some(req.session_id),
         };
         let (instance, rank) = (register.instance_id.clone(), register.tp_rank);
         let block_bytes = self.engine.register(register).map_err(to_status)?;

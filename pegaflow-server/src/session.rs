@@ -1,8 +1,10 @@
 //! Client sessions: a server stream per client whose closing means the client is gone.
 //!
 //! tonic drops a response stream when its client disconnects (process killed, socket
-//! closed, stream cancelled). The stream owns a guard; when the last session of an
-//! instance is dropped, the instance is unregistered and its mappings close.
+//! closed, stream cancelled). The stream owns a guard: when it drops, the ranks registered
+//! under this session are unregistered (so a hung old client cannot keep a rank that a
+//! restarted one needs), and when it was the instance's last session, the whole instance
+//! goes. Either way the mappings close.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -40,7 +42,8 @@ impl Sessions {
         if let Ok(mut open) = self.open.lock() {
             *open.entry(instance_id.clone()).or_default() += 1;
         }
-        info!(instance = %instance_id, "session opened");
+        let session_id = uuid::Uuid::new_v4().simple().to_string();
+        info!(instance = %instance_id, session = %session_id, "session opened");
         let mut shutdown = self.shutdown.clone();
         SessionStream {
             shutdown: Box::pin(async move {
@@ -49,7 +52,7 @@ impl Sessions {
             }),
             ticks: IntervalStream::new(tokio::time::interval(HEARTBEAT)),
             sequence: 0,
-            _guard: SessionGuard { instance_id, engine, sessions: Arc::clone(self) },
+            _guard: SessionGuard { instance_id, session_id, engine, sessions: Arc::clone(self) },
         }
     }
 
@@ -72,12 +75,17 @@ impl Sessions {
 
 struct SessionGuard {
     instance_id: String,
+    session_id: String,
     engine: Arc<Engine>,
     sessions: Arc<Sessions>,
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        let owned = self.engine.unregister_session(&self.instance_id, &self.session_id);
+        if owned > 0 {
+            info!(instance = %self.instance_id, session = %self.session_id, ranks = owned, "session closed: its ranks unregistered");
+        }
         if !self.sessions.close(&self.instance_id) {
             return;
         }
@@ -107,7 +115,8 @@ impl Stream for SessionStream {
         match Pin::new(&mut self.ticks).poll_next(cx) {
             Poll::Ready(Some(_)) => {
                 self.sequence += 1;
-                Poll::Ready(Some(Ok(SessionEvent { sequence: self.sequence })))
+                let session_id = self._guard.session_id.clone();
+                Poll::Ready(Some(Ok(SessionEvent { sequence: self.sequence, session_id })))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,

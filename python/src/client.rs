@@ -26,7 +26,8 @@ pub struct PyEngineClient {
     client: GrpcClient<Channel>,
     endpoint: String,
     timeout: Duration,
-    sessions: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Open sessions by instance id: the stream task and the server's session id.
+    sessions: Mutex<HashMap<String, (JoinHandle<()>, String)>>,
 }
 
 impl PyEngineClient {
@@ -115,7 +116,12 @@ impl PyEngineClient {
         tp_size: u32,
         layers: Vec<PyRef<'_, KvLayer>>,
     ) -> PyResult<u64> {
+        // Ranks registered after open_session belong to that session: the server drops them
+        // when it closes, even if other clients keep sessions of the same instance open.
+        let session_id =
+            self.sessions.lock().ok().and_then(|s| s.get(&instance_id).map(|(_, id)| id.clone())).unwrap_or_default();
         let req = pb::RegisterKvLayersRequest {
+            session_id,
             instance_id,
             namespace,
             tp_rank,
@@ -220,7 +226,9 @@ impl PyEngineClient {
     }
 
     /// Opens a liveness session for `instance_id`: when it closes (close_session, close,
-    /// or this process dies), the server unregisters the instance.
+    /// or this process dies), the server drops the ranks this client registered after
+    /// opening it, and the whole instance once its last session is gone. Open it before
+    /// `register_kv_layers`.
     fn open_session(&self, py: Python<'_>, instance_id: String) -> PyResult<()> {
         let req = pb::OpenSessionRequest { instance_id: instance_id.clone() };
         let mut stream =
@@ -229,17 +237,17 @@ impl PyEngineClient {
         let timeout = self.timeout;
         let first =
             py.detach(|| self.runtime.block_on(async { tokio::time::timeout(timeout, stream.message()).await }));
-        match first {
-            Ok(Ok(Some(_))) => {}
+        let session_id = match first {
+            Ok(Ok(Some(event))) => event.session_id,
             Ok(Ok(None)) => {
                 return Err(pegaflow_error(py, "PegaflowUnavailable", "session closed by the server".into()));
             }
             Ok(Err(status)) => return Err(status_to_pyerr(py, &status)),
             Err(_) => return Err(pegaflow_error(py, "PegaflowTimeout", format!("no session within {timeout:?}"))),
-        }
+        };
         let task = self.runtime.spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
-        let previous = self.sessions.lock().ok().and_then(|mut s| s.insert(instance_id, task));
-        if let Some(previous) = previous {
+        let previous = self.sessions.lock().ok().and_then(|mut s| s.insert(instance_id, (task, session_id)));
+        if let Some((previous, _)) = previous {
             previous.abort();
         }
         Ok(())
@@ -247,7 +255,7 @@ impl PyEngineClient {
 
     /// Closes the session of `instance_id`; the server then unregisters it.
     fn close_session(&self, instance_id: String) {
-        if let Some(task) = self.sessions.lock().ok().and_then(|mut s| s.remove(&instance_id)) {
+        if let Some((task, _)) = self.sessions.lock().ok().and_then(|mut s| s.remove(&instance_id)) {
             task.abort();
         }
     }
@@ -255,7 +263,7 @@ impl PyEngineClient {
     /// Closes every session of this client.
     fn close(&self) {
         if let Ok(mut sessions) = self.sessions.lock() {
-            for (_, task) in sessions.drain() {
+            for (_, (task, _)) in sessions.drain() {
                 task.abort();
             }
         }

@@ -22,7 +22,7 @@ from e2e_helpers import (
     zero_blocks,
 )
 
-from pegaflow import EngineClient
+from pegaflow import EngineClient, PegaflowAlreadyExists
 
 CHILD = r"""
 import sys, time
@@ -197,4 +197,26 @@ def test_session_without_close_keeps_instance(
     session_client.open_session(instance_id)
     assert not wait_until(lambda: instance_id not in instance_ids(client), 1.0)
     session_client.close_session(instance_id)
+    assert wait_until(lambda: instance_id not in instance_ids(client), 10.0)
+
+
+def test_a_closed_session_drops_its_ranks_while_others_stay_open(
+    server: ServerHandle, client: EngineClient, kv_cache: KvFactory, instance_id: str
+) -> None:
+    """A restarted client reusing the instance id must not stay locked out by the old
+    client's registration once the old session is gone, even while its own session of the
+    same instance is open."""
+    kv = kv_cache(num_layers=4, num_blocks=32, seed=54)
+    old, new = server.client(), server.client()
+    old.open_session(instance_id)
+    old.register_kv_layers(instance_id, "restart", 0, 1, kv.layer_specs())
+    new.open_session(instance_id)
+    with pytest.raises(PegaflowAlreadyExists):
+        new.register_kv_layers(instance_id, "restart", 0, 1, kv.layer_specs())
+
+    old.close_session(instance_id)  # as when the old client's connection finally dies
+    assert wait_until(lambda: instance_id not in instance_ids(client), 10.0)
+    new.register_kv_layers(instance_id, "restart", 0, 1, kv.layer_specs())
+    assert instance_id in instance_ids(client)
+    new.close_session(instance_id)
     assert wait_until(lambda: instance_id not in instance_ids(client), 10.0)

@@ -128,6 +128,12 @@ impl Engine {
         self.registry.register(request)
     }
 
+    /// Drops the ranks of an instance that were registered under a client session (called
+    /// when that session closes); returns how many.
+    pub fn unregister_session(&self, instance_id: &str, session_id: &str) -> usize {
+        self.registry.unregister_session(instance_id, session_id)
+    }
+
     /// Unregisters an instance (all ranks).
     pub fn unregister(&self, instance_id: &str) -> Result<()> {
         self.registry.unregister(instance_id)

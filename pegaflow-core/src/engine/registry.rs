@@ -43,6 +43,8 @@ pub struct RegisterRequest {
     pub num_layers: u32,
     /// Exactly one entry per layer.
     pub layers: Vec<LayerRegistration>,
+    /// The client session this rank belongs to: when it closes, the rank is dropped.
+    pub session_id: Option<String>,
 }
 
 /// Admin view of an instance.
@@ -100,6 +102,7 @@ pub(crate) struct LayerBinding {
 /// One registered rank.
 pub(crate) struct RankBinding {
     pub namespace: Arc<str>,
+    pub session_id: Option<String>,
     pub tp_size: u32,
     pub backend: Arc<dyn DeviceBackend>,
     pub layers: Vec<LayerBinding>,
@@ -147,6 +150,21 @@ impl Registry {
         instance.ranks.insert(req.tp_rank, Arc::new(binding));
         self.instances_gauge.set(instances.len() as i64);
         Ok(block_bytes)
+    }
+
+    /// Drops the ranks of `instance_id` registered under `session_id`, and the instance
+    /// when no rank is left. Returns how many ranks were dropped.
+    pub fn unregister_session(&self, instance_id: &str, session_id: &str) -> usize {
+        let mut instances = self.instances.lock();
+        let Some(instance) = instances.get_mut(instance_id) else { return 0 };
+        let before = instance.ranks.len();
+        instance.ranks.retain(|_, rank| rank.session_id.as_deref() != Some(session_id));
+        let dropped = before - instance.ranks.len();
+        if instance.ranks.is_empty() {
+            instances.remove(instance_id);
+        }
+        self.instances_gauge.set(instances.len() as i64);
+        dropped
     }
 
     /// Drops an instance; its regions unmap once in-flight copies finish.
@@ -262,6 +280,7 @@ impl Registry {
         let geometry = Arc::new(PartGeometry::new(layers.iter().map(|l| l.layout.slot_bytes()).collect()));
         Ok(RankBinding {
             namespace: Arc::from(req.namespace.as_str()),
+            session_id: req.session_id.clone(),
             tp_size: req.tp_size,
             backend,
             regions: regions.len() as u32,
