@@ -6,6 +6,8 @@ FlashAttention NHD: 32 KiB per K or V segment) and times, with random scattered 
 and fresh hashes every round:
 
 - 8B-4K: 256 blocks (512 MiB, 16,384 segments); 8B-256: 16 blocks (32 MiB)
+- `--layout cross`: vLLM's cross-layer layout, one (4000, 32, 2, 16, 8, 128) tensor whose
+  blocks are contiguous across layers (2 MiB each), registered as per-layer views
 - save (one RPC, returns when sealed); query+load (query + load + poll until done)
 - save and load of different blocks at once (GB/s in total)
 - an 8192^3 bf16 matmul loop alone and while copies run (slowdown)
@@ -91,8 +93,8 @@ def link_limit(torch: Any) -> dict[str, float]:
 
 
 class Bench:
-    def __init__(self, client: pf.EngineClient, kv: list[Any], torch: Any) -> None:
-        self.client, self.kv, self.torch = client, kv, torch
+    def __init__(self, client: pf.EngineClient, kv: list[Any], torch: Any, block_dim: int) -> None:
+        self.client, self.kv, self.torch, self.block_dim = client, kv, torch, block_dim
         self.rng = random.Random(0)
 
     def fresh(self, n: int) -> list[bytes]:
@@ -123,7 +125,8 @@ class Bench:
         s, d = torch.tensor(src, device="cuda"), torch.tensor(dst, device="cuda")
         return all(
             torch.equal(
-                t.index_select(1, s).view(torch.int16), t.index_select(1, d).view(torch.int16)
+                t.index_select(self.block_dim, s).view(torch.int16),
+                t.index_select(self.block_dim, d).view(torch.int16),
             )
             for t in self.kv
         )
@@ -264,6 +267,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--pool-size", default="8gb")
     parser.add_argument("--peer-results", help="peg_results.json from the peer's benchmark")
+    parser.add_argument("--layout", choices=["nhd", "cross"], default="nhd")
     args = parser.parse_args()
     import torch
 
@@ -295,16 +299,27 @@ def main() -> None:
 
         res["link_GBps"] = link_limit(torch)
         print("link limit (1 GiB pinned):", res["link_GBps"])
-        kv = []
-        for _ in range(LAYERS):
-            t = torch.empty(2, NUM_BLOCKS, BLOCK, HEADS, DIM, dtype=torch.bfloat16, device="cuda")
-            t.view(torch.int16).random_()
-            kv.append(t)
+        res["layout"] = args.layout
+        if args.layout == "cross":
+            whole = torch.empty(
+                NUM_BLOCKS, LAYERS, 2, BLOCK, HEADS, DIM, dtype=torch.bfloat16, device="cuda"
+            )
+            whole.view(torch.int16).random_()
+            kv = [whole[:, i] for i in range(LAYERS)]
+            block_dim, kv_dim = 0, 1
+        else:
+            kv = []
+            for _ in range(LAYERS):
+                t = torch.empty(
+                    2, NUM_BLOCKS, BLOCK, HEADS, DIM, dtype=torch.bfloat16, device="cuda"
+                )
+                t.view(torch.int16).random_()
+                kv.append(t)
+            block_dim, kv_dim = 1, 0
         client = pf.EngineClient(endpoint, timeout_s=60)
-        client.register_kv_layers(
-            "bench", "bench-ns", 0, 1, cuda_layer_specs(kv, block_dim=1, kv_dim=0)
-        )
-        bench = Bench(client, kv, torch)
+        specs = cuda_layer_specs(kv, block_dim=block_dim, kv_dim=kv_dim)
+        client.register_kv_layers("bench", "bench-ns", 0, 1, specs)
+        bench = Bench(client, kv, torch, block_dim)
         for name, blocks in WORKLOADS.items():
             r = bench.workload(blocks, args.reps)
             res[name] = r
