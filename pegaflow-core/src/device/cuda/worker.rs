@@ -159,11 +159,7 @@ impl CopyEngine {
             _ => Strategy::Direct,
         };
         let result = match (strategy, &self.lanes) {
-            // Direct DMAs also go through the batched call when the driver has it: one API
-            // call instead of one per segment, and less gap between DMAs on the GPU.
-            (Strategy::Batched | Strategy::Direct, Some(lanes)) => {
-                lanes.run(pool, &segments, self.direction == Direction::Save)
-            }
+            (Strategy::Batched, Some(lanes)) => lanes.run(pool, &segments, self.direction == Direction::Save),
             (Strategy::Staged, _) => self.run_staged(pool, segments),
             _ => self.run_direct(pool, &segments),
         };
