@@ -183,6 +183,11 @@ impl KvLayout {
         self.base + block * self.block_stride + segment * self.kv_stride
     }
 
+    /// Bytes between consecutive blocks.
+    pub fn block_stride(&self) -> u64 {
+        self.block_stride
+    }
+
     fn end(&self) -> Result<u64, LayoutError> {
         let last_block = (self.num_blocks - 1).checked_mul(self.block_stride);
         let last_segment = (self.num_segments - 1).checked_mul(self.kv_stride);

@@ -234,3 +234,53 @@ async fn a_load_with_repeated_destination_blocks_is_refused() {
     e.load("d", 0, &lease, &[9, 10], &[], state.name()).unwrap();
     assert_eq!(wait(&state).await, LoadStatus::Done);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_layer_layout_round_trips_byte_exact() {
+    // vLLM's cross-layer tensor (BLOCKS, LAYERS, 2, 16, 16) of 2-byte elements, registered
+    // as per-layer views of one shared file: each block is one contiguous run.
+    let block_bytes = u64::from(LAYERS) * 2 * SEG;
+    let name = format!("pegaflow-it-{}", unique());
+    let map = ShmMapping::create(&name, BLOCKS * block_bytes).unwrap();
+    // SAFETY: the test owns the mapping and no copy runs yet.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(map.ptr_at(0, 1).unwrap().as_ptr(), map.len() as usize) };
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = (i % 253) as u8;
+    }
+    let e = engine(16 << 20);
+    e.register(RegisterRequest {
+        instance_id: "x".into(),
+        namespace: "ns".into(),
+        tp_rank: 0,
+        tp_size: 1,
+        num_layers: LAYERS,
+        session_id: None,
+        layers: (0..LAYERS)
+            .map(|layer| LayerRegistration {
+                layer,
+                source: RegionSource::HostShm { name: name.clone() },
+                tensor: TensorSpec {
+                    shape: vec![BLOCKS, 2, 16, 16],
+                    stride: vec![(block_bytes / 2) as i64, 256, 16, 1],
+                    element_size: 2,
+                    block_dim: 0,
+                    kv_dim: Some(1),
+                    byte_offset: u64::from(layer) * 2 * SEG,
+                },
+            })
+            .collect(),
+    })
+    .unwrap();
+    let h = hashes(7, 4);
+    e.save("x", 0, &[], &[9, 2, 30, 5], &h).await.unwrap();
+    let (hits, lease) = e.query("x", &h, None).unwrap();
+    assert_eq!(hits, 4);
+    let state = LoadState::create().unwrap();
+    e.load("x", 0, &lease.unwrap(), &[40, 41, 60, 50], &[], state.name()).unwrap();
+    assert_eq!(wait(&state).await, LoadStatus::Done);
+    let block = |b: u64| bytes[(b * block_bytes) as usize..((b + 1) * block_bytes) as usize].to_vec();
+    for (src, dst) in [(9, 40), (2, 41), (30, 60), (5, 50)] {
+        assert_eq!(block(src), block(dst), "block {src} -> {dst}");
+    }
+    unlink(&name).unwrap();
+}

@@ -108,6 +108,10 @@ pub(crate) struct RankBinding {
     pub layers: Vec<LayerBinding>,
     pub geometry: Arc<PartGeometry>,
     pub regions: u32,
+    /// All layers share one region and, within a block, every (layer, segment) lies in
+    /// address order inside one block stride (vLLM's cross-layer layout): copies emitted
+    /// block by block are then already sorted by address.
+    pub block_major: bool,
 }
 
 struct Instance {
@@ -284,10 +288,34 @@ impl Registry {
             tp_size: req.tp_size,
             backend,
             regions: regions.len() as u32,
+            block_major: regions.len() == 1 && is_block_major(&layers),
             layers,
             geometry,
         })
     }
+}
+
+/// Whether block 0's (layer, segment) ranges are ascending, disjoint and inside one block
+/// stride that every layer shares (so block b's ranges all precede block b+1's).
+fn is_block_major(layers: &[LayerBinding]) -> bool {
+    let Some(stride) = layers.first().map(|l| l.layout.block_stride()) else { return false };
+    let mut end = 0u64;
+    let mut start = None;
+    for layer in layers {
+        let layout = &layer.layout;
+        if layout.block_stride() != stride {
+            return false;
+        }
+        for segment in 0..layout.num_segments() {
+            let offset = layout.segment_offset(0, segment);
+            if offset < end {
+                return false;
+            }
+            start.get_or_insert(offset);
+            end = offset + layout.segment_bytes();
+        }
+    }
+    start.is_some_and(|first| end - first <= stride)
 }
 
 fn validate_ids(req: &RegisterRequest) -> Result<()> {
@@ -330,4 +358,54 @@ fn check_matches(existing: &Instance, req: &RegisterRequest) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Bytes(u64);
+
+    impl DeviceRegion for Bytes {
+        fn len(&self) -> u64 {
+            self.0
+        }
+
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+    }
+
+    /// Layers of shape (blocks, 2, 64) 1-byte elements inside one region.
+    fn layers(block_stride: i64, layer_offsets: &[u64]) -> Vec<LayerBinding> {
+        let region: Arc<dyn DeviceRegion> = Arc::new(Bytes(1 << 30));
+        layer_offsets
+            .iter()
+            .map(|&byte_offset| LayerBinding {
+                region: Arc::clone(&region),
+                region_index: 0,
+                layout: KvLayout::from_tensor(
+                    &TensorSpec {
+                        shape: vec![8, 2, 64],
+                        stride: vec![block_stride, 64, 1],
+                        element_size: 1,
+                        block_dim: 0,
+                        kv_dim: Some(1),
+                        byte_offset,
+                    },
+                    1 << 30,
+                )
+                .unwrap(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn detects_cross_layer_layouts_only() {
+        // Cross-layer: 4 layers of 128 B inside a 512 B block stride.
+        assert!(is_block_major(&layers(512, &[0, 128, 256, 384])));
+        // Layers out of address order, or spilling past the block stride, are not.
+        assert!(!is_block_major(&layers(512, &[128, 0, 256, 384])));
+        assert!(!is_block_major(&layers(128, &[0, 1 << 20])));
+    }
 }

@@ -40,6 +40,18 @@ impl JobBuilder {
 /// Copies for every slot of a save ticket: each segment of the layer's block goes to the
 /// slot, segments back to back.
 pub(super) fn save_job(pool: &Arc<HostPool>, rank: &RankBinding, block_ids: &[u64], ticket: &SaveTicket) -> CopyJob {
+    if rank.block_major {
+        // A ticket lists each block's slots together, layers ascending.
+        let mut blocks: Vec<&[(usize, u32, u64)]> = ticket.slots.chunk_by(|a, b| a.0 == b.0).collect();
+        blocks.sort_unstable_by_key(|slots| block_ids[slots[0].0]);
+        let mut job = JobBuilder::new(rank);
+        for slots in blocks {
+            for &(index, layer, slot_offset) in slots {
+                push_block(&mut job, &rank.layers[layer as usize], block_ids[index], slot_offset);
+            }
+        }
+        return job.finish(Direction::Save, pool);
+    }
     let mut per_layer: Vec<Vec<(u64, u64)>> = vec![Vec::new(); rank.layers.len()];
     for &(index, layer, slot_offset) in &ticket.slots {
         per_layer[layer as usize].push((block_ids[index], slot_offset));
@@ -64,6 +76,15 @@ pub(super) fn load_job(
     let mut order: Vec<(u64, u64)> = block_ids.iter().copied().zip(ticket.part_offsets.iter().copied()).collect();
     order.sort_unstable_by_key(|&(block, _)| block);
     let mut job = JobBuilder::new(rank);
+    if rank.block_major {
+        for &(block, part) in &order {
+            for &layer in layers {
+                let slot_offset = part + ticket.geometry.layer_offset(layer);
+                push_block(&mut job, &rank.layers[layer as usize], block, slot_offset);
+            }
+        }
+        return job.finish(Direction::Load, pool);
+    }
     let mut slots = Vec::with_capacity(order.len());
     for &layer in layers {
         let layer_offset = ticket.geometry.layer_offset(layer);
@@ -72,6 +93,11 @@ pub(super) fn load_job(
         push_layer(&mut job, &rank.layers[layer as usize], &slots);
     }
     job.finish(Direction::Load, pool)
+}
+
+/// Ops for one block of one layer, segment by segment.
+fn push_block(job: &mut JobBuilder, binding: &LayerBinding, block: u64, slot_offset: u64) {
+    push_layer(job, binding, &[(block, slot_offset)]);
 }
 
 /// Ops for one layer's `(block, slot offset)` pairs, sorted by block: segment-major, so a
