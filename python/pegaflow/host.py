@@ -15,17 +15,39 @@ import os
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from pegaflow._native import KvLayer
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 SHM_DIR = "/dev/shm"
 _ALIGN = 4096
 
 
-class SharedMemoryRegion:
+class _Closable:
+    """``with`` support for objects with a ``close()``."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SharedMemoryRegion(_Closable):
     """A new ``/dev/shm/<name>`` file of ``size`` bytes, mapped read-write.
 
     The file is removed by :meth:`close` (also on ``with`` exit). The server keeps its
@@ -77,17 +99,6 @@ class SharedMemoryRegion:
         with contextlib.suppress(BufferError):
             self._mmap.close()
 
-    def __enter__(self) -> SharedMemoryRegion:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def kv_layer_spec(
     layer: int,
@@ -120,7 +131,7 @@ def kv_layer_spec(
     )
 
 
-class SharedKvCache:
+class SharedKvCache(_Closable):
     """The KV tensors of ``num_layers`` layers, each ``layer_shape``, in one shared file.
 
     Example (FlashAttention-like ``(2, num_blocks, block_size, heads, head_dim)``)::
@@ -167,14 +178,3 @@ class SharedKvCache:
         """Drops the views and removes the file."""
         self.layers = []
         self.region.close()
-
-    def __enter__(self) -> SharedKvCache:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

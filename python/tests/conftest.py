@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,10 +38,6 @@ def _prefer_installed_pegaflow() -> None:
 _prefer_installed_pegaflow()
 
 from e2e_helpers import (  # noqa: E402
-    LLAMA_BLOCK_SIZE,
-    LLAMA_HEAD_DIM,
-    LLAMA_KV_HEADS,
-    LLAMA_LAYERS,
     make_kv_cache,
 )
 
@@ -295,23 +292,8 @@ def kv_cache() -> Iterator[KvFactory]:
     closed and unlinked at teardown."""
     made: list[SharedKvCache] = []
 
-    def make(
-        *,
-        num_layers: int = LLAMA_LAYERS,
-        num_blocks: int = 1024,
-        block_size: int = LLAMA_BLOCK_SIZE,
-        kv_heads: int = LLAMA_KV_HEADS,
-        head_dim: int = LLAMA_HEAD_DIM,
-        seed: int | None = 0,
-    ) -> SharedKvCache:
-        kv = make_kv_cache(
-            num_layers=num_layers,
-            num_blocks=num_blocks,
-            block_size=block_size,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            seed=seed,
-        )
+    def make(**options: Any) -> SharedKvCache:
+        kv = make_kv_cache(**options)
         made.append(kv)
         return kv
 

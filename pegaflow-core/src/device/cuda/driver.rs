@@ -175,22 +175,6 @@ impl Stream {
         Ok(Self(s))
     }
 
-    /// A stream at the context's lowest priority: its kernels yield SM slots to the
-    /// inference engine's work.
-    pub fn new_low_priority() -> Result<Self> {
-        let (mut least, mut greatest) = (0, 0);
-        let mut s = std::ptr::null_mut();
-        // SAFETY: valid out-pointers; destroyed in Drop.
-        unsafe {
-            check(sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest), "cuCtxGetStreamPriorityRange")?;
-            check(
-                sys::cuStreamCreateWithPriority(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32, least),
-                "cuStreamCreateWithPriority",
-            )?;
-        }
-        Ok(Self(s))
-    }
-
     pub fn synchronize(&self) -> Result<()> {
         // SAFETY: a live stream.
         check(unsafe { sys::cuStreamSynchronize(self.0) }, "cuStreamSynchronize")

@@ -138,7 +138,7 @@ impl CopyEngine {
         Ok(Self {
             direction,
             dma: Stream::new()?,
-            compute: Stream::new_low_priority()?,
+            compute: Stream::new()?,
             cc: ctx.compute_capability()?,
             tuning,
             lanes,
