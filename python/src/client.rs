@@ -253,6 +253,13 @@ impl PyEngineClient {
         Ok(())
     }
 
+    /// Whether the session of `instance_id` is still open. False when none was opened, or
+    /// when its stream ended: the server stopped, restarted or dropped it, so the
+    /// registrations made under it are gone and must be made again.
+    fn session_alive(&self, instance_id: &str) -> bool {
+        self.sessions.lock().ok().and_then(|s| s.get(instance_id).map(|(task, _)| !task.is_finished())).unwrap_or(false)
+    }
+
     /// Closes the session of `instance_id`; the server then unregisters it.
     fn close_session(&self, instance_id: String) {
         if let Some((task, _)) = self.sessions.lock().ok().and_then(|mut s| s.remove(&instance_id)) {

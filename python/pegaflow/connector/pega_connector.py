@@ -1,0 +1,203 @@
+"""``PegaKVConnector``: vLLM's v1 KV connector interface, delegated by role.
+
+vLLM creates one instance in the scheduler (role SCHEDULER) and one in every worker
+(role WORKER). This class only picks the half and forwards each call in one line; the
+scheduler half keeps state (:mod:`.scheduler`), the worker half moves bytes through the
+server (:mod:`.worker`). Loads are asynchronous: a hit request waits in
+``WAITING_FOR_REMOTE_KVS`` until its blocks are in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from pegaflow._native import EngineClient
+from pegaflow.connector.config import ConnectorConfig
+from pegaflow.connector.metadata import PegaConnectorMetadata
+from pegaflow.connector.scheduler import SchedulerSide
+from pegaflow.connector.worker import WorkerSide
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+CROSS_LAYER_LAYOUT = "BLHNC"
+
+
+def _config_of(vllm_config: Any) -> ConnectorConfig:
+    transfer = vllm_config.kv_transfer_config
+    return ConnectorConfig.from_sources(
+        transfer.kv_connector_extra_config, engine_id=transfer.engine_id
+    )
+
+
+def _unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
+    """Why this model cannot use the connector (then vLLM serves without it), or None."""
+    if not vllm_config.cache_config.enable_prefix_caching:
+        return "prefix caching is disabled (the cache is keyed by vLLM's block hashes)"
+    if kv_cache_config is None:
+        return "vLLM passed no KV cache config"
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        return f"{len(groups)} KV cache groups (hybrid models are not supported yet)"
+    spec = groups[0].kv_cache_spec
+    if type(spec).__name__ not in ("FullAttentionSpec", "MLAAttentionSpec"):
+        return f"KV cache spec {type(spec).__name__} (only full attention is supported)"
+    return None
+
+
+class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
+    """PegaFlow's vLLM connector: a shared prefix cache in a ``pegaflow-server``."""
+
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._config = _config_of(vllm_config)
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        reason = _unsupported_reason(vllm_config, kv_cache_config)
+        if reason is not None:
+            if role == KVConnectorRole.SCHEDULER:
+                logger.warning("PegaKVConnector disabled: %s", reason)
+            return
+        spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        block_size = int(spec.block_size)
+        if role == KVConnectorRole.SCHEDULER:
+            # The cache is best effort: a failed load is recomputed unless asked otherwise.
+            vllm_config.kv_transfer_config.kv_load_failure_policy = self._config.load_failure_policy
+            hash_block_size = getattr(kv_cache_config, "hash_block_size", None) or block_size
+            client = EngineClient(self._config.endpoint, self._config.query_timeout_s)
+            self._scheduler = SchedulerSide(self._config, client, block_size, hash_block_size)
+        else:
+            from vllm.distributed.parallel_state import (
+                get_pipeline_model_parallel_rank,
+                get_tensor_model_parallel_rank,
+            )
+
+            parallel = vllm_config.parallel_config
+            tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+            rank = get_pipeline_model_parallel_rank() * tp + get_tensor_model_parallel_rank()
+            model = vllm_config.model_config
+            factors = {
+                "model": model.model,
+                "revision": model.revision,
+                "dtype": str(model.dtype),
+                "kv_cache_dtype": vllm_config.cache_config.cache_dtype,
+                "block_size": block_size,
+                "tp": tp,
+                "pp": pp,
+            }
+            self._worker = WorkerSide(self._config, rank, tp * pp, factors)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A dropped save is a later cache miss, never lost output.
+        return False
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
+        """On CUDA, vLLM's cross-layer layout: a block of all layers is one contiguous
+        run, which the server copies with one DMA and no kernel."""
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda_alike():
+            return None
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+        layout = extra.get("kv_cache_layout") or CROSS_LAYER_LAYOUT
+        return str(layout)
+
+    # ---- worker role ------------------------------------------------------------------
+
+    def _meta(self) -> PegaConnectorMetadata:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, PegaConnectorMetadata)
+        return meta
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self._worker is not None:
+            self._worker.register_kv_caches(kv_caches, self._kv_cache_config.num_blocks)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if self._worker is not None and isinstance(kv_connector_metadata, PegaConnectorMetadata):
+            self._worker.handle_preemptions(kv_connector_metadata)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        if self._worker is not None:
+            self._worker.start_load_kv(self._meta())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are asynchronous: a request runs only once its load is done
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        return  # blocks are saved whole, after the step (wait_for_save)
+
+    def wait_for_save(self) -> None:
+        if self._worker is not None:
+            self._worker.wait_for_save(self._meta())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._worker is None:
+            return None, None
+        sending, recving = self._worker.get_finished(finished_req_ids)
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return set() if self._worker is None else self._worker.take_load_errors()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
+
+    # ---- scheduler role ---------------------------------------------------------------
+
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        if self._scheduler is not None:
+            self._scheduler.bind_block_ids(lambda req_id: kv_cache_manager.get_block_ids(req_id)[0])
+
+    def on_new_request(self, request: Any) -> None:
+        if self._scheduler is not None:
+            self._scheduler.on_new_request(request)
+
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        if self._scheduler is None:
+            return 0, False
+        tokens = self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        return tokens, tokens > 0
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        if self._scheduler is None:
+            return
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
+        self._scheduler.update_state_after_alloc(request, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        if self._scheduler is None:
+            return PegaConnectorMetadata()
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(
+        self, request: Any, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        if self._scheduler is None:
+            return False, None
+        return self._scheduler.request_finished(request), None
+
+
+__all__ = ["PegaKVConnector"]

@@ -1,0 +1,101 @@
+"""vLLM's KV cache tensors → the server's layer descriptions.
+
+vLLM (0.32+) hands the connector one ``[num_blocks, heads, block_size, content]`` view
+per attention layer, all views of one allocation (layer after layer, or block after
+block with the cross-layer layout). Each block of a layer is one contiguous run, so a
+layer registers with ``block_dim=0`` and no separate K/V dimension. CPU tensors are
+moved into shared memory in place (:mod:`pegaflow.cpu`); CUDA tensors are shared by
+IPC handle (:mod:`pegaflow.cuda`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pegaflow._native import KvLayer
+from pegaflow.connector import policy
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class KvRegistration:
+    """What a worker registers: one spec per distinct layer tensor, in model order."""
+
+    layer_names: list[str]
+    layers: list[KvLayer]
+    device_type: str
+    layout_factors: list[dict[str, object]]
+
+
+def _manager_block_view(name: str, tensor: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """The layer viewed with vLLM's (manager) blocks as dimension 0.
+
+    Attention kernels may split a block into ``ratio`` smaller kernel blocks; those are
+    consecutive, so grouping them back is a view.
+    """
+    if tensor.dim() < 1 or tensor.shape[0] == 0:
+        raise ValueError(f"{name}: KV tensor of shape {tuple(tensor.shape)} has no blocks")
+    rows = int(tensor.shape[0])
+    if rows == num_blocks:
+        return tensor
+    if rows % num_blocks:
+        raise ValueError(
+            f"{name}: first dimension {rows} is not a multiple of the {num_blocks} KV blocks"
+        )
+    return tensor.unflatten(0, (num_blocks, rows // num_blocks))
+
+
+def describe_kv_caches(kv_caches: Mapping[str, torch.Tensor], num_blocks: int) -> KvRegistration:
+    """Describes (and, for CPU tensors, shares) vLLM's per-layer KV views.
+
+    Layers that reuse another layer's cache (KV sharing) are registered once.
+    """
+    if not kv_caches:
+        raise ValueError("no KV cache tensors to register")
+    if num_blocks <= 0:
+        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    devices = {t.device.type for t in kv_caches.values()}
+    if len(devices) != 1:
+        raise ValueError(f"KV caches on several device types: {sorted(devices)}")
+    device_type = devices.pop()
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"KV caches on {device_type!r}: only CPU and CUDA are supported")
+
+    names: list[str] = []
+    layers: list[KvLayer] = []
+    factors: list[dict[str, object]] = []
+    seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
+    for name in policy.layer_order(kv_caches):
+        tensor = _manager_block_view(name, kv_caches[name], num_blocks)
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if identity in seen:
+            continue
+        seen.add(identity)
+        index = len(layers)
+        if device_type == "cuda":
+            from pegaflow.cuda import cuda_layer_spec
+
+            layers.append(cuda_layer_spec(index, tensor, block_dim=0))
+        else:
+            from pegaflow.cpu import cpu_layer_spec
+
+            layers.append(cpu_layer_spec(index, tensor, block_dim=0))
+        names.append(name)
+        # Bytes of a block depend on the interior shape, element type and the order of
+        # its dimensions in memory, not on where the block sits.
+        interior = tensor.stride()[1:]
+        factors.append(
+            {
+                "shape": list(tensor.shape[1:]),
+                "dtype": str(tensor.dtype),
+                "order": sorted(range(len(interior)), key=lambda d: -interior[d]),
+            }
+        )
+    return KvRegistration(names, layers, device_type, factors)
+
+
+__all__ = ["KvRegistration", "describe_kv_caches"]

@@ -1,0 +1,290 @@
+"""Worker half of the connector: registers, submits saves and loads, polls completion.
+
+It decides nothing: the scheduler's metadata says what to load and save. Every method
+runs on vLLM's model-runner thread and returns quickly:
+
+- saves go to one background thread (FIFO), after the step's KV writes are complete (a
+  CUDA event on GPU; CPU steps are synchronous). A request with saves is reported in
+  ``finished_sending`` once they are done, so vLLM keeps its blocks until then.
+- loads are submitted to the server, which copies and then flips a shared-memory flag
+  (:class:`pegaflow.LoadState`) that :meth:`WorkerSide.get_finished` polls. A load that
+  fails, outlives ``load_timeout_s``, or whose server went away is reported through
+  :meth:`WorkerSide.take_load_errors`: vLLM then recomputes those blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pegaflow._native import EngineClient, LoadState
+from pegaflow.connector import policy
+from pegaflow.connector.config import ConnectorConfig
+from pegaflow.connector.link import RankIdentity, ServerLink
+from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
+from pegaflow.connector.registration import KvRegistration, describe_kv_caches
+from pegaflow.errors import PegaflowError, PegaflowNotFound
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+_LOAD_STATE_POOL = 64
+
+
+@dataclass
+class _InflightLoad:
+    job: LoadJob
+    state: LoadState
+    deadline: float
+
+
+@dataclass
+class WorkerCounters:
+    """What this worker did, for logs and tests."""
+
+    loads_ok: int = 0
+    loads_failed: int = 0
+    saves_submitted: int = 0
+    saves_failed: int = 0
+    blocks_saved: int = 0
+
+
+class WorkerSide:
+    """One vLLM worker's (one TP rank's) side of the connector."""
+
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        rank: int,
+        world_size: int,
+        namespace_factors: Mapping[str, object],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.config = config
+        self._rank = rank
+        self._world_size = world_size
+        self._namespace_factors = dict(namespace_factors)
+        self._clock = clock
+        self.link: ServerLink | None = None
+        self.registration: KvRegistration | None = None
+        self.kv_caches: dict[str, torch.Tensor] = {}
+        """vLLM's per-layer KV views, by layer name (what was registered)."""
+        self.counters = WorkerCounters()
+        self._cuda = False
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pegaflow-save")
+        self._saves: dict[str, list[Future[None]]] = {}
+        self._finishing: set[str] = set()
+        self._loads: dict[str, _InflightLoad] = {}
+        self._free_states: list[LoadState] = []
+        self._recv_done: set[str] = set()
+        self._failed_blocks: set[int] = set()
+
+    # ---- registration -----------------------------------------------------------------
+
+    @property
+    def namespace(self) -> str | None:
+        return None if self.link is None else self.link.identity.namespace
+
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int) -> None:
+        """Describes (CPU: moves into shared memory in place) and registers vLLM's KV
+        tensors; if the server is not there yet, keeps trying in the background."""
+        registration = describe_kv_caches(kv_caches, num_blocks)
+        self.kv_caches = dict(kv_caches)
+        namespace = self.config.namespace or policy.namespace(
+            {
+                **self._namespace_factors,
+                "device": registration.device_type,
+                "layers": registration.layout_factors,
+            }
+        )
+        self.registration = registration
+        self._cuda = registration.device_type == "cuda"
+        identity = RankIdentity(self.config.instance_id, namespace, self._rank, self._world_size)
+        client = EngineClient(self.config.endpoint, self.config.timeout_s)
+        self.link = ServerLink(client, identity, registration.layers, self.config.retry_interval_s)
+        self.link.start()
+
+    # ---- saves --------------------------------------------------------------------------
+
+    def wait_for_save(self, meta: PegaConnectorMetadata) -> None:
+        """Submits this step's save (after the forward pass wrote the KV)."""
+        job = meta.save
+        if job is None:
+            return
+        link = self.link
+        if link is None or not link.registered:
+            # Nothing to save into; the requests still get reported as done.
+            for req_id in job.req_ids:
+                self._saves.setdefault(req_id, [])
+            return
+        ready = self._record_kv_written()
+        future = self._saver.submit(self._save, link, job, ready)
+        self.counters.saves_submitted += 1
+        for req_id in job.req_ids:
+            self._saves.setdefault(req_id, []).append(future)
+
+    def _record_kv_written(self) -> Callable[[], None] | None:
+        """A wait for the KV writes queued so far (CUDA); None on CPU, where the forward
+        pass has finished writing when vLLM calls ``wait_for_save``."""
+        if not self._cuda:
+            return None
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream())
+        wait: Callable[[], None] = event.synchronize
+        return wait
+
+    def _save(self, link: ServerLink, job: SaveJob, ready: Callable[[], None] | None) -> None:
+        if ready is not None:
+            ready()
+        if not link.registered:
+            return  # the server went away while this save waited: skip, do not stall
+        ident = link.identity
+        try:
+            result = link.client.save(
+                ident.instance_id, ident.rank, job.block_ids, job.block_hashes
+            )
+        except PegaflowNotFound as e:
+            # The server no longer knows this instance (it restarted): register again.
+            self.counters.saves_failed += 1
+            logger.info("save skipped, server forgot this worker: %s", e)
+            link.mark_lost()
+        except PegaflowError as e:
+            # Best effort: a lost save is a later cache miss, never a wrong answer.
+            self.counters.saves_failed += 1
+            logger.warning("save of %d blocks failed: %s", len(job.block_ids), e)
+        else:
+            self.counters.blocks_saved += int(result.saved_blocks)
+
+    def handle_preemptions(self, meta: PegaConnectorMetadata) -> None:
+        """Waits for saves still reading the blocks of preempted requests, before vLLM
+        hands those blocks to other requests."""
+        saves = self._saves
+        pending = [f for r in meta.preempted_req_ids for f in saves.get(r, ()) if not f.done()]
+        if pending:
+            wait_futures(pending, timeout=self.config.timeout_s * 2)
+
+    # ---- loads --------------------------------------------------------------------------
+
+    def start_load_kv(self, meta: PegaConnectorMetadata) -> None:
+        """Submits this step's loads; completion is polled in :meth:`get_finished`."""
+        for job in meta.loads:
+            self._start_load(job)
+
+    def _start_load(self, job: LoadJob) -> None:
+        link = self.link
+        if link is None or not link.registered:
+            self._fail_load(job, "not registered with the server")
+            return
+        state = self._free_states.pop() if self._free_states else LoadState()
+        ident = link.identity
+        try:
+            link.client.load(ident.instance_id, ident.rank, job.lease_id, job.block_ids, state)
+        except PegaflowError as e:
+            self._recycle(state)
+            self._fail_load(job, str(e))
+            return
+        self._loads[job.req_id] = _InflightLoad(
+            job, state, self._clock() + self.config.load_timeout_s
+        )
+
+    def _fail_load(self, job: LoadJob, reason: str) -> None:
+        logger.warning(
+            "load of %d blocks for request %s failed (%s); vLLM recomputes them",
+            len(job.block_ids),
+            job.req_id,
+            reason,
+        )
+        self.counters.loads_failed += 1
+        self._failed_blocks.update(job.block_ids)
+        self._recv_done.add(job.req_id)
+
+    def _recycle(self, state: LoadState) -> None:
+        if len(self._free_states) < _LOAD_STATE_POOL:
+            state.reset()
+            self._free_states.append(state)
+
+    def _poll_loads(self) -> None:
+        if not self._loads:
+            return
+        now = self._clock()
+        link = self.link
+        server_gone = link is None or not link.client.session_alive(link.identity.instance_id)
+        for req_id, load in list(self._loads.items()):
+            status = load.state.status()
+            if status == "done":
+                del self._loads[req_id]
+                self.counters.loads_ok += 1
+                self._recv_done.add(req_id)
+                self._recycle(load.state)
+            elif status == "failed":
+                del self._loads[req_id]
+                self._fail_load(load.job, load.state.error or "copy failed")
+                self._recycle(load.state)
+            elif server_gone or now >= load.deadline:
+                # Never reuse this flag: a slow server might still flip it.
+                del self._loads[req_id]
+                reason = "server went away" if server_gone else "timed out"
+                self._fail_load(load.job, reason)
+
+    # ---- per-step results -------------------------------------------------------------
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """(requests whose saves are all done, requests whose load finished or failed).
+
+        A request is reported as sending-done only after vLLM said it finished, and only
+        if it had saves (exactly those for which the scheduler kept its blocks).
+        """
+        self._finishing.update(r for r in finished_req_ids if r in self._saves)
+        sending: set[str] = set()
+        for req_id in list(self._finishing):
+            if all(f.done() for f in self._saves[req_id]):
+                self._finishing.discard(req_id)
+                del self._saves[req_id]
+                sending.add(req_id)
+        # Prune finished futures of running requests so long generations stay small.
+        for req_id, futures in self._saves.items():
+            if req_id not in self._finishing and len(futures) > 8:
+                futures[:] = [f for f in futures if not f.done()]
+        self._poll_loads()
+        recving, self._recv_done = self._recv_done, set()
+        return sending, recving
+
+    def take_load_errors(self) -> set[int]:
+        """Block ids whose load failed since the last call."""
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def drain(self, timeout_s: float) -> bool:
+        """Waits until every submitted save is done; False if some are still running
+        after ``timeout_s`` seconds."""
+        pending = [f for futures in self._saves.values() for f in futures if not f.done()]
+        _, not_done = wait_futures(pending, timeout=timeout_s)
+        return not not_done
+
+    def shutdown(self) -> None:
+        """Finishes queued saves, then closes the session (the server drops this rank)."""
+        self._saver.shutdown(wait=True)
+        if self.link is not None:
+            self.link.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and registration state, for logs and tests."""
+        return {
+            **vars(self.counters),
+            "registered": bool(self.link and self.link.registered),
+            "registrations": 0 if self.link is None else self.link.registrations,
+        }
+
+
+__all__ = ["WorkerCounters", "WorkerSide"]

@@ -1,0 +1,71 @@
+"""Pure decisions of the vLLM connector (no vLLM, no server)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from pegaflow.connector import policy
+
+
+def test_cache_key_keeps_sha256_hashes_and_condenses_others() -> None:
+    h32 = bytes(range(32))
+    assert policy.cache_key(h32) == h32
+    short = b"\x01" * 16
+    assert policy.cache_key(short) == hashlib.sha256(short).digest()
+    assert policy.cache_key(b"\x01" * 16) != policy.cache_key(b"\x02" * 16)
+    assert len(policy.cache_key(b"")) == 32
+
+
+def test_block_keys_take_the_last_hash_of_each_kv_block() -> None:
+    hashes = [bytes([i]) * 32 for i in range(7)]
+    assert policy.block_keys(hashes, 1) == hashes
+    # 2 hash blocks per KV block: blocks end at hashes 1, 3, 5; hash 6 is a partial block.
+    assert policy.block_keys(hashes, 2) == [hashes[1], hashes[3], hashes[5]]
+    assert policy.block_keys(hashes[:1], 2) == []
+    with pytest.raises(ValueError, match="blocks_per_hash_block"):
+        policy.block_keys(hashes, 0)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "block_size", "expected"),
+    [(0, 16, 0), (1, 16, 0), (16, 16, 0), (17, 16, 1), (33, 16, 2), (64, 16, 3), (65, 16, 4)],
+)
+def test_max_loadable_blocks_leaves_the_last_token_to_compute(
+    num_tokens: int, block_size: int, expected: int
+) -> None:
+    assert policy.max_loadable_blocks(num_tokens, block_size) == expected
+
+
+def test_blocks_full_after_step_ignores_draft_tokens() -> None:
+    assert policy.blocks_full_after_step(0, 100, 0, 32) == 3
+    assert policy.blocks_full_after_step(95, 1, 0, 32) == 3
+    assert policy.blocks_full_after_step(95, 2, 0, 32) == 3  # 97 tokens
+    assert policy.blocks_full_after_step(90, 6, 0, 32) == 3  # exactly 96
+    assert policy.blocks_full_after_step(90, 6, 2, 32) == 2  # drafts may be rejected
+    assert policy.blocks_full_after_step(0, 1, 3, 32) == 0
+
+
+def test_worth_loading() -> None:
+    assert not policy.worth_loading(0, 1)
+    assert policy.worth_loading(1, 1)
+    assert not policy.worth_loading(2, 3)
+    assert policy.worth_loading(1, 0)  # at least one block, whatever the setting
+
+
+def test_namespace_is_stable_and_separates_any_difference() -> None:
+    base = {"model": "m", "dtype": "float16", "layers": [{"shape": [2, 16, 128]}]}
+    assert policy.namespace(base) == policy.namespace(dict(reversed(list(base.items()))))
+    assert policy.namespace(base).startswith("vllm-")
+    assert policy.namespace(base) != policy.namespace({**base, "dtype": "bfloat16"})
+    assert policy.namespace(base) != policy.namespace({**base, "layers": [{"shape": [2, 16, 64]}]})
+
+
+def test_layer_order_is_numeric() -> None:
+    names = ["model.layers.10.attn", "model.layers.2.attn", "model.layers.1.attn"]
+    assert policy.layer_order(names) == [
+        "model.layers.1.attn",
+        "model.layers.2.attn",
+        "model.layers.10.attn",
+    ]

@@ -1,0 +1,180 @@
+"""The connector's worker half with torch CPU tensors shaped like vLLM's, against a real
+server: in-place shared memory, save → load byte for byte, load failures, and
+registration that follows the server (absent at start, restarted). No vLLM needed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import ServerHandle, StartServer, free_port, require_module
+from e2e_helpers import random_hashes
+
+from pegaflow.connector.config import ConnectorConfig
+from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
+from pegaflow.connector.worker import WorkerSide
+
+torch = require_module("torch")
+
+NUM_BLOCKS, HEADS, BLOCK, CONTENT = 64, 2, 32, 64  # vLLM CPU view [B, H, N, 2*head_dim]
+MakeWorker = Callable[..., WorkerSide]
+
+
+def vllm_like_caches(num_layers: int = 3) -> dict[str, Any]:
+    """Per-layer ``[B, H, N, C]`` float32 views of one int8 allocation, layer after
+    layer (vLLM's LBHNC), filled with random values."""
+    layer_bytes = NUM_BLOCKS * HEADS * BLOCK * CONTENT * 4
+    raw = torch.zeros(layer_bytes * num_layers, dtype=torch.int8)
+    caches = {}
+    for i in range(num_layers):
+        view = raw[i * layer_bytes : (i + 1) * layer_bytes].view(torch.float32)
+        caches[f"model.layers.{i}.self_attn.attn"] = view.view(NUM_BLOCKS, HEADS, BLOCK, CONTENT)
+    torch.manual_seed(0)
+    for t in caches.values():
+        t.normal_()
+    return caches
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not {what} within {timeout_s} s")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def make_worker(instance_id: str) -> Iterator[MakeWorker]:
+    made: list[WorkerSide] = []
+
+    def make(endpoint: str, **cfg: Any) -> WorkerSide:
+        cfg.setdefault("retry_interval_s", 0.2)
+        config = ConnectorConfig(instance_id=instance_id, endpoint=endpoint, **cfg)
+        worker = WorkerSide(config, 0, 1, {"model": "test"})
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.shutdown()
+
+
+def finish_loads(worker: WorkerSide, timeout_s: float = 10.0) -> set[str]:
+    done: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while not done and time.monotonic() < deadline:
+        done |= worker.get_finished(set())[1]
+        time.sleep(0.005)
+    return done
+
+
+def test_share_storage_moves_memory_in_place() -> None:
+    from pegaflow.cpu import share_storage
+
+    caches = vllm_like_caches()
+    views = list(caches.values())
+    before = [v.clone() for v in views]
+    ptr = views[0].data_ptr()
+    name, offset = share_storage(views[1])
+    assert views[0].data_ptr() != ptr  # every view of the storage moved with it
+    assert all(torch.equal(a, b) for a, b in zip(before, views, strict=True))
+    assert os.path.exists(f"/dev/shm/{name}")
+    assert 0 <= offset <= 4096
+    # Idempotent: the same file for any view of the same storage.
+    assert share_storage(views[2]) == (name, offset)
+    # Writes through the tensor are visible in the file at the reported offset.
+    views[0][0, 0, 0, 0] = 1234.5
+    with open(f"/dev/shm/{name}", "rb") as f:
+        f.seek(offset)
+        assert torch.frombuffer(bytearray(f.read(4)), dtype=torch.float32).item() == 1234.5
+
+
+def test_share_storage_refuses_non_cpu_tensors() -> None:
+    from pegaflow.cpu import share_storage
+
+    with pytest.raises(ValueError, match="not the CPU"):
+        share_storage(torch.zeros(4, device="meta"))
+
+
+def test_save_then_load_into_other_blocks(server: ServerHandle, make_worker: MakeWorker) -> None:
+    caches = vllm_like_caches()
+    worker = make_worker(server.endpoint)
+    worker.register_kv_caches(caches, NUM_BLOCKS)
+    assert worker.stats()["registered"]
+    hashes = random_hashes(4)
+    src, dst = [3, 9, 4, 20], [40, 41, 42, 43]
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob(src, hashes, ["r1"])))
+    assert worker.drain(10.0)
+    # Finished request r1: reported once its save is done.
+    assert worker.get_finished({"r1"}) == ({"r1"}, set())
+
+    query = server.client().query(worker.config.instance_id, hashes)
+    assert query.hit_blocks == 4
+    assert query.lease_id is not None
+    worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r2", query.lease_id, dst)]))
+    assert finish_loads(worker) == {"r2"}
+    assert worker.take_load_errors() == set()
+    for t in caches.values():
+        for s, d in zip(src, dst, strict=True):
+            assert torch.equal(t[s], t[d])
+    assert worker.stats()["loads_ok"] == 1
+
+
+def test_failed_load_reports_its_blocks(server: ServerHandle, make_worker: MakeWorker) -> None:
+    worker = make_worker(server.endpoint)
+    worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)
+    worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r1", "no-such-lease", [5, 6])]))
+    assert worker.get_finished(set()) == (set(), {"r1"})
+    assert worker.take_load_errors() == {5, 6}
+    assert worker.take_load_errors() == set()
+
+
+def test_requests_without_saves_are_not_reported(
+    server: ServerHandle, make_worker: MakeWorker
+) -> None:
+    worker = make_worker(server.endpoint)
+    worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)
+    assert worker.get_finished({"never-saved"}) == (set(), set())
+
+
+def test_server_absent_at_start_then_registered(
+    start_server: StartServer, make_worker: MakeWorker
+) -> None:
+    endpoint = f"127.0.0.1:{free_port()}"
+    worker = make_worker(endpoint, timeout_s=0.5)
+    caches = vllm_like_caches()
+    worker.register_kv_caches(caches, NUM_BLOCKS)  # returns although nobody listens
+    assert not worker.stats()["registered"]
+    # Saves are skipped (request still reported), loads fail fast.
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob([1], random_hashes(1), ["r1"])))
+    assert worker.get_finished({"r1"}) == ({"r1"}, set())
+    worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r2", "lease", [7])]))
+    assert worker.get_finished(set()) == (set(), {"r2"})
+    assert worker.take_load_errors() == {7}
+
+    server = start_server(endpoint=endpoint)
+    wait_until(lambda: worker.stats()["registered"], 10.0, "registered")
+    assert [i["instance_id"] for i in server.client().list_instances()] == [
+        worker.config.instance_id
+    ]
+
+
+def test_server_restart_is_followed(start_server: StartServer, make_worker: MakeWorker) -> None:
+    server = start_server()
+    worker = make_worker(server.endpoint)
+    caches = vllm_like_caches()
+    worker.register_kv_caches(caches, NUM_BLOCKS)
+    assert worker.stats()["registrations"] == 1
+    server.stop(signal.SIGKILL)
+    wait_until(lambda: not worker.stats()["registered"], 10.0, "unregistered")
+    restarted = start_server(endpoint=server.endpoint)
+    wait_until(lambda: worker.stats()["registered"], 10.0, "registered again")
+    assert worker.stats()["registrations"] == 2
+    hashes = random_hashes(2)
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob([1, 2], hashes, ["r1"])))
+    assert worker.drain(10.0)
+    assert restarted.client().query(worker.config.instance_id, hashes).hit_blocks == 2
