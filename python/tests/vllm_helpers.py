@@ -1,0 +1,114 @@
+"""Helpers of the tests that run a real vLLM (CPU build): a tiny random Llama, engines
+with and without the connector, and access to the in-process connector halves."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any
+
+BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
+MAX_TOKENS = 8
+VOCAB = 512
+
+
+def build_tiny_llama(path: Path) -> Path:
+    """Saves a 2-layer Llama with random weights (head_dim 32, 2 KV heads) and a
+    word-level tokenizer to ``path``. Weights are drawn with a large init range so that
+    any wrong KV byte changes the next tokens; vLLM's ``load_format="dummy"`` is not
+    used because it would hide KV bugs behind near-constant outputs."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=2048,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(1234)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2", pad_token="t0"
+    ).save_pretrained(path)
+    return path
+
+
+def prompt_ids(seed: int, length: int) -> list[int]:
+    """A deterministic prompt of ``length`` token ids (never the special ids 0..2)."""
+    return [(seed * 7919 + i * 104729) % (VOCAB - 3) + 3 for i in range(length)]
+
+
+def connector_config(endpoint: str, **extra: Any) -> Any:
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(
+        kv_connector="PegaKVConnector",
+        kv_role="kv_both",
+        kv_connector_module_path="pegaflow.connector",
+        kv_connector_extra_config={"endpoint": endpoint, "retry_interval_s": 0.2, **extra},
+    )
+
+
+def make_llm(model: Path, endpoint: str | None, **extra: Any) -> Any:
+    """An in-process vLLM engine on the CPU (with the connector if ``endpoint``)."""
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = {}
+    if endpoint is not None:
+        kwargs["kv_transfer_config"] = connector_config(endpoint, **extra)
+    return LLM(
+        model=str(model),
+        enforce_eager=True,
+        block_size=BLOCK_SIZE,
+        max_model_len=1024,
+        dtype="float32",
+        kv_cache_memory_bytes=32 << 20,
+        seed=0,
+        **kwargs,
+    )
+
+
+def close_llm(llm: Any) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def generate(llm: Any, tokens: list[int]) -> tuple[list[int], int, float]:
+    """Greedy decode of ``MAX_TOKENS`` tokens: (token ids, cached prompt tokens, seconds)."""
+    from vllm import SamplingParams
+
+    start = time.monotonic()
+    out = llm.generate(
+        {"prompt_token_ids": tokens},
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True),
+        use_tqdm=False,
+    )[0]
+    return list(out.outputs[0].token_ids), int(out.num_cached_tokens or 0), time.monotonic() - start
+
+
+def full_blocks(num_tokens: int) -> int:
+    """Tokens the cache may supply for a prompt of ``num_tokens`` (whole blocks, never
+    the last token)."""
+    return (num_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
+
+
+def worker_side() -> Any:
+    """The worker half of the connector of the (single) in-process engine."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    worker = get_kv_transfer_group()._worker
+    assert worker is not None, "the connector's worker half is disabled"
+    return worker
