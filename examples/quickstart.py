@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 
 import pegaflow as pf
+from pegaflow.server import spawn_server
 
 
 def main(endpoint: str) -> None:
@@ -50,20 +48,8 @@ if __name__ == "__main__":
     parser.add_argument("--endpoint", default=default_endpoint)
     parser.add_argument("--spawn-server", action="store_true", help="start a server for it")
     args = parser.parse_args()
-    server = None
     if args.spawn_server:
-        args.endpoint = "127.0.0.1:50155"
-        flags = ["--addr", args.endpoint, "--pool-size", "256mb", "--metrics-addr", ""]
-        server = subprocess.Popen(["pegaflow-server", *flags])
-        for _ in range(100):
-            try:
-                pf.EngineClient(args.endpoint, timeout_s=0.5).health()
-                break
-            except pf.PegaflowError:
-                time.sleep(0.1)
-    try:
+        with spawn_server(pool_size="256mb") as endpoint:
+            main(endpoint)
+    else:
         main(args.endpoint)
-    finally:
-        if server is not None:
-            server.terminate()
-            sys.exit(server.wait(timeout=10))

@@ -334,3 +334,12 @@ def require_module(name: str) -> Any:
 
         return importlib.import_module(name)
     return pytest.importorskip(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Llama saved for vLLM (see :mod:`vllm_helpers`)."""
+    require_module("transformers")
+    from vllm_helpers import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from conftest import ServerHandle, StartServer, free_port, require_module
 from vllm_helpers import (
-    build_tiny_llama,
     close_llm,
     full_blocks,
     generate,
@@ -39,11 +38,6 @@ PROMPTS = {"prompt": PROMPT, "shared": SHARED, "other": OTHER, "later": LATER}
 RECOMPUTE_BOUND_S = 20.0
 
 Engines = Callable[..., Any]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +112,9 @@ def test_warm_engine_loads_the_cold_kv_byte_for_byte(
         sending, recving = original_finished(self, finished)
         for job in jobs:
             if job.req_id in recving:
-                loaded.extend([t[b].clone() for t in self.kv_caches.values()] for b in job.block_ids)
+                loaded.extend(
+                    [t[b].clone() for t in self.kv_caches.values()] for b in job.block_ids
+                )
         return sending, recving
 
     monkeypatch.setattr(WorkerSide, "start_load_kv", record_load)
