@@ -5,6 +5,8 @@ completion flag of a load; ``pegaflow.host`` creates shared-memory KV tensors fo
 host (CPU) backend.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from pegaflow._native import (
     EngineClient,
     KvLayer,
@@ -24,7 +26,6 @@ from pegaflow.errors import (
     PegaflowTimeout,
     PegaflowUnavailable,
 )
-from pegaflow.host import SharedKvCache, SharedMemoryRegion, kv_layer_spec
 
 __all__ = [
     "EngineClient",
@@ -46,3 +47,18 @@ __all__ = [
     "__version__",
     "kv_layer_spec",
 ]
+
+# The host helpers need NumPy; import them on first use so that ``import pegaflow`` (and
+# the ``pegaflow-server`` console script) never loads NumPy and its BLAS threads.
+_HOST_EXPORTS = frozenset({"SharedKvCache", "SharedMemoryRegion", "kv_layer_spec"})
+
+if TYPE_CHECKING:
+    from pegaflow.host import SharedKvCache, SharedMemoryRegion, kv_layer_spec
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOST_EXPORTS:
+        from pegaflow import host
+
+        return getattr(host, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,7 @@ vLLM's (request_id, num_tokens, num_computed_tokens, block_hashes). No vLLM need
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ from e2e_helpers import random_hashes
 from pegaflow import EngineClient
 from pegaflow.connector.config import ConnectorConfig
 from pegaflow.connector.scheduler import SchedulerSide
+from pegaflow.errors import PegaflowInternalError
 
 BLOCK = 16
 
@@ -174,6 +176,102 @@ def test_preemption_is_passed_on_and_drops_the_lookup(
     meta = s.build_connector_meta(FakeOutput({}, preempted_req_ids={"r1"}))
     assert meta.preempted_req_ids == {"r1"}
     assert server.metric("pegaflow_leases") == 0
+
+
+def test_preemption_forgets_earlier_saves(
+    server: ServerHandle, stored: list[bytes], instance_id: str
+) -> None:
+    """The workers settle a preempted request's saves before its blocks are reused, so
+    its end must not wait for them (vLLM would free its blocks twice)."""
+    s = side(server, instance_id, blocks={"r1": list(range(10))})
+    req = FakeRequest("r1", num_tokens=10 * BLOCK + 1, block_hashes=stored)
+    s.on_new_request(req)
+    assert s.build_connector_meta(FakeOutput({"r1": 2 * BLOCK})).save is not None
+    s.build_connector_meta(FakeOutput({}, preempted_req_ids={"r1"}))
+    assert s.request_finished(req) is False
+
+
+def test_old_lookups_are_redone_before_their_lease_ends(
+    server: ServerHandle, stored: list[bytes], instance_id: str
+) -> None:
+    now = [100.0]
+    config = ConnectorConfig(instance_id=instance_id, endpoint=server.endpoint, lease_ttl_ms=4000)
+    s = SchedulerSide(config, server.client(), BLOCK, BLOCK, clock=lambda: now[0])
+    req = FakeRequest("r1", num_tokens=10 * BLOCK + 1, block_hashes=stored)
+    assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
+    queries = server.metric("pegaflow_queries_total")
+    now[0] += 1.9
+    assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
+    assert server.metric("pegaflow_queries_total") == queries
+    now[0] += 0.2  # past half the 4 s lease: ask again, with a fresh lease
+    assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
+    assert server.metric("pegaflow_queries_total") == queries + 1
+    assert server.metric("pegaflow_leases") == 1
+
+
+def test_rewritten_hashes_are_rekeyed(
+    server: ServerHandle, stored: list[bytes], instance_id: str
+) -> None:
+    """A streaming-input session can drop tokens: vLLM truncates the hash list and
+    extends it with different hashes. Blocks whose content changed are saved again."""
+    s = side(server, instance_id, blocks={"r1": list(range(20, 30))})
+    req = FakeRequest("r1", num_tokens=4 * BLOCK, block_hashes=list(stored[:4]))
+    s.on_new_request(req)
+    meta = s.build_connector_meta(FakeOutput({"r1": 4 * BLOCK}))
+    assert meta.save is not None and meta.save.block_hashes == stored[:4]
+    req.num_computed_tokens = 3 * BLOCK
+    req.block_hashes = [*stored[:3], stored[8]]  # block 3 now holds other tokens
+    meta = s.build_connector_meta(FakeOutput({"r1": BLOCK}))
+    assert meta.save is not None
+    assert (meta.save.block_ids, meta.save.block_hashes) == ([23], [stored[8]])
+
+
+def test_roles_gate_loads_and_saves(
+    server: ServerHandle, stored: list[bytes], instance_id: str
+) -> None:
+    config = ConnectorConfig(instance_id=instance_id, endpoint=server.endpoint)
+    producer = SchedulerSide(config, server.client(), BLOCK, BLOCK, loads=False)
+    producer.bind_block_ids(lambda _: list(range(10)))
+    req = FakeRequest("r1", num_tokens=10 * BLOCK + 1, block_hashes=stored)
+    queries = server.metric("pegaflow_queries_total")
+    assert producer.get_num_new_matched_tokens(req, 0) == 0
+    assert server.metric("pegaflow_queries_total") == queries
+    assert producer.build_connector_meta(FakeOutput({"r1": 3 * BLOCK})).save is not None
+    consumer = SchedulerSide(config, server.client(), BLOCK, BLOCK, saves=False)
+    consumer.bind_block_ids(lambda _: list(range(10)))
+    consumer.on_new_request(req)
+    assert consumer.build_connector_meta(FakeOutput({"r1": 3 * BLOCK})).save is None
+
+
+class FailingClient:
+    """A server that answers every call with an internal error."""
+
+    calls = 0
+
+    def query(self, instance_id: str, block_hashes: Sequence[bytes], lease_ttl_ms: int = 0) -> Any:
+        self.calls += 1
+        raise PegaflowInternalError("boom")
+
+    def release_lease(self, lease_id: str) -> None:
+        self.calls += 1
+        raise PegaflowInternalError("boom")
+
+
+def test_any_server_error_is_a_miss_with_backoff(instance_id: str) -> None:
+    now = [0.0]
+    config = ConnectorConfig(instance_id=instance_id, retry_interval_s=1.0)
+    client = FailingClient()
+    s = SchedulerSide(config, client, BLOCK, BLOCK, clock=lambda: now[0])
+    for i in range(3):
+        req = FakeRequest(f"r{i}", num_tokens=3 * BLOCK + 1, block_hashes=random_hashes(3))
+        assert s.get_num_new_matched_tokens(req, 0) == 0
+    assert client.calls == 1  # then quiet for 1 s
+    now[0] += 1.1
+    assert s.get_num_new_matched_tokens(FakeRequest("x", 3 * BLOCK + 1, random_hashes(3)), 0) == 0
+    assert client.calls == 2
+    now[0] += 1.1  # the pause doubled to 2 s
+    assert s.get_num_new_matched_tokens(FakeRequest("y", 3 * BLOCK + 1, random_hashes(3)), 0) == 0
+    assert client.calls == 2
 
 
 def test_unreachable_server_is_a_miss_then_quiet(instance_id: str) -> None:

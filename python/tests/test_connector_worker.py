@@ -124,6 +124,27 @@ def test_save_then_load_into_other_blocks(server: ServerHandle, make_worker: Mak
     assert worker.stats()["loads_ok"] == 1
 
 
+def test_preemption_drops_queued_saves_and_forgets_them(
+    server: ServerHandle, make_worker: MakeWorker
+) -> None:
+    import threading
+
+    worker = make_worker(server.endpoint)
+    worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)
+    gate = threading.Event()
+    worker._saver.submit(gate.wait)  # the saver is busy: the next save stays queued
+    hashes = random_hashes(2)
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob([1, 2], hashes, ["r1"])))
+    releaser = threading.Timer(0.2, gate.set)
+    releaser.start()
+    worker.handle_preemptions(PegaConnectorMetadata(preempted_req_ids={"r1"}))
+    releaser.join()
+    assert worker.drain(5.0)
+    # Never saved (its blocks may hold another request's KV now), and not reported.
+    assert server.client().query(worker.config.instance_id, hashes).hit_blocks == 0
+    assert worker.get_finished({"r1"}) == (set(), set())
+
+
 def test_failed_load_reports_its_blocks(server: ServerHandle, make_worker: MakeWorker) -> None:
     worker = make_worker(server.endpoint)
     worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)

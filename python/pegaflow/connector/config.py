@@ -15,6 +15,7 @@ from typing import Any
 DEFAULT_ENDPOINT = "127.0.0.1:50055"
 ENV_ENDPOINT = "PEGAFLOW_ENGINE_ENDPOINT"
 ENV_INSTANCE_ID = "PEGAFLOW_INSTANCE_ID"
+MAX_LEASE_TTL_MS = 600_000  # the server's limit
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,9 @@ class ConnectorConfig:
     query_timeout_s: float = 1.0
     """Deadline of the scheduler's lookups, seconds: a slow server costs at most this
     per scheduling decision, then counts as a miss."""
-    load_timeout_s: float = 30.0
-    """A load not finished after this many seconds is reported as failed (vLLM
-    recomputes the blocks)."""
+    load_warn_s: float = 30.0
+    """A load still running after this many seconds is logged (again every as many
+    seconds). It fails only once the server is gone: a live server may still write."""
     retry_interval_s: float = 1.0
     """How often a worker retries registering while the server is unreachable, and how
     long the scheduler stops asking a server that just failed, seconds."""
@@ -56,12 +57,14 @@ class ConnectorConfig:
             raise ValueError("instance_id must not be empty")
         if not self.endpoint:
             raise ValueError("endpoint must not be empty")
-        for name in ("timeout_s", "query_timeout_s", "load_timeout_s", "retry_interval_s"):
+        for name in ("timeout_s", "query_timeout_s", "load_warn_s", "retry_interval_s"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        if self.lease_ttl_ms < 0:
-            raise ValueError(f"lease_ttl_ms must be >= 0, got {self.lease_ttl_ms}")
+        if not 0 <= self.lease_ttl_ms <= MAX_LEASE_TTL_MS:
+            raise ValueError(
+                f"lease_ttl_ms must be in 0..={MAX_LEASE_TTL_MS}, got {self.lease_ttl_ms}"
+            )
         if self.min_load_blocks < 1:
             raise ValueError(f"min_load_blocks must be >= 1, got {self.min_load_blocks}")
         if self.load_failure_policy not in ("recompute", "fail"):

@@ -9,6 +9,7 @@ server (:mod:`.worker`). Loads are asynchronous: a hit request waits in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -35,13 +36,21 @@ CROSS_LAYER_LAYOUT = "BLHNC"
 
 def _config_of(vllm_config: Any) -> ConnectorConfig:
     transfer = vllm_config.kv_transfer_config
-    return ConnectorConfig.from_sources(
+    config = ConnectorConfig.from_sources(
         transfer.kv_connector_extra_config, engine_id=transfer.engine_id
     )
+    parallel = vllm_config.parallel_config
+    if parallel.data_parallel_size > 1:
+        # Each data-parallel rank is a separate engine with its own workers.
+        instance_id = f"{config.instance_id}-dp{parallel.data_parallel_rank}"
+        config = dataclasses.replace(config, instance_id=instance_id)
+    return config
 
 
 def _unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
     """Why this model cannot use the connector (then vLLM serves without it), or None."""
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        return "pipeline parallelism is not supported yet"
     if not vllm_config.cache_config.enable_prefix_caching:
         return "prefix caching is disabled (the cache is keyed by vLLM's block hashes)"
     if kv_cache_config is None:
@@ -77,7 +86,15 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
             vllm_config.kv_transfer_config.kv_load_failure_policy = self._config.load_failure_policy
             hash_block_size = getattr(kv_cache_config, "hash_block_size", None) or block_size
             client = EngineClient(self._config.endpoint, self._config.query_timeout_s)
-            self._scheduler = SchedulerSide(self._config, client, block_size, hash_block_size)
+            transfer = vllm_config.kv_transfer_config
+            self._scheduler = SchedulerSide(
+                self._config,
+                client,
+                block_size,
+                hash_block_size,
+                loads=transfer.is_kv_consumer,
+                saves=transfer.is_kv_producer,
+            )
         else:
             from vllm.distributed.parallel_state import (
                 get_pipeline_model_parallel_rank,

@@ -29,6 +29,7 @@ class KvRegistration:
     layers: list[KvLayer]
     device_type: str
     layout_factors: list[dict[str, object]]
+    """The distinct block layouts of the layers (what makes their bytes differ)."""
 
 
 def _manager_block_view(name: str, tensor: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -88,13 +89,13 @@ def describe_kv_caches(kv_caches: Mapping[str, torch.Tensor], num_blocks: int) -
         # Bytes of a block depend on the interior shape, element type and the order of
         # its dimensions in memory, not on where the block sits.
         interior = tensor.stride()[1:]
-        factors.append(
-            {
-                "shape": list(tensor.shape[1:]),
-                "dtype": str(tensor.dtype),
-                "order": sorted(range(len(interior)), key=lambda d: -interior[d]),
-            }
-        )
+        factor: dict[str, object] = {
+            "shape": list(tensor.shape[1:]),
+            "dtype": str(tensor.dtype),
+            "order": sorted(range(len(interior)), key=lambda d: -interior[d]),
+        }
+        if factor not in factors:  # the kinds of layer, not their count
+            factors.append(factor)
     return KvRegistration(names, layers, device_type, factors)
 
 

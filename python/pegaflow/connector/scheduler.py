@@ -18,9 +18,12 @@ from typing import Any, Protocol
 from pegaflow.connector import policy
 from pegaflow.connector.config import ConnectorConfig
 from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
-from pegaflow.errors import PegaflowError, PegaflowNotFound, PegaflowTimeout, PegaflowUnavailable
+from pegaflow.errors import PegaflowError, PegaflowNotFound
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_LEASE_TTL_S = 30.0  # the server's default lease lifetime
+MAX_QUIET_S = 30.0
 
 
 class QueryClient(Protocol):
@@ -34,11 +37,13 @@ class QueryClient(Protocol):
 
 @dataclass
 class _Lookup:
-    """A memoised lookup: ``hit_blocks`` cached blocks after the first ``local_blocks``."""
+    """A memoised lookup: ``hit_blocks`` cached blocks after the first ``local_blocks``,
+    pinned by ``lease_id`` since ``taken_at``."""
 
     local_blocks: int
     hit_blocks: int
     lease_id: str | None
+    taken_at: float
 
 
 @dataclass
@@ -51,14 +56,28 @@ class _RequestState:
     block_keys: list[bytes] = field(default_factory=list)
     hashed_blocks: int = 0
     """How many of ``request.block_hashes`` ``block_keys`` covers."""
+    last_hash: bytes = b""
+    """``request.block_hashes[hashed_blocks - 1]`` when it was converted."""
 
     def keys(self, blocks_per_hash_block: int) -> list[bytes]:
         hashes = self.request.block_hashes
-        if len(hashes) != self.hashed_blocks:
+        n = self.hashed_blocks
+        if len(hashes) < n or (n and hashes[n - 1] != self.last_hash):
+            # vLLM rewrote the hash list (a streaming-input session dropped tokens): start
+            # over, and count as saved only the blocks that kept their key.
+            old, self.block_keys, n = self.block_keys, [], 0
+            new = policy.block_keys(hashes, blocks_per_hash_block)
+            same = next(
+                (i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
+                min(len(old), len(new)),
+            )
+            self.saved_blocks = min(self.saved_blocks, same)
+        if len(hashes) != n:
             # vLLM appends hashes as tokens arrive; convert only the new ones.
             start = len(self.block_keys) * blocks_per_hash_block
             self.block_keys.extend(policy.block_keys(hashes[start:], blocks_per_hash_block))
             self.hashed_blocks = len(hashes)
+            self.last_hash = hashes[-1] if hashes else b""
         return self.block_keys
 
 
@@ -73,6 +92,9 @@ class SchedulerSide:
         hash_block_size: int,
         block_ids_of: Callable[[str], Sequence[int]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        loads: bool = True,
+        saves: bool = True,
     ) -> None:
         if block_size <= 0 or hash_block_size <= 0 or block_size % hash_block_size:
             raise ValueError(
@@ -85,9 +107,15 @@ class SchedulerSide:
         self._blocks_per_hash_block = block_size // hash_block_size
         self._block_ids_of = block_ids_of
         self._clock = clock
+        self._loads = loads
+        self._saves = saves
+        ttl_s = config.lease_ttl_ms / 1000 if config.lease_ttl_ms else DEFAULT_LEASE_TTL_S
+        # A remembered hit is trusted for half its lease, then looked up again.
+        self._lookup_max_age = ttl_s / 2
         self._requests: dict[str, _RequestState] = {}
         self._pending_loads: list[LoadJob] = []
         self._quiet_until = 0.0
+        self._quiet_s = config.retry_interval_s
         self._warned_unavailable = False
 
     def bind_block_ids(self, block_ids_of: Callable[[str], Sequence[int]]) -> None:
@@ -104,6 +132,8 @@ class SchedulerSide:
         """Tokens past ``num_computed_tokens`` (a block-aligned local hit) that the cache
         can supply. Memoised per request and local hit, so vLLM may call it again."""
         state = self._requests.setdefault(request.request_id, _RequestState(request))
+        if not self._loads:
+            return 0
         local_blocks = num_computed_tokens // self._block_size
         keys = state.keys(self._blocks_per_hash_block)
         limit = min(policy.max_loadable_blocks(request.num_tokens, self._block_size), len(keys))
@@ -111,36 +141,52 @@ class SchedulerSide:
             self._forget_lookup(state)
             return 0
         lookup = state.lookup
-        if lookup is None or lookup.local_blocks != local_blocks:
+        now = self._clock()
+        if (
+            lookup is None
+            or lookup.local_blocks != local_blocks
+            or now - lookup.taken_at >= self._lookup_max_age
+        ):
             self._forget_lookup(state)
-            lookup = self._lookup(keys[local_blocks:limit], local_blocks)
+            lookup = self._lookup(keys[local_blocks:limit], local_blocks, now)
             state.lookup = lookup
         if not policy.worth_loading(lookup.hit_blocks, self._config.min_load_blocks):
             return 0
         return lookup.hit_blocks * self._block_size
 
-    def _lookup(self, keys: list[bytes], local_blocks: int) -> _Lookup:
-        if self._clock() < self._quiet_until:
-            return _Lookup(local_blocks, 0, None)
+    def _lookup(self, keys: list[bytes], local_blocks: int, now: float) -> _Lookup:
+        miss = _Lookup(local_blocks, 0, None, now)
+        if now < self._quiet_until:
+            return miss
         try:
             result = self._client.query(self._config.instance_id, keys, self._config.lease_ttl_ms)
         except PegaflowNotFound:
             # No worker of this instance is registered (yet, or since a server restart).
-            return _Lookup(local_blocks, 0, None)
-        except (PegaflowUnavailable, PegaflowTimeout) as e:
-            self._quiet_until = self._clock() + self._config.retry_interval_s
-            if not self._warned_unavailable:
-                self._warned_unavailable = True
-                logger.warning(
-                    "pegaflow-server at %s unavailable (%s): no cache hits until it is back",
-                    self._config.endpoint,
-                    e,
-                )
-            return _Lookup(local_blocks, 0, None)
+            return miss
+        except PegaflowError as e:
+            # Whatever went wrong on the server's side, the scheduler only sees a miss.
+            self._server_failed(e)
+            return miss
+        self._server_ok()
+        return _Lookup(local_blocks, int(result.hit_blocks), result.lease_id, now)
+
+    def _server_failed(self, error: PegaflowError) -> None:
+        """Stops asking the server for a while, doubling the pause while it keeps failing."""
+        self._quiet_until = self._clock() + self._quiet_s
+        self._quiet_s = min(self._quiet_s * 2, MAX_QUIET_S)
+        if not self._warned_unavailable:
+            self._warned_unavailable = True
+            logger.warning(
+                "pegaflow-server at %s failed (%s): no cache hits until it answers again",
+                self._config.endpoint,
+                error,
+            )
+
+    def _server_ok(self) -> None:
+        self._quiet_s = self._config.retry_interval_s
         if self._warned_unavailable:
             self._warned_unavailable = False
-            logger.info("pegaflow-server at %s is reachable again", self._config.endpoint)
-        return _Lookup(local_blocks, int(result.hit_blocks), result.lease_id)
+            logger.info("pegaflow-server at %s answers again", self._config.endpoint)
 
     def _forget_lookup(self, state: _RequestState) -> None:
         lookup, state.lookup = state.lookup, None
@@ -148,11 +194,15 @@ class SchedulerSide:
             self._release(lookup.lease_id)
 
     def _release(self, lease_id: str) -> None:
+        if self._clock() < self._quiet_until:
+            return  # the server is failing: the lease expires on its own
         try:
             self._client.release_lease(lease_id)
+        except PegaflowNotFound:
+            pass  # already expired or released
         except PegaflowError as e:
             # The lease expires on its own; nothing is lost.
-            logger.debug("release of lease %s failed: %s", lease_id, e)
+            self._server_failed(e)
 
     # ---- allocation and per-step metadata ----------------------------------------------
 
@@ -193,10 +243,15 @@ class SchedulerSide:
             state = self._requests.get(req_id)
             if state is not None:
                 self._forget_lookup(state)
+                # The workers finish (or drop) its saves before vLLM reuses its blocks and
+                # forget them, so its blocks need not be held at the end for them.
+                state.had_saves = False
         meta.preempted_req_ids = preempted
         return meta
 
     def _collect_saves(self, scheduler_output: Any) -> SaveJob | None:
+        if not self._saves:
+            return None
         block_ids: list[int] = []
         hashes: list[bytes] = []
         req_ids: list[str] = []

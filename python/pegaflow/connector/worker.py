@@ -8,8 +8,9 @@ runs on vLLM's model-runner thread and returns quickly:
   ``finished_sending`` once they are done, so vLLM keeps its blocks until then.
 - loads are submitted to the server, which copies and then flips a shared-memory flag
   (:class:`pegaflow.LoadState`) that :meth:`WorkerSide.get_finished` polls. A load that
-  fails, outlives ``load_timeout_s``, or whose server went away is reported through
-  :meth:`WorkerSide.take_load_errors`: vLLM then recomputes those blocks.
+  fails, or whose server went away (its session ended), is reported through
+  :meth:`WorkerSide.take_load_errors`: vLLM then recomputes those blocks. A slow load of
+  a live server is waited for (never failed early: the server could still write).
 """
 
 from __future__ import annotations
@@ -167,12 +168,16 @@ class WorkerSide:
             self.counters.blocks_saved += int(result.saved_blocks)
 
     def handle_preemptions(self, meta: PegaConnectorMetadata) -> None:
-        """Waits for saves still reading the blocks of preempted requests, before vLLM
-        hands those blocks to other requests."""
-        saves = self._saves
-        pending = [f for r in meta.preempted_req_ids for f in saves.get(r, ()) if not f.done()]
-        if pending:
-            wait_futures(pending, timeout=self.config.timeout_s * 2)
+        """Before vLLM hands the blocks of preempted requests to others: drops their saves
+        not yet started and waits for the one running (bounded by the call deadline), so
+        no save ever reads a reused block. Their saves are then forgotten, as the
+        scheduler forgets them."""
+        for req_id in meta.preempted_req_ids:
+            futures = self._saves.pop(req_id, [])
+            self._finishing.discard(req_id)
+            running = [f for f in futures if not f.cancel()]
+            if running:
+                wait_futures(running)
 
     # ---- loads --------------------------------------------------------------------------
 
@@ -194,9 +199,7 @@ class WorkerSide:
             self._recycle(state)
             self._fail_load(job, str(e))
             return
-        self._loads[job.req_id] = _InflightLoad(
-            job, state, self._clock() + self.config.load_timeout_s
-        )
+        self._loads[job.req_id] = _InflightLoad(job, state, self._clock() + self.config.load_warn_s)
 
     def _fail_load(self, job: LoadJob, reason: str) -> None:
         logger.warning(
@@ -231,11 +234,20 @@ class WorkerSide:
                 del self._loads[req_id]
                 self._fail_load(load.job, load.state.error or "copy failed")
                 self._recycle(load.state)
-            elif server_gone or now >= load.deadline:
-                # Never reuse this flag: a slow server might still flip it.
+            elif server_gone:
+                # Never reuse this flag: a server that comes back never writes it, but
+                # the old one might have been about to.
                 del self._loads[req_id]
-                reason = "server went away" if server_gone else "timed out"
-                self._fail_load(load.job, reason)
+                self._fail_load(load.job, "the server went away")
+            elif now >= load.deadline:
+                # A live server may still be copying into these blocks: failing the load
+                # now would let vLLM reuse them under a late write. Keep waiting.
+                load.deadline = now + self.config.load_warn_s
+                logger.warning(
+                    "load for request %s still running after %.0f s",
+                    req_id,
+                    self.config.load_warn_s,
+                )
 
     # ---- per-step results -------------------------------------------------------------
 
