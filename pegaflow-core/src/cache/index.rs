@@ -2,6 +2,8 @@
 //! prepare/complete halves of save and load.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+use foldhash::fast::RandomState;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +39,50 @@ struct Block {
 impl Block {
     fn is_complete(&self) -> bool {
         self.parts.iter().all(|p| p.as_ref().is_some_and(|p| p.saved == p.geometry.num_layers()))
+    }
+}
+
+/// Blocks by key. Block hashes come from clients, so the map keeps a per-process random
+/// seed; foldhash over SipHash because a save or load looks up every block of a request.
+type BlockMap = HashMap<BlockKey, Block, RandomState>;
+
+/// The eviction queue: unpinned blocks by the tick of their last use, oldest first.
+/// Methods take the block itself so that callers holding it need no second lookup.
+#[derive(Default)]
+struct Lru {
+    queue: BTreeMap<u64, BlockKey>,
+    tick: u64,
+}
+
+impl Lru {
+    /// Takes the block off the queue: a pinned block is never evicted.
+    fn pin(&mut self, block: &mut Block) {
+        block.pins += 1;
+        if let Some(tick) = block.lru_tick.take() {
+            self.queue.remove(&tick);
+        }
+    }
+
+    /// Unpinning counts as a use: the block goes to the young end of the queue.
+    fn unpin(&mut self, key: &BlockKey, block: &mut Block) {
+        block.pins = block.pins.saturating_sub(1);
+        if block.pins == 0 && block.lru_tick.is_none() {
+            self.push(key, block);
+        }
+    }
+
+    /// Moves an unpinned block to the young end of the queue.
+    fn touch(&mut self, key: &BlockKey, block: &mut Block) {
+        if let Some(tick) = block.lru_tick {
+            self.queue.remove(&tick);
+            self.push(key, block);
+        }
+    }
+
+    fn push(&mut self, key: &BlockKey, block: &mut Block) {
+        self.tick += 1;
+        block.lru_tick = Some(self.tick);
+        self.queue.insert(self.tick, key.clone());
     }
 }
 
@@ -96,9 +142,8 @@ pub struct CacheStats {
 /// The block index. Not thread-safe by itself: the engine wraps it in a mutex and never
 /// holds that lock across a copy.
 pub struct BlockCache {
-    blocks: HashMap<BlockKey, Block>,
-    lru: BTreeMap<u64, BlockKey>,
-    tick: u64,
+    blocks: BlockMap,
+    lru: Lru,
     allocator: PoolAllocator,
     leases: LeaseTable,
     sealed: u64,
@@ -109,9 +154,8 @@ impl BlockCache {
     /// An empty cache whose blocks live in `allocator`'s pool.
     pub fn new(allocator: PoolAllocator) -> Self {
         Self {
-            blocks: HashMap::new(),
-            lru: BTreeMap::new(),
-            tick: 0,
+            blocks: BlockMap::default(),
+            lru: Lru::default(),
             allocator,
             leases: LeaseTable::default(),
             sealed: 0,
@@ -166,35 +210,33 @@ impl BlockCache {
             });
             if block.sealed {
                 ticket.skipped += 1;
-                self.touch(&key);
+                self.lru.touch(&key, block);
                 continue;
             }
-            self.pin(&key);
+            self.lru.pin(block);
             pinned.push(key.clone());
-            if self.part(&key, rank).is_none() {
-                match self.allocate(geometry.total(), &mut ticket.evicted) {
-                    Some(slice) => {
-                        if let Some(block) = self.blocks.get_mut(&key) {
-                            block.parts[rank as usize] = Some(Part {
-                                slice,
-                                geometry: Arc::clone(geometry),
-                                slots: vec![Slot::Empty; geometry.num_layers() as usize].into(),
-                                saved: 0,
-                            });
-                        }
-                        created_parts.push(key.clone());
-                    }
-                    None => {
-                        self.rollback_save(&ticket, &created_parts, rank, &pinned);
-                        return Err(EngineError::ResourceExhausted(format!(
-                            "pool full: {} bytes in use by blocks that are leased or being copied",
-                            self.allocator.used_bytes()
-                        )));
-                    }
-                }
+            let mut block = block;
+            if block.parts[rank as usize].is_none() {
+                // Allocating may evict; never this block (pinned, so off the queue).
+                let Some(slice) = self.allocate(geometry.total(), &mut ticket.evicted) else {
+                    self.rollback_save(&ticket, &created_parts, rank, &pinned);
+                    return Err(EngineError::ResourceExhausted(format!(
+                        "pool full: {} bytes in use by blocks that are leased or being copied",
+                        self.allocator.used_bytes()
+                    )));
+                };
+                let Some(again) = self.blocks.get_mut(&key) else { continue };
+                again.parts[rank as usize] = Some(Part {
+                    slice,
+                    geometry: Arc::clone(geometry),
+                    slots: vec![Slot::Empty; geometry.num_layers() as usize].into(),
+                    saved: 0,
+                });
+                created_parts.push(key.clone());
+                block = again;
             }
-            let Some(part) = self.part_mut(&key, rank) else { continue };
-            let mut marked = Vec::new();
+            let Some(part) = block.parts[rank as usize].as_mut() else { continue };
+            let mut marked = Vec::with_capacity(layers.len());
             for &layer in layers {
                 if part.slots[layer as usize] == Slot::Empty {
                     part.slots[layer as usize] = Slot::Writing;
@@ -205,7 +247,7 @@ impl BlockCache {
             if marked.is_empty() {
                 ticket.skipped += 1;
                 pinned.pop();
-                self.unpin(&key);
+                self.lru.unpin(&key, block);
             } else {
                 ticket.entries.push(SaveEntry { key, rank, layers: marked });
             }
@@ -284,7 +326,8 @@ impl BlockCache {
     pub fn complete_save(&mut self, ticket: SaveTicket, copied: bool) -> u32 {
         let mut sealed = 0;
         for entry in ticket.entries {
-            if let Some(part) = self.part_mut(&entry.key, entry.rank) {
+            let Some(block) = self.blocks.get_mut(&entry.key) else { continue };
+            if let Some(part) = block.parts.get_mut(entry.rank as usize).and_then(Option::as_mut) {
                 for layer in entry.layers {
                     if copied {
                         part.slots[layer as usize] = Slot::Saved;
@@ -294,15 +337,12 @@ impl BlockCache {
                     }
                 }
             }
-            if let Some(block) = self.blocks.get_mut(&entry.key)
-                && !block.sealed
-                && block.is_complete()
-            {
+            if !block.sealed && block.is_complete() {
                 block.sealed = true;
                 self.sealed += 1;
                 sealed += 1;
             }
-            self.unpin(&entry.key);
+            self.lru.unpin(&entry.key, block);
         }
         sealed
     }
@@ -453,34 +493,13 @@ impl BlockCache {
 
     fn pin(&mut self, key: &BlockKey) {
         if let Some(block) = self.blocks.get_mut(key) {
-            block.pins += 1;
-            if let Some(tick) = block.lru_tick.take() {
-                self.lru.remove(&tick);
-            }
+            self.lru.pin(block);
         }
     }
 
-    /// Moves an unpinned block to the young end of the queue.
-    fn touch(&mut self, key: &BlockKey) {
-        if let Some(block) = self.blocks.get_mut(key)
-            && let Some(tick) = block.lru_tick
-        {
-            self.lru.remove(&tick);
-            self.tick += 1;
-            block.lru_tick = Some(self.tick);
-            self.lru.insert(self.tick, key.clone());
-        }
-    }
-
-    /// Unpinning counts as a use: the block goes to the young end of the queue.
     fn unpin(&mut self, key: &BlockKey) {
         if let Some(block) = self.blocks.get_mut(key) {
-            block.pins = block.pins.saturating_sub(1);
-            if block.pins == 0 && block.lru_tick.is_none() {
-                self.tick += 1;
-                block.lru_tick = Some(self.tick);
-                self.lru.insert(self.tick, key.clone());
-            }
+            self.lru.unpin(key, block);
         }
     }
 
@@ -490,7 +509,7 @@ impl BlockCache {
             if let Some(slice) = self.allocator.allocate(len) {
                 return Some(slice);
             }
-            let (_, key) = self.lru.pop_first()?;
+            let (_, key) = self.lru.queue.pop_first()?;
             if let Some(block) = self.blocks.get_mut(&key) {
                 block.lru_tick = None;
             }
@@ -503,7 +522,7 @@ impl BlockCache {
     fn remove(&mut self, key: &BlockKey) {
         if let Some(block) = self.blocks.remove(key) {
             if let Some(tick) = block.lru_tick {
-                self.lru.remove(&tick);
+                self.lru.queue.remove(&tick);
             }
             if block.sealed {
                 self.sealed -= 1;
