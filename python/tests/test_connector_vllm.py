@@ -59,10 +59,10 @@ def engines(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engin
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     live: list[Any] = []
 
-    def make(endpoint: str, **extra: Any) -> Any:
+    def make(endpoint: str | None, engine_args: dict[str, Any] | None = None, **extra: Any) -> Any:
         while live:
             close_llm(live.pop())
-        llm = make_llm(tiny_model, endpoint, **extra)
+        llm = make_llm(tiny_model, endpoint, engine_args, **extra)
         live.append(llm)
         return llm
 
@@ -246,3 +246,37 @@ def test_engine_without_server_serves_from_the_first_request(
         tokens, cached, seconds = generate(llm, PROMPTS[name])
         assert (tokens, cached) == (reference[name], 0)
         assert seconds < RECOMPUTE_BOUND_S
+
+
+def test_preemption_under_memory_pressure_keeps_outputs_exact(
+    server: ServerHandle, engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four requests that outgrow a 40-block KV cache: vLLM preempts some while their
+    saves may be in flight. Outputs stay those of vLLM without the connector, and a fresh
+    engine then loads every prompt's full blocks."""
+    from vllm import SamplingParams
+
+    small = {"max_model_len": 512, "kv_cache_memory_bytes": 40 * 32 * 1024}
+    prompts = [{"prompt_token_ids": prompt_ids(20 + i, 200)} for i in range(4)]
+    params = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+    preempted: list[str] = []
+    original = WorkerSide.handle_preemptions
+
+    def count(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
+        preempted.extend(meta.preempted_req_ids)
+        original(self, meta)
+
+    monkeypatch.setattr(WorkerSide, "handle_preemptions", count)
+
+    def run(endpoint: str | None) -> tuple[list[list[int]], list[int]]:
+        outs = engines(endpoint, small).generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens for o in outs]
+
+    reference, _ = run(None)
+    cold, cached = run(server.endpoint)
+    assert preempted, "the scenario no longer preempts: shrink the cache"
+    assert (cold, cached) == (reference, [0, 0, 0, 0])
+    drain_saves()
+    warm, cached = run(server.endpoint)
+    assert warm == reference
+    assert cached == [192] * 4

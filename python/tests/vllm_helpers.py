@@ -61,23 +61,25 @@ def connector_config(endpoint: str, **extra: Any) -> Any:
     )
 
 
-def make_llm(model: Path, endpoint: str | None, **extra: Any) -> Any:
-    """An in-process vLLM engine on the CPU (with the connector if ``endpoint``)."""
+def make_llm(
+    model: Path, endpoint: str | None, engine_args: dict[str, Any] | None = None, **extra: Any
+) -> Any:
+    """An in-process vLLM engine on the CPU (with the connector if ``endpoint``);
+    ``engine_args`` override the engine defaults below."""
     from vllm import LLM
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {
+        "enforce_eager": True,
+        "block_size": BLOCK_SIZE,
+        "max_model_len": 1024,
+        "dtype": "float32",
+        "kv_cache_memory_bytes": 32 << 20,
+        "seed": 0,
+        **(engine_args or {}),
+    }
     if endpoint is not None:
         kwargs["kv_transfer_config"] = connector_config(endpoint, **extra)
-    return LLM(
-        model=str(model),
-        enforce_eager=True,
-        block_size=BLOCK_SIZE,
-        max_model_len=1024,
-        dtype="float32",
-        kv_cache_memory_bytes=32 << 20,
-        seed=0,
-        **kwargs,
-    )
+    return LLM(model=str(model), **kwargs)
 
 
 def close_llm(llm: Any) -> None:
