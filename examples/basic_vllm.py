@@ -25,34 +25,7 @@ from typing import Any
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # both engines in this process
 
 from pegaflow.server import spawn_server
-
-TINY_BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
-
-
-def build_tiny_model(path: Path) -> None:
-    """A 2-layer Llama with random weights and a word-level tokenizer."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(path)
-    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(512)}, unk_token="t0"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2"
-    ).save_pretrained(path)
+from pegaflow.testing import TINY_BLOCK_SIZE, build_tiny_llama
 
 
 def run_once(model: str, endpoint: str, prompt: list[int], tiny: bool) -> tuple[Any, float]:
@@ -89,7 +62,7 @@ def main(model: str | None, endpoint: str, prompt_tokens: int) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
             model = tmp
-            build_tiny_model(Path(tmp))
+            build_tiny_llama(Path(tmp))
         prompt = [(i * 7919) % 500 + 3 for i in range(prompt_tokens)]
         cold, cold_s = run_once(model, endpoint, prompt, tiny)
         warm, warm_s = run_once(model, endpoint, prompt, tiny)

@@ -338,8 +338,8 @@ def require_module(name: str) -> Any:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight Llama saved for vLLM (see :mod:`vllm_helpers`)."""
+    """A tiny random-weight Llama saved for vLLM (:func:`pegaflow.testing.build_tiny_llama`)."""
     require_module("transformers")
-    from vllm_helpers import build_tiny_llama
+    from pegaflow.testing import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -1,5 +1,6 @@
-"""Helpers of the tests that run a real vLLM (CPU build): a tiny random Llama, engines
-with and without the connector, and access to the in-process connector halves."""
+"""Helpers of the tests that run a real vLLM (CPU build): engines with and without the
+connector (on :func:`pegaflow.testing.build_tiny_llama`), and access to the in-process
+connector halves."""
 
 from __future__ import annotations
 
@@ -8,41 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
+from pegaflow.testing import TINY_BLOCK_SIZE as BLOCK_SIZE
+from pegaflow.testing import TINY_VOCAB as VOCAB
+
 MAX_TOKENS = 8
-VOCAB = 512
-
-
-def build_tiny_llama(path: Path) -> Path:
-    """Saves a 2-layer Llama with random weights (head_dim 32, 2 KV heads) and a
-    word-level tokenizer to ``path``. Weights are drawn with a large init range so that
-    any wrong KV byte changes the next tokens; vLLM's ``load_format="dummy"`` is not
-    used because it would hide KV bugs behind near-constant outputs."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=2048,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(1234)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2", pad_token="t0"
-    ).save_pretrained(path)
-    return path
 
 
 def prompt_ids(seed: int, length: int) -> list[int]:
