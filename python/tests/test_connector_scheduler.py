@@ -188,6 +188,10 @@ def test_preemption_forgets_earlier_saves(
     s.on_new_request(req)
     assert s.build_connector_meta(FakeOutput({"r1": 2 * BLOCK})).save is not None
     s.build_connector_meta(FakeOutput({}, preempted_req_ids={"r1"}))
+    # Resumed and recomputed: its blocks are offered again (a dropped save is redone).
+    meta = s.build_connector_meta(FakeOutput({"r1": 2 * BLOCK}))
+    assert meta.save is not None and meta.save.block_ids == [0, 1]
+    s.build_connector_meta(FakeOutput({}, preempted_req_ids={"r1"}))
     assert s.request_finished(req) is False
 
 

@@ -243,9 +243,11 @@ class SchedulerSide:
             state = self._requests.get(req_id)
             if state is not None:
                 self._forget_lookup(state)
-                # The workers finish (or drop) its saves before vLLM reuses its blocks and
-                # forget them, so its blocks need not be held at the end for them.
+                # The workers finish (or drop, if not started) its saves before vLLM reuses
+                # its blocks, and forget them: its end need not wait for them, and its
+                # blocks are offered again once recomputed (the server skips stored ones).
                 state.had_saves = False
+                state.saved_blocks = 0
         meta.preempted_req_ids = preempted
         return meta
 
