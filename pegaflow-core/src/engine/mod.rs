@@ -244,6 +244,7 @@ impl Engine {
         layers: &[u32],
         load_state_name: &str,
     ) -> Result<u32> {
+        let started = Instant::now();
         let rank = self.registry.rank(instance_id, tp_rank)?;
         let layers = select_layers(&rank, layers)?;
         check_block_ids(&rank, &layers, block_ids)?;
@@ -260,6 +261,7 @@ impl Engine {
         let job = transfer::load_job(&self.pool, &rank, block_ids, &layers, &ticket);
         let bytes = job.bytes();
         let blocks = block_ids.len() as u32;
+        tracing::debug!(blocks, bytes, prepare_us = started.elapsed().as_micros() as u64, "load");
         let cache = Arc::clone(&self.cache);
         let metrics = Arc::clone(&self.metrics);
         rank.backend.submit(
