@@ -94,6 +94,16 @@ struct Task {
     join: Arc<JobJoin>,
 }
 
+impl Task {
+    /// Releases the task's region references, then reports its result: whoever is told
+    /// that a job is done may unregister its regions and expect them unmapped.
+    fn finish(self, result: Result<(), DeviceError>) {
+        let join = self.join;
+        drop(self.regions);
+        join.finish_one(result);
+    }
+}
+
 /// Collects the results of a job's tasks and calls `done` after the last one.
 struct JobJoin {
     remaining: AtomicUsize,
@@ -139,7 +149,7 @@ impl Workers {
                     match task {
                         Ok(task) => {
                             let result = run_task(&task);
-                            task.join.finish_one(result);
+                            task.finish(result);
                         }
                         Err(_) => break,
                     }
@@ -163,11 +173,14 @@ impl Workers {
         }
         debug!(workers = self.name, bytes = job.bytes(), tasks = shares.len(), "host copy");
         let regions: Arc<[Arc<dyn DeviceRegion>]> = job.regions.iter().map(|r| Arc::clone(&r.region)).collect();
+        // Only the tasks may hold the regions from here on (see `Task::finish`).
+        let CopyJob { direction, pool, regions: copies } = job;
+        drop(copies);
         let tx = self.tx.lock().clone();
         for pieces in shares {
             let task = Task {
-                direction: job.direction,
-                pool: Arc::clone(&job.pool),
+                direction,
+                pool: Arc::clone(&pool),
                 regions: Arc::clone(&regions),
                 pieces,
                 join: Arc::clone(&join),
@@ -177,7 +190,7 @@ impl Workers {
                 None => Some(task),
             };
             if let Some(task) = undelivered {
-                task.join.finish_one(Err(DeviceError::ShutDown("host")));
+                task.finish(Err(DeviceError::ShutDown("host")));
             }
         }
     }

@@ -167,7 +167,8 @@ impl DeviceBackend for CudaDevice {
         let mut gpu: Option<Arc<Gpu>> = None;
         let mut segments = Vec::new();
         let mut regions = Vec::new();
-        for copy in &job.regions {
+        let CopyJob { direction, pool, regions: copies } = job;
+        for copy in &copies {
             let Some(region) = copy.region.as_any().downcast_ref::<CudaRegion>() else {
                 return done(Err(DeviceError::Unsupported("a non-CUDA region on the CUDA backend".into())));
             };
@@ -190,9 +191,12 @@ impl DeviceBackend for CudaDevice {
             }
             regions.push(Arc::clone(&copy.region));
         }
+        // Only the request holds the regions from here on: the worker releases them
+        // before it reports completion.
+        drop(copies);
         let Some(gpu) = gpu else { return done(Ok(())) };
-        let request = CopyRequest { pool: job.pool, segments, _regions: regions, done };
-        match job.direction {
+        let request = CopyRequest { pool, segments, _regions: regions, done };
+        match direction {
             Direction::Save => gpu.save.submit(request),
             Direction::Load => gpu.load.submit(request),
         }

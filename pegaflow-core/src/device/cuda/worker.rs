@@ -78,12 +78,14 @@ impl Worker {
         let lanes = if driver_version >= 13000 { Some(Lanes::start(&ctx, tuning.lanes, &name)?) } else { None };
         let handle = std::thread::Builder::new().name(name).spawn(move || {
             let mut engine = ctx.bind().and_then(|()| CopyEngine::new(&ctx, direction, tuning, lanes));
-            while let Ok(request) = rx.recv() {
+            while let Ok(CopyRequest { pool, segments, _regions: regions, done }) = rx.recv() {
                 let result = match &mut engine {
-                    Ok(engine) => engine.run(&request.pool, request.segments),
+                    Ok(engine) => engine.run(&pool, segments),
                     Err(e) => Err(DeviceError::Cuda(format!("copy worker unavailable: {e}"))),
                 };
-                (request.done)(result);
+                // Release the mappings before reporting: the caller may unregister next.
+                drop(regions);
+                done(result);
             }
         })?;
         Ok(Self { tx: Mutex::new(Some(tx)), handle: Mutex::new(Some(handle)) })
