@@ -2,10 +2,10 @@
 //! prepare/complete halves of save and load.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-
-use foldhash::fast::RandomState;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use foldhash::fast::RandomState;
 
 use super::lease::{Lease, LeaseTable, MAX_LEASE_TTL};
 use super::{BlockHash, BlockKey, DEFAULT_LEASE_TTL, PartGeometry};
@@ -76,6 +76,18 @@ impl Lru {
         if let Some(tick) = block.lru_tick {
             self.queue.remove(&tick);
             self.push(key, block);
+        }
+    }
+
+    /// Takes the oldest unpinned block's key off the queue.
+    fn pop_oldest(&mut self) -> Option<BlockKey> {
+        self.queue.pop_first().map(|(_, key)| key)
+    }
+
+    /// Drops a block that leaves the cache from the queue.
+    fn forget(&mut self, block: &Block) {
+        if let Some(tick) = block.lru_tick {
+            self.queue.remove(&tick);
         }
     }
 
@@ -370,9 +382,10 @@ impl BlockCache {
         let mut tp_size = 0;
         for hash in hashes {
             let key = BlockKey { namespace: Arc::clone(namespace), hash: *hash };
-            match self.blocks.get(&key) {
+            match self.blocks.get_mut(&key) {
                 Some(block) if block.sealed => {
                     tp_size = block.parts.len() as u32;
+                    self.lru.pin(block);
                     keys.push(key);
                 }
                 _ => break,
@@ -380,9 +393,6 @@ impl BlockCache {
         }
         if keys.is_empty() {
             return Ok((0, None));
-        }
-        for key in &keys {
-            self.pin(key);
         }
         let hits = keys.len() as u32;
         let id = self.leases.insert(Lease {
@@ -509,10 +519,8 @@ impl BlockCache {
             if let Some(slice) = self.allocator.allocate(len) {
                 return Some(slice);
             }
-            let (_, key) = self.lru.queue.pop_first()?;
-            if let Some(block) = self.blocks.get_mut(&key) {
-                block.lru_tick = None;
-            }
+            // Off the queue already, so `remove` finds nothing there to forget.
+            let key = self.lru.pop_oldest()?;
             self.remove(&key);
             self.evictions += 1;
             *evicted += 1;
@@ -521,9 +529,7 @@ impl BlockCache {
 
     fn remove(&mut self, key: &BlockKey) {
         if let Some(block) = self.blocks.remove(key) {
-            if let Some(tick) = block.lru_tick {
-                self.lru.queue.remove(&tick);
-            }
+            self.lru.forget(&block);
             if block.sealed {
                 self.sealed -= 1;
             }

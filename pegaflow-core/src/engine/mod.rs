@@ -248,7 +248,7 @@ impl Engine {
         let rank = self.registry.rank(instance_id, tp_rank)?;
         let layers = select_layers(&rank, layers)?;
         check_block_ids(&rank, &layers, block_ids)?;
-        check_distinct(block_ids)?;
+        let order = destination_order(block_ids)?;
         let state = transfer::open_load_state(load_state_name)?;
         let ticket = self.cache.lock().prepare_load(
             Instant::now(),
@@ -258,7 +258,7 @@ impl Engine {
             block_ids.len(),
             &rank.geometry,
         )?;
-        let job = transfer::load_job(&self.pool, &rank, block_ids, &layers, &ticket);
+        let job = transfer::load_job(&self.pool, &rank, &order, &layers, &ticket);
         let bytes = job.bytes();
         let blocks = block_ids.len() as u32;
         tracing::debug!(blocks, bytes, prepare_us = started.elapsed().as_micros() as u64, "load");
@@ -381,13 +381,15 @@ fn select_layers(rank: &RankBinding, layers: &[u32]) -> Result<Vec<u32>> {
     Ok(layers.to_vec())
 }
 
-/// Destination blocks of one load must differ: two copies into the same bytes race.
-fn check_distinct(block_ids: &[u64]) -> Result<()> {
-    let mut sorted = block_ids.to_vec();
-    sorted.sort_unstable();
-    match sorted.windows(2).find(|w| w[0] == w[1]) {
-        Some(w) => Err(EngineError::invalid(format!("destination block id {} is listed twice", w[0]))),
-        None => Ok(()),
+/// `(block id, position in the request)` sorted by block id, the order copies are
+/// emitted in. Destination blocks of one load must differ: two copies into the same
+/// bytes race.
+fn destination_order(block_ids: &[u64]) -> Result<Vec<(u64, usize)>> {
+    let mut order: Vec<(u64, usize)> = block_ids.iter().copied().zip(0..).collect();
+    order.sort_unstable();
+    match order.windows(2).find(|w| w[0].0 == w[1].0) {
+        Some(w) => Err(EngineError::invalid(format!("destination block id {} is listed twice", w[0].0))),
+        None => Ok(order),
     }
 }
 

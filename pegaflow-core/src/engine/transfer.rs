@@ -65,16 +65,17 @@ pub(super) fn save_job(pool: &Arc<HostPool>, rank: &RankBinding, block_ids: &[u6
 }
 
 /// Copies for a load ticket: for each destination block and layer, the slot back into
-/// the layer's block.
+/// the layer's block. `destinations` is `(block id, position in the request)` sorted by
+/// block id; position i receives the ticket's i-th part.
 pub(super) fn load_job(
     pool: &Arc<HostPool>,
     rank: &RankBinding,
-    block_ids: &[u64],
+    destinations: &[(u64, usize)],
     layers: &[u32],
     ticket: &LoadTicket,
 ) -> CopyJob {
-    let mut order: Vec<(u64, u64)> = block_ids.iter().copied().zip(ticket.part_offsets.iter().copied()).collect();
-    order.sort_unstable_by_key(|&(block, _)| block);
+    let order: Vec<(u64, u64)> =
+        destinations.iter().map(|&(block, index)| (block, ticket.part_offsets[index])).collect();
     let mut job = JobBuilder::new(rank);
     if rank.block_major {
         for &(block, part) in &order {
