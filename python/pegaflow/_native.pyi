@@ -66,6 +66,7 @@ class QueryResult:
 
     hit_blocks: int
     lease_id: str | None
+    lease_ttl_ms: int
 
 @final
 class LoadState:

@@ -173,7 +173,11 @@ impl PyEngineClient {
     ) -> PyResult<QueryResult> {
         let req = pb::QueryRequest { instance_id, block_hashes, lease_ttl_ms };
         let r = self.call(py, |mut c| async move { c.query(req).await })?;
-        Ok(QueryResult { hit_blocks: r.hit_blocks, lease_id: (!r.lease_id.is_empty()).then_some(r.lease_id) })
+        Ok(QueryResult {
+            hit_blocks: r.hit_blocks,
+            lease_id: (!r.lease_id.is_empty()).then_some(r.lease_id),
+            lease_ttl_ms: r.lease_ttl_ms,
+        })
     }
 
     /// Starts loading the first len(block_ids) leased blocks into `block_ids`; wait on

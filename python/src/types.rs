@@ -170,13 +170,18 @@ pub struct QueryResult {
     pub hit_blocks: u32,
     /// Lease pinning them, or None when nothing hit.
     pub lease_id: Option<String>,
+    /// How long the lease lives, milliseconds (the server's choice when none was asked).
+    pub lease_ttl_ms: u64,
 }
 
 #[pymethods]
 impl QueryResult {
     fn __repr__(&self) -> String {
         match &self.lease_id {
-            Some(id) => format!("QueryResult(hit_blocks={}, lease_id='{id}')", self.hit_blocks),
+            Some(id) => format!(
+                "QueryResult(hit_blocks={}, lease_id='{id}', lease_ttl_ms={})",
+                self.hit_blocks, self.lease_ttl_ms
+            ),
             None => format!("QueryResult(hit_blocks={}, lease_id=None)", self.hit_blocks),
         }
     }

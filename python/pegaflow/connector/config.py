@@ -48,9 +48,9 @@ class ConnectorConfig:
     load_failure_policy: str = "recompute"
     """vLLM's ``kv_load_failure_policy`` set by the connector: "recompute" (a failed
     load is recomputed: the cache is best effort) or "fail" (the request fails)."""
-    kv_cache_layout: str | None = None
-    """KV cache layout to ask vLLM for on CUDA. Default: "BLHNC" (each block of all
-    layers is one contiguous run, copied in one DMA). Ignored on CPU."""
+    kv_cache_layout: str = "BLHNC"
+    """KV cache layout to ask vLLM for on CUDA: "BLHNC" puts each block of all layers in
+    one contiguous run, copied with one DMA. Ignored on CPU."""
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -67,6 +67,8 @@ class ConnectorConfig:
             )
         if self.min_load_blocks < 1:
             raise ValueError(f"min_load_blocks must be >= 1, got {self.min_load_blocks}")
+        if not self.kv_cache_layout:
+            raise ValueError("kv_cache_layout must not be empty")
         if self.load_failure_policy not in ("recompute", "fail"):
             raise ValueError(
                 "load_failure_policy must be 'recompute' or 'fail', "

@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CROSS_LAYER_LAYOUT = "BLHNC"
-
 
 def _config_of(vllm_config: Any) -> ConnectorConfig:
     transfer = vllm_config.kv_transfer_config
@@ -129,9 +127,7 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
         if not current_platform.is_cuda_alike():
             return None
-        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
-        layout = extra.get("kv_cache_layout") or CROSS_LAYER_LAYOUT
-        return str(layout)
+        return _config_of(vllm_config).kv_cache_layout
 
     # ---- worker role ------------------------------------------------------------------
 

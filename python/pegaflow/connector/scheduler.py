@@ -22,7 +22,6 @@ from pegaflow.errors import PegaflowError, PegaflowNotFound
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LEASE_TTL_S = 30.0  # the server's default lease lifetime
 MAX_QUIET_S = 30.0
 
 
@@ -38,12 +37,12 @@ class QueryClient(Protocol):
 @dataclass
 class _Lookup:
     """A memoised lookup: ``hit_blocks`` cached blocks after the first ``local_blocks``,
-    pinned by ``lease_id`` since ``taken_at``."""
+    pinned by ``lease_id`` until ``trusted_until`` (half the lease's lifetime)."""
 
     local_blocks: int
     hit_blocks: int
     lease_id: str | None
-    taken_at: float
+    trusted_until: float
 
 
 @dataclass
@@ -65,13 +64,15 @@ class _RequestState:
         if len(hashes) < n or (n and hashes[n - 1] != self.last_hash):
             # vLLM rewrote the hash list (a streaming-input session dropped tokens): start
             # over, and count as saved only the blocks that kept their key.
-            old, self.block_keys, n = self.block_keys, [], 0
-            new = policy.block_keys(hashes, blocks_per_hash_block)
+            old = self.block_keys
+            self.block_keys = policy.block_keys(hashes, blocks_per_hash_block)
             same = next(
-                (i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
-                min(len(old), len(new)),
+                (i for i, (a, b) in enumerate(zip(old, self.block_keys, strict=False)) if a != b),
+                min(len(old), len(self.block_keys)),
             )
             self.saved_blocks = min(self.saved_blocks, same)
+            self.hashed_blocks = n = len(hashes)
+            self.last_hash = hashes[-1] if hashes else b""
         if len(hashes) != n:
             # vLLM appends hashes as tokens arrive; convert only the new ones.
             start = len(self.block_keys) * blocks_per_hash_block
@@ -109,9 +110,6 @@ class SchedulerSide:
         self._clock = clock
         self._loads = loads
         self._saves = saves
-        ttl_s = config.lease_ttl_ms / 1000 if config.lease_ttl_ms else DEFAULT_LEASE_TTL_S
-        # A remembered hit is trusted for half its lease, then looked up again.
-        self._lookup_max_age = ttl_s / 2
         self._requests: dict[str, _RequestState] = {}
         self._pending_loads: list[LoadJob] = []
         self._quiet_until = 0.0
@@ -142,11 +140,7 @@ class SchedulerSide:
             return 0
         lookup = state.lookup
         now = self._clock()
-        if (
-            lookup is None
-            or lookup.local_blocks != local_blocks
-            or now - lookup.taken_at >= self._lookup_max_age
-        ):
+        if lookup is None or lookup.local_blocks != local_blocks or now >= lookup.trusted_until:
             self._forget_lookup(state)
             lookup = self._lookup(keys[local_blocks:limit], local_blocks, now)
             state.lookup = lookup
@@ -155,7 +149,9 @@ class SchedulerSide:
         return lookup.hit_blocks * self._block_size
 
     def _lookup(self, keys: list[bytes], local_blocks: int, now: float) -> _Lookup:
-        miss = _Lookup(local_blocks, 0, None, now)
+        # A miss is remembered briefly: a request vLLM cannot place yet is asked about
+        # again each step, and the answer rarely changes within a second.
+        miss = _Lookup(local_blocks, 0, None, now + self._config.retry_interval_s)
         if now < self._quiet_until:
             return miss
         try:
@@ -168,7 +164,11 @@ class SchedulerSide:
             self._server_failed(e)
             return miss
         self._server_ok()
-        return _Lookup(local_blocks, int(result.hit_blocks), result.lease_id, now)
+        if not result.hit_blocks:
+            return miss
+        # A remembered hit is trusted for half its lease, then looked up again.
+        trusted_until = now + result.lease_ttl_ms / 2000
+        return _Lookup(local_blocks, int(result.hit_blocks), result.lease_id, trusted_until)
 
     def _server_failed(self, error: PegaflowError) -> None:
         """Stops asking the server for a while, doubling the pause while it keeps failing."""
