@@ -1,8 +1,9 @@
 //! The load-completion flag shared between a client and the server.
 //!
 //! The client creates a small shared-memory file and passes its name with a Load call;
-//! the server writes the outcome when the copy finishes and the client polls it — no
-//! RPC round trip on the hot path. Layout (512 bytes, native endian):
+//! the server writes the outcome when the copy finishes and wakes any waiter through a
+//! futex on the state word (shared, not process-private: the two sides are different
+//! processes); the client polls it or sleeps on it — no RPC round trip on the hot path. Layout (512 bytes, native endian):
 //!
 //! ```text
 //! 0..4   magic "PFLS"
@@ -12,6 +13,7 @@
 //! ```
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::shm::{ShmError, ShmMapping, unlink};
 
@@ -102,6 +104,22 @@ impl LoadState {
         }
     }
 
+    /// Sleeps until the load settles or `timeout` passes, then returns the status. Woken
+    /// by the server's futex wake; it also rechecks every few milliseconds, so a server
+    /// that never wakes (or a lost wake-up) costs latency, never a hang.
+    pub fn wait(&self, timeout: Duration) -> LoadStatus {
+        const RECHECK: Duration = Duration::from_millis(5);
+        let start = Instant::now();
+        loop {
+            let status = self.status();
+            let waited = start.elapsed();
+            if status != LoadStatus::Pending || waited >= timeout {
+                return status;
+            }
+            futex_wait(self.word(STATE_OFFSET), 0, (timeout - waited).min(RECHECK));
+        }
+    }
+
     /// Sets the state back to pending so the object can serve another load.
     pub fn reset(&self) {
         self.word(REASON_LEN_OFFSET).store(0, Ordering::Relaxed);
@@ -128,6 +146,7 @@ impl LoadState {
                 self.word(STATE_OFFSET).store(2, Ordering::Release);
             }
         }
+        futex_wake_all(self.word(STATE_OFFSET));
     }
 
     fn reason(&self) -> String {
@@ -154,6 +173,28 @@ impl Drop for LoadState {
     }
 }
 
+/// Sleeps while `word` holds `expected`, at most `timeout` (spurious returns are fine:
+/// callers recheck).
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `word` is a live, aligned u32 in a MAP_SHARED mapping; FUTEX_WAIT only reads
+    // it and the timespec outlives the call.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec);
+    }
+}
+
+/// Wakes every process sleeping on `word`.
+fn futex_wake_all(word: &AtomicU32) {
+    // SAFETY: as above; FUTEX_WAKE does not touch memory.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+    }
+}
+
 fn truncate_utf8(s: &str, max: usize) -> &[u8] {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
@@ -177,6 +218,21 @@ mod tests {
         assert_eq!(client.status(), LoadStatus::Pending);
         server.complete(Err("copy failed: ünïcode"));
         assert_eq!(client.status(), LoadStatus::Failed("copy failed: ünïcode".into()));
+    }
+
+    #[test]
+    fn wait_wakes_when_the_other_side_completes_and_times_out_otherwise() {
+        let client = LoadState::create().unwrap();
+        let t0 = Instant::now();
+        assert_eq!(client.wait(Duration::from_millis(20)), LoadStatus::Pending);
+        assert!(t0.elapsed() >= Duration::from_millis(20));
+        let server = LoadState::open(client.name()).unwrap();
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            server.complete(Ok(()));
+        });
+        assert_eq!(client.wait(Duration::from_secs(10)), LoadStatus::Done);
+        waker.join().unwrap();
     }
 
     #[test]

@@ -284,3 +284,46 @@ async fn cross_layer_layout_round_trips_byte_exact() {
     }
     unlink(&name).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_save_goes_in_chunks_and_counts_every_block_once() {
+    // 30 blocks: more than the first chunk, so the save is prepared and copied in parts.
+    let e = engine(64 << 20);
+    let kv = ClientKv::new(5);
+    e.register(kv.request("big", "ns", 0, 1)).unwrap();
+    let mut h = hashes(11, 30);
+    h[20] = h[3].clone(); // a duplicate that lands in a later chunk
+    let ids: Vec<u64> = (0..30).rev().collect();
+    let out = e.save("big", 0, &[], &ids, &h).await.unwrap();
+    assert_eq!((out.saved_blocks, out.sealed_blocks, out.skipped_blocks), (29, 29, 1));
+    let (hits, lease) = e.query("big", &h, None).unwrap();
+    assert_eq!(hits, 30);
+    let dst: Vec<u64> = (0..30).map(|i| 63 - 2 * (i % 15) - i / 15).collect(); // 34..=63, scattered
+    let state = LoadState::create().unwrap();
+    e.load("big", 0, &lease.unwrap(), &dst, &[], state.name()).unwrap();
+    assert_eq!(wait(&state).await, LoadStatus::Done);
+    for (i, (src, dst)) in ids.iter().zip(&dst).enumerate() {
+        // Position 20 repeats position 3's hash: it loads position 3's saved bytes.
+        let src = if i == 20 { ids[3] } else { *src };
+        for layer in 0..LAYERS {
+            for half in 0..2 {
+                assert_eq!(kv.segment(layer, half, src), kv.segment(layer, half, *dst), "position {i} layer {layer}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_larger_than_the_pool_fails_without_evicting_anything() {
+    // One block is LAYERS x 2 x SEG = 4 KiB; a 256 KiB pool holds 64 of them.
+    let e = engine(256 << 10);
+    let kv = ClientKv::new(6);
+    e.register(kv.request("full", "ns", 0, 1)).unwrap();
+    let kept = hashes(12, 8);
+    e.save("full", 0, &[], &(0..8).collect::<Vec<_>>(), &kept).await.unwrap();
+    let too_many = hashes(13, BLOCKS + 8);
+    let ids: Vec<u64> = (0..BLOCKS + 8).map(|i| i % BLOCKS).collect();
+    assert!(matches!(e.save("full", 0, &[], &ids, &too_many).await, Err(EngineError::ResourceExhausted(_))));
+    assert_eq!(e.query("full", &kept, None).unwrap().0, 8, "nothing was evicted");
+    assert_eq!(e.query("full", &too_many, None).unwrap().0, 0);
+}

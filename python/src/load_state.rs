@@ -1,6 +1,6 @@
 //! `LoadState`: the client end of the shared-memory load-completion flag.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pegaflow_core::load_state::{LoadState as CoreLoadState, LoadStatus};
 use pyo3::prelude::*;
@@ -60,32 +60,13 @@ impl PyLoadState {
     #[pyo3(signature = (timeout_s = 30.0))]
     fn wait(&self, py: Python<'_>, timeout_s: f64) -> PyResult<()> {
         let timeout = Duration::try_from_secs_f64(timeout_s.max(0.0)).unwrap_or(Duration::MAX);
-        let status = py.detach(|| poll_until_settled(&self.inner, timeout));
+        let status = py.detach(|| self.inner.wait(timeout));
         match status {
             LoadStatus::Done => Ok(()),
             LoadStatus::Failed(reason) => Err(pegaflow_error(py, "PegaflowLoadError", reason)),
             LoadStatus::Pending => {
                 Err(pegaflow_error(py, "PegaflowTimeout", format!("load not done after {timeout_s} s")))
             }
-        }
-    }
-}
-
-/// Spins briefly (loads of a few blocks finish in microseconds), then sleeps in short
-/// steps so a long load costs little CPU.
-fn poll_until_settled(state: &CoreLoadState, timeout: Duration) -> LoadStatus {
-    let start = Instant::now();
-    let mut spins = 0u32;
-    loop {
-        let status = state.status();
-        if status != LoadStatus::Pending || start.elapsed() >= timeout {
-            return status;
-        }
-        if spins < 200 {
-            spins += 1;
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(Duration::from_micros(50));
         }
     }
 }

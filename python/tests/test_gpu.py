@@ -192,7 +192,7 @@ def test_pool_becomes_dma_ready(gpu_server: ServerHandle) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("strategy", ["batched", "staged", "direct"])
+@pytest.mark.parametrize("strategy", ["batched", "staged", "direct", "ce-gather"])
 def test_every_copy_strategy_is_byte_exact(
     start_server: StartServer, monkeypatch: pytest.MonkeyPatch, instance_id: str, strategy: str
 ) -> None:

@@ -13,12 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use tokio::sync::oneshot;
 
 pub use metrics::EngineMetrics;
 pub use registry::{InstanceInfo, LayerRegistration, RegisterRequest};
 
 use crate::cache::{BlockCache, BlockHash, CacheStats, HASH_BYTES};
-use crate::device::{CudaDevice, DeviceBackend, HostDevice, HostDeviceOptions};
+use crate::device::{CudaDevice, DeviceBackend, DeviceError, HostDevice, HostDeviceOptions};
 use crate::error::{EngineError, Result};
 use crate::memory::{HostPool, PoolAllocator, PoolError, PoolOptions};
 use registry::{RankBinding, Registry};
@@ -169,18 +170,72 @@ impl Engine {
         if block_ids.is_empty() {
             return Ok(SaveOutcome::default());
         }
+        // Large requests go in growing chunks: the copy of the first chunk starts while
+        // the next ones are prepared, so preparation hides behind the transfer. A request
+        // that may not fit the pool is prepared whole, so it fails before evicting anything.
+        let part_bytes = rank.geometry.total().saturating_mul(block_ids.len() as u64);
+        let whole = part_bytes > self.pool.len() / 2;
+        let mut outcome = SaveOutcome::default();
+        let mut copies = Vec::new();
+        let mut failure = None;
+        let mut first_submitted = None;
+        for range in save_chunks(block_ids.len(), whole) {
+            match self.submit_save(&rank, tp_rank, &layers, &block_ids[range.clone()], &hashes[range]) {
+                Ok((prepared, copy)) => {
+                    outcome.saved_blocks += prepared.saved_blocks;
+                    outcome.skipped_blocks += prepared.skipped_blocks;
+                    outcome.evicted_blocks += prepared.evicted_blocks;
+                    copies.push(copy);
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+            first_submitted.get_or_insert_with(|| started.elapsed());
+        }
+        // Every submitted chunk is awaited, even after a failure: the caller may reuse its
+        // blocks as soon as this returns.
+        for copy in copies {
+            match copy.await {
+                Ok(Ok(sealed)) => outcome.sealed_blocks += sealed,
+                Ok(Err(e)) => failure = failure.or(Some(e.into())),
+                Err(_) => failure = failure.or(Some(EngineError::Unavailable("copy worker stopped".into()))),
+            }
+        }
+        tracing::debug!(
+            blocks = block_ids.len(),
+            first_chunk_us = first_submitted.unwrap_or_default().as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "save"
+        );
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(outcome),
+        }
+    }
+
+    /// Prepares one chunk of a save and hands its copy to the backend; the receiver
+    /// reports the blocks sealed once the copy is done.
+    fn submit_save(
+        &self,
+        rank: &RankBinding,
+        tp_rank: u32,
+        layers: &[u32],
+        block_ids: &[u64],
+        hashes: &[BlockHash],
+    ) -> Result<(SaveOutcome, oneshot::Receiver<std::result::Result<u32, DeviceError>>)> {
         let ticket =
-            self.cache.lock().prepare_save(&rank.namespace, &hashes, tp_rank, rank.tp_size, &rank.geometry, &layers)?;
-        let outcome = SaveOutcome {
+            self.cache.lock().prepare_save(&rank.namespace, hashes, tp_rank, rank.tp_size, &rank.geometry, layers)?;
+        let prepared = SaveOutcome {
             saved_blocks: ticket.blocks(),
             sealed_blocks: 0,
             skipped_blocks: ticket.skipped,
             evicted_blocks: ticket.evicted,
         };
-        let job = transfer::save_job(&self.pool, &rank, block_ids, &ticket);
+        let job = transfer::save_job(&self.pool, rank, block_ids, &ticket);
         let bytes = job.bytes();
-        let prepared = started.elapsed();
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         let cache = Arc::clone(&self.cache);
         let metrics = Arc::clone(&self.metrics);
         let saved_blocks = u64::from(ticket.blocks());
@@ -201,15 +256,7 @@ impl Engine {
                 let _ = tx.send(result.map(|()| sealed));
             }),
         );
-        let sealed = rx.await.map_err(|_| EngineError::Unavailable("copy worker stopped".into()))??;
-        tracing::debug!(
-            blocks = block_ids.len(),
-            bytes,
-            prepare_us = prepared.as_micros() as u64,
-            total_us = started.elapsed().as_micros() as u64,
-            "save"
-        );
-        Ok(SaveOutcome { sealed_blocks: sealed, ..outcome })
+        Ok((prepared, rx))
     }
 
     /// Counts the leading cached blocks of `block_hashes` for the instance's namespace and
@@ -352,6 +399,24 @@ fn prepare_pool_in_background(
     Ok(())
 }
 
+/// Blocks in the first chunk of a save; later chunks double in size.
+const FIRST_SAVE_CHUNK: usize = 16;
+
+/// The chunks a save of `n` blocks is prepared and copied in (one when `whole`).
+fn save_chunks(n: usize, whole: bool) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let mut start = 0;
+    let mut size = if whole { n } else { FIRST_SAVE_CHUNK };
+    std::iter::from_fn(move || {
+        (start < n).then(|| {
+            let end = n.min(start + size);
+            let range = start..end;
+            start = end;
+            size *= 2;
+            range
+        })
+    })
+}
+
 fn parse_hashes(raw: &[Vec<u8>]) -> Result<Vec<BlockHash>> {
     raw.iter()
         .enumerate()
@@ -399,4 +464,18 @@ fn check_block_ids(rank: &RankBinding, layers: &[u32], block_ids: &[u64]) -> Res
         return Err(EngineError::invalid(format!("block id {id} (position {i}) is out of range 0..{limit}")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_chunks_cover_the_request_in_order_and_grow() {
+        let chunks: Vec<_> = save_chunks(256, false).collect();
+        assert_eq!(chunks, vec![0..16, 16..48, 48..112, 112..240, 240..256]);
+        assert_eq!(save_chunks(10, false).collect::<Vec<_>>(), vec![0..10]);
+        assert_eq!(save_chunks(256, true).collect::<Vec<_>>(), vec![0..256]);
+        assert_eq!(save_chunks(0, false).count(), 0);
+    }
 }

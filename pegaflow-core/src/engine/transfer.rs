@@ -21,11 +21,22 @@ impl JobBuilder {
         Self { regions: (0..rank.regions as usize).map(|_| None).collect() }
     }
 
+    /// Adds `op`, extending the region's previous op when the two are contiguous on both
+    /// sides (a cross-layer block's per-layer pieces become one op here, so a large request
+    /// never materialises thousands of ops only to merge them later).
     fn push(&mut self, binding: &LayerBinding, op: CopyOp) {
-        self.regions[binding.region_index]
+        let ops = &mut self.regions[binding.region_index]
             .get_or_insert_with(|| RegionCopy { region: Arc::clone(&binding.region), ops: Vec::new() })
-            .ops
-            .push(op);
+            .ops;
+        match ops.last_mut() {
+            Some(last)
+                if last.device_offset + last.len == op.device_offset
+                    && last.host_offset + last.len == op.host_offset =>
+            {
+                last.len += op.len;
+            }
+            _ => ops.push(op),
+        }
     }
 
     fn finish(self, direction: Direction, pool: &Arc<HostPool>) -> CopyJob {

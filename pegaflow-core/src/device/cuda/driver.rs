@@ -161,6 +161,17 @@ pub(crate) fn host_unregister(ptr: NonNull<u8>) -> Result<()> {
     check(unsafe { sys::cuMemHostUnregister(ptr.as_ptr().cast()) }, "cuMemHostUnregister")
 }
 
+/// Where a batched copy goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CopyKind {
+    /// Device → pinned host.
+    ToHost,
+    /// Pinned host → device.
+    ToDevice,
+    /// Device → device.
+    OnDevice,
+}
+
 /// A non-blocking stream of the current context.
 pub(crate) struct Stream(pub sys::CUstream);
 
@@ -200,18 +211,22 @@ impl Stream {
     /// addresses are passed as pointers into registered memory.
     ///
     /// # Safety
-    /// Every range must stay valid until the stream passes the batch; device → host when
-    /// `to_host`, else host → device.
+    /// Every range must stay valid until the stream passes the batch, and lie where `kind`
+    /// says.
     pub unsafe fn copy_batch(
         &self,
         dsts: &mut [u64],
         srcs: &mut [u64],
         sizes: &mut [usize],
-        to_host: bool,
+        kind: CopyKind,
     ) -> Result<()> {
         let device = sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: 0 };
         let host = sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST, id: 0 };
-        let (src_hint, dst_hint) = if to_host { (device, host) } else { (host, device) };
+        let (src_hint, dst_hint) = match kind {
+            CopyKind::ToHost => (device, host),
+            CopyKind::ToDevice => (host, device),
+            CopyKind::OnDevice => (device, device),
+        };
         let mut attrs = sys::CUmemcpyAttributes {
             srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
             srcLocHint: src_hint,
@@ -236,6 +251,16 @@ impl Stream {
             },
             "cuMemcpyBatchAsync",
         )
+    }
+
+    /// Device → device copy (same context), done by a copy engine.
+    ///
+    /// # Safety
+    /// Both ranges must be live device memory, not overlapping, until the stream passes
+    /// this copy.
+    pub unsafe fn copy_on_device(&self, dst: u64, src: u64, len: u64) -> Result<()> {
+        // SAFETY: the caller's contract.
+        check(unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, len as usize, self.0) }, "cuMemcpyDtoDAsync")
     }
 
     /// Host → device copy.

@@ -9,7 +9,7 @@
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
-use super::driver::{Context, Result, Stream};
+use super::driver::{Context, CopyKind, Result, Stream};
 use super::plan::Segment;
 use crate::device::DeviceError;
 use crate::memory::HostPool;
@@ -21,7 +21,7 @@ struct LaneJob {
     dsts: Vec<u64>,
     srcs: Vec<u64>,
     sizes: Vec<usize>,
-    to_host: bool,
+    kind: CopyKind,
     reply: mpsc::Sender<Result<()>>,
 }
 
@@ -47,7 +47,7 @@ impl Lanes {
                             // region and the registered pool, and waits for this reply
                             // before releasing either.
                             let queued =
-                                unsafe { stream.copy_batch(&mut job.dsts, &mut job.srcs, &mut job.sizes, job.to_host) };
+                                unsafe { stream.copy_batch(&mut job.dsts, &mut job.srcs, &mut job.sizes, job.kind) };
                             // Drain even after an error: part of a batch may be in flight.
                             let drained = stream.synchronize();
                             queued.and(drained)
@@ -76,7 +76,7 @@ impl Lanes {
                 dsts: Vec::with_capacity(part.len()),
                 srcs: Vec::with_capacity(part.len()),
                 sizes: Vec::with_capacity(part.len()),
-                to_host,
+                kind: if to_host { CopyKind::ToHost } else { CopyKind::ToDevice },
                 reply: reply.clone(),
             };
             for s in part {

@@ -6,6 +6,7 @@
 //! reports a clear error only when a CUDA registration arrives. No CUDA type leaves this
 //! module.
 
+mod ce_gather;
 mod driver;
 mod kernel;
 mod lanes;

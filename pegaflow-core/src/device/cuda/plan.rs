@@ -62,6 +62,9 @@ pub enum Strategy {
     /// fastest per request, but its kernels make the GPU time-slice with the client's
     /// context (opt-in, and the fallback on drivers without the batched copy).
     Staged,
+    /// Gather/scatter through the staging buffer by device-to-device copies (copy
+    /// engines, no kernel), pipelined with large DMAs.
+    CeGather,
 }
 
 /// Segments at least this large on average go as direct DMAs: the ~3 µs fixed cost of a

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
+use super::ce_gather::CeGather;
 use super::driver::{Context, DeviceBuffer, Event, PinnedBuffer, Result, Stream};
 use super::kernel::CopyKernel;
 use super::lanes::Lanes;
@@ -47,6 +48,7 @@ impl Tuning {
                 Ok("direct") => Some(Strategy::Direct),
                 Ok("batched") => Some(Strategy::Batched),
                 Ok("staged") => Some(Strategy::Staged),
+                Ok("ce-gather") => Some(Strategy::CeGather),
                 _ => None,
             },
             lanes: var("PEGAFLOW_CUDA_LANES", 8).clamp(1, 64) as usize,
@@ -133,6 +135,8 @@ struct CopyEngine {
     lanes: Option<Lanes>,
     /// Staging slots and kernel, made on first staged request; `Err` disables staging.
     staged: Option<std::result::Result<(CopyKernel, Vec<Slot>), String>>,
+    /// Copy-engine gather slots, made on first use; `Err` disables the strategy.
+    ce: Option<std::result::Result<CeGather, String>>,
 }
 
 impl CopyEngine {
@@ -145,6 +149,7 @@ impl CopyEngine {
             tuning,
             lanes,
             staged: None,
+            ce: None,
         })
     }
 
@@ -157,12 +162,17 @@ impl CopyEngine {
         let fragmented = if self.lanes.is_some() { Strategy::Batched } else { Strategy::Staged };
         let strategy = match self.tuning.force.unwrap_or_else(|| choose(&segments, fragmented)) {
             Strategy::Batched if self.lanes.is_some() => Strategy::Batched,
+            Strategy::CeGather if self.ce_ready() => Strategy::CeGather,
             Strategy::Batched | Strategy::Staged if self.staging_ready() => Strategy::Staged,
             _ => Strategy::Direct,
         };
         let result = match (strategy, &self.lanes) {
             (Strategy::Batched, Some(lanes)) => lanes.run(pool, &segments, self.direction == Direction::Save),
             (Strategy::Staged, _) => self.run_staged(pool, segments),
+            (Strategy::CeGather, _) => match &self.ce {
+                Some(Ok(ce)) => ce.run(pool, segments, self.direction),
+                _ => Err(DeviceError::Cuda("copy-engine gather not initialised".into())),
+            },
             _ => self.run_direct(pool, &segments),
         };
         tracing::debug!(
@@ -175,6 +185,18 @@ impl CopyEngine {
             let _ = self.compute.synchronize();
         }
         result
+    }
+
+    fn ce_ready(&mut self) -> bool {
+        if self.ce.is_none() {
+            let made = CeGather::new(self.tuning.slots, self.tuning.slot_bytes, self.lanes.is_some());
+            match &made {
+                Ok(_) => info!(direction = ?self.direction, tuning = ?self.tuning, "copy-engine gather ready"),
+                Err(e) => warn!(error = %e, "copy-engine gather unavailable; using direct DMAs"),
+            }
+            self.ce = Some(made.map_err(|e| e.to_string()));
+        }
+        matches!(self.ce, Some(Ok(_)))
     }
 
     fn staging_ready(&mut self) -> bool {
@@ -288,7 +310,7 @@ impl CopyEngine {
     }
 }
 
-fn host_ptr(pool: &HostPool, offset: u64, len: u64) -> Result<std::ptr::NonNull<u8>> {
+pub(super) fn host_ptr(pool: &HostPool, offset: u64, len: u64) -> Result<std::ptr::NonNull<u8>> {
     pool.ptr_at(offset, len)
         .ok_or_else(|| DeviceError::OutOfBounds(format!("{len} bytes at pool offset {offset} ({} B pool)", pool.len())))
 }
