@@ -1,15 +1,17 @@
-//! Gather through the copy engines: a fragmented request is collected into a device
-//! staging slot by device-to-device copies (copy engines, no kernel), and the slot moves
-//! to or from the pool as a few large DMAs.
+//! Gather through device-to-device copies: a fragmented request is collected into a
+//! device staging slot by `cuMemcpyDtoDAsync` / batched copies (no kernel of ours), and
+//! the slot moves to or from the pool as a few large DMAs.
 //!
-//! Why not the gather kernel (`Strategy::Staged`): the server and the inference engine
-//! are different processes, so any kernel (or cross-stream event) in the server's context
-//! makes the GPU time-slice between the two contexts and slows the engine's kernels by
-//! 16–20% (measured on the H100). Copy engines run beside the SMs. Each slot has its own
-//! stream that carries both its device copies and its DMAs, so stream order alone keeps a
-//! slot from being refilled before its DMA has drained it: no events, no host waits
-//! until the end of the request. Slots on different streams overlap: one slot's device
-//! copies run while another's DMA uses the link.
+//! Each slot has its own stream that carries both its device copies and its DMAs, so
+//! stream order alone keeps a slot from being refilled before its DMA has drained it: no
+//! events, no host waits until the end of the request. Slots on different streams
+//! overlap: one slot's device copies run while another's DMA uses the link.
+//!
+//! Measured on the H100 (docs/benchmarks.md, session 3): 256 × 2 MiB in 10.0 ms (direct
+//! DMAs: 10.6 ms), but a concurrent GEMM in the inference engine's process ran 17% slower
+//! — device-to-device copies in the server's context make the GPU time-slice between the
+//! contexts just as the gather kernel does — and 16,384 × 32 KiB took 80 ms. So it is
+//! opt-in (`PEGAFLOW_CUDA_STRATEGY=ce-gather`), for GPUs the server has to itself.
 
 use super::driver::{CopyKind, DeviceBuffer, Result, Stream};
 use super::plan::{Chunk, Segment, StagedSegment, plan_staged};

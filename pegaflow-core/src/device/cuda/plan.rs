@@ -62,26 +62,37 @@ pub enum Strategy {
     /// fastest per request, but its kernels make the GPU time-slice with the client's
     /// context (opt-in, and the fallback on drivers without the batched copy).
     Staged,
-    /// Gather/scatter through the staging buffer by device-to-device copies (copy
-    /// engines, no kernel), pipelined with large DMAs.
+    /// Gather/scatter through the staging buffer by device-to-device copies instead of a
+    /// kernel, pipelined with large DMAs. Opt-in: on the H100 it moved 256 × 2 MiB in
+    /// 10.0 ms but slowed a concurrent GEMM by 17% (device-to-device copies in the
+    /// server's context time-slice with the engine like kernels do), and 16,384 × 32 KiB
+    /// took 80 ms.
     CeGather,
 }
 
-/// Segments at least this large on average go as direct DMAs: the ~3 µs fixed cost of a
-/// DMA is then under 10% of its transfer time at ~55 GB/s.
-pub const DIRECT_MIN_AVG_BYTES: u64 = 2 << 20;
+/// Segments at least this large on average count as large: the ~3 µs fixed cost of a
+/// DMA is then under 10% of its transfer time at ~55 GB/s, so no gather is needed.
+pub const LARGE_AVG_BYTES: u64 = 2 << 20;
 /// Requests of at most this many segments go as direct DMAs (a kernel launch and an
 /// extra hop are not worth it).
 pub const DIRECT_MAX_SEGMENTS: usize = 4;
+/// Requests of large segments go as direct DMAs up to this many segments, and as one
+/// batched call beyond: on the H100, 256 × 2 MiB took 10.6 ms as direct DMAs and 10.0 ms
+/// as batches (the driver chains them without the per-copy gap), while 16 × 2 MiB was
+/// the same either way (docs/benchmarks.md, session 3).
+pub const DIRECT_MAX_LARGE_SEGMENTS: usize = 16;
 
-/// Picks the strategy for a request: direct DMAs for few or large segments, else the
-/// strategy for fragmented requests, `fragmented`.
-pub fn choose(segments: &[Segment], fragmented: Strategy) -> Strategy {
+/// Picks the strategy for a request. `batched`: the driver has the batched copy (CUDA
+/// 13+); without it fragmented requests fall back to the staged gather.
+pub fn choose(segments: &[Segment], batched: bool) -> Strategy {
     let total: u64 = segments.iter().map(|s| s.len).sum();
-    if segments.len() <= DIRECT_MAX_SEGMENTS || total / segments.len().max(1) as u64 >= DIRECT_MIN_AVG_BYTES {
-        Strategy::Direct
-    } else {
-        fragmented
+    let large = total / segments.len().max(1) as u64 >= LARGE_AVG_BYTES;
+    match (segments.len(), large, batched) {
+        (n, _, _) if n <= DIRECT_MAX_SEGMENTS => Strategy::Direct,
+        (n, true, true) if n > DIRECT_MAX_LARGE_SEGMENTS => Strategy::Batched,
+        (_, true, _) => Strategy::Direct,
+        (_, false, true) => Strategy::Batched,
+        (_, false, false) => Strategy::Staged,
     }
 }
 
@@ -184,12 +195,14 @@ mod tests {
     }
 
     #[test]
-    fn strategy_follows_segment_size() {
+    fn strategy_follows_segment_size_and_count() {
         let small: Vec<_> = (0..16_384).map(|i| seg(i * 32_768, i * 32_768, 32_768)).collect();
-        assert_eq!(choose(&small, Strategy::Batched), Strategy::Batched);
-        assert_eq!(choose(&small, Strategy::Staged), Strategy::Staged);
-        let large: Vec<_> = (0..256).map(|i| seg(i << 22, i << 22, 4 << 20)).collect();
-        assert_eq!(choose(&large, Strategy::Batched), Strategy::Direct);
-        assert_eq!(choose(&small[..3], Strategy::Batched), Strategy::Direct);
+        assert_eq!(choose(&small, true), Strategy::Batched);
+        assert_eq!(choose(&small, false), Strategy::Staged);
+        let large: Vec<_> = (0..256).map(|i| seg(i << 22, i << 22, 2 << 20)).collect();
+        assert_eq!(choose(&large, true), Strategy::Batched);
+        assert_eq!(choose(&large, false), Strategy::Direct);
+        assert_eq!(choose(&large[..16], true), Strategy::Direct);
+        assert_eq!(choose(&small[..3], true), Strategy::Direct);
     }
 }

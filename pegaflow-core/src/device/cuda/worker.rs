@@ -28,7 +28,7 @@ struct Tuning {
     slot_bytes: u64,
     /// Staging slots in flight (pipeline depth).
     slots: usize,
-    /// Forces a strategy (`PEGAFLOW_CUDA_STRATEGY=direct|batched|staged`); `None` chooses
+    /// Forces a strategy (`PEGAFLOW_CUDA_STRATEGY=direct|batched|staged|ce-gather`); `None` chooses
     /// per request.
     force: Option<Strategy>,
     /// Batched-copy lanes (threads with their own stream). Default 8: measured 13.4–13.9 ms
@@ -159,8 +159,7 @@ impl CopyEngine {
         }
         let started = std::time::Instant::now();
         let (count, bytes) = (segments.len(), segments.iter().map(|s| s.len).sum::<u64>());
-        let fragmented = if self.lanes.is_some() { Strategy::Batched } else { Strategy::Staged };
-        let strategy = match self.tuning.force.unwrap_or_else(|| choose(&segments, fragmented)) {
+        let strategy = match self.tuning.force.unwrap_or_else(|| choose(&segments, self.lanes.is_some())) {
             Strategy::Batched if self.lanes.is_some() => Strategy::Batched,
             Strategy::CeGather if self.ce_ready() => Strategy::CeGather,
             Strategy::Batched | Strategy::Staged if self.staging_ready() => Strategy::Staged,
