@@ -9,6 +9,7 @@ pub mod layout;
 pub mod load_state;
 pub mod memory;
 pub mod shm;
+pub mod spin;
 
 pub use engine::{
     Engine, EngineConfig, EngineInitError, EngineMetrics, InstanceInfo, LayerRegistration, RegisterRequest, SaveOutcome,

@@ -104,9 +104,11 @@ impl LoadState {
         }
     }
 
-    /// Sleeps until the load settles or `timeout` passes, then returns the status. Woken
-    /// by the server's futex wake; it also rechecks every few milliseconds, so a server
-    /// that never wakes (or a lost wake-up) costs latency, never a hang.
+    /// Waits until the load settles or `timeout` passes, then returns the status. Yields
+    /// the CPU for the first [`crate::spin::SPIN`] (small loads finish within it and an
+    /// idle-CPU wake-up costs 50–150 µs), then sleeps on the state word until the
+    /// server's futex wake; it also rechecks every few milliseconds, so a server that
+    /// never wakes (or a lost wake-up) costs latency, never a hang.
     pub fn wait(&self, timeout: Duration) -> LoadStatus {
         const RECHECK: Duration = Duration::from_millis(5);
         let start = Instant::now();
@@ -116,7 +118,11 @@ impl LoadState {
             if status != LoadStatus::Pending || waited >= timeout {
                 return status;
             }
-            futex_wait(self.word(STATE_OFFSET), 0, (timeout - waited).min(RECHECK));
+            if waited < crate::spin::SPIN {
+                std::thread::yield_now();
+            } else {
+                futex_wait(self.word(STATE_OFFSET), 0, (timeout - waited).min(RECHECK));
+            }
         }
     }
 

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use pegaflow_core::spin;
 use pegaflow_proto as pb;
 use pegaflow_proto::engine_client::EngineClient as GrpcClient;
 use pyo3::prelude::*;
@@ -41,12 +42,14 @@ impl PyEngineClient {
         let client = self.client.clone();
         let timeout = self.timeout;
         let result = py.detach(|| {
-            self.runtime.block_on(async move {
+            let call = async move {
                 match tokio::time::timeout(timeout, f(client)).await {
                     Ok(result) => result.map(Response::into_inner),
                     Err(_) => Err(Status::deadline_exceeded(format!("no answer within {timeout:?}"))),
                 }
-            })
+            };
+            let _context = self.runtime.enter();
+            spin::block_on(call, spin::SPIN)
         });
         result.map_err(|status| status_to_pyerr(py, &status))
     }

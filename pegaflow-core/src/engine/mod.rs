@@ -195,12 +195,16 @@ impl Engine {
             first_submitted.get_or_insert_with(|| started.elapsed());
         }
         // Every submitted chunk is awaited, even after a failure: the caller may reuse its
-        // blocks as soon as this returns.
-        for copy in copies {
-            match copy.await {
-                Ok(Ok(sealed)) => outcome.sealed_blocks += sealed,
-                Ok(Err(e)) => failure = failure.or(Some(e.into())),
-                Err(_) => failure = failure.or(Some(EngineError::Unavailable("copy worker stopped".into()))),
+        // blocks as soon as this returns. The last one is short (chunks finish in order)
+        // and is waited for without letting the worker thread sleep: waking an idle
+        // thread costs 50–150 µs on the H100 host, a tenth of an 8B-256 save.
+        let last = copies.len().saturating_sub(1);
+        for (i, copy) in copies.into_iter().enumerate() {
+            let copied = if i == last { spin_recv(copy).await } else { copy.await.ok() };
+            match copied {
+                Some(Ok(sealed)) => outcome.sealed_blocks += sealed,
+                Some(Err(e)) => failure = failure.or(Some(e.into())),
+                None => failure = failure.or(Some(EngineError::Unavailable("copy worker stopped".into()))),
             }
         }
         tracing::debug!(
@@ -399,6 +403,21 @@ fn prepare_pool_in_background(
     Ok(())
 }
 
+/// Receives from `rx` (`None`: the sender was dropped), keeping the worker thread busy
+/// (yielding to other tasks) for up to [`crate::spin::SPIN`] before sleeping on it like
+/// a plain `.await`.
+async fn spin_recv<T>(mut rx: oneshot::Receiver<T>) -> Option<T> {
+    let start = Instant::now();
+    while start.elapsed() < crate::spin::SPIN {
+        match rx.try_recv() {
+            Ok(value) => return Some(value),
+            Err(oneshot::error::TryRecvError::Empty) => tokio::task::yield_now().await,
+            Err(oneshot::error::TryRecvError::Closed) => return None,
+        }
+    }
+    rx.await.ok()
+}
+
 /// Blocks in the first chunk of a save; later chunks double in size.
 const FIRST_SAVE_CHUNK: usize = 16;
 
@@ -469,6 +488,21 @@ fn check_block_ids(rank: &RankBinding, layers: &[u32], block_ids: &[u64]) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spin_recv_gets_early_and_late_values_and_sees_a_dropped_sender() {
+        for delay_ms in [0, 5] {
+            let (tx, rx) = oneshot::channel();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(delay_ms));
+                let _ = tx.send(delay_ms);
+            });
+            assert_eq!(spin_recv(rx).await, Some(delay_ms));
+        }
+        let (tx, rx) = oneshot::channel::<u8>();
+        drop(tx);
+        assert_eq!(spin_recv(rx).await, None);
+    }
 
     #[test]
     fn save_chunks_cover_the_request_in_order_and_grow() {
