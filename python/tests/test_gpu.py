@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ServerHandle, StartServer
 
 from pegaflow import EngineClient, KvLayer, LoadState
+from pegaflow.errors import PegaflowInvalidArgument
 
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
@@ -211,3 +213,52 @@ def test_every_copy_strategy_is_byte_exact(
     torch.cuda.synchronize()
     for layer, t in enumerate(tensors):
         assert torch.equal(block_slice(t, 1, dst), before[layer]), f"{strategy}: layer {layer}"
+
+
+# A client whose CUDA_VISIBLE_DEVICES reorders the GPUs: its cuda:0 is physical GPU 1.
+_REORDERED_CLIENT = """
+import os, sys, torch
+from pegaflow import EngineClient, LoadState
+from pegaflow.cuda import cuda_layer_spec
+client = EngineClient(sys.argv[1])
+kv = torch.randn(2, 64, 16, 8, 128, dtype=torch.bfloat16, device="cuda:0")
+client.register_kv_layers("reordered", "ns-reordered", 0, 1,
+                          [cuda_layer_spec(0, kv, block_dim=1, kv_dim=0)])
+hashes = [os.urandom(32) for _ in range(8)]
+assert client.save("reordered", 0, list(range(8)), hashes).sealed_blocks == 8
+q = client.query("reordered", hashes)
+state = LoadState()
+client.load("reordered", 0, q.lease_id, list(range(32, 40)), state)
+state.wait(timeout_s=30)
+torch.cuda.synchronize()
+assert torch.equal(kv[:, :8].view(torch.int16), kv[:, 32:40].view(torch.int16))
+print("ok", torch.cuda.get_device_properties(0).uuid)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpus_are_matched_by_uuid_whatever_the_client_sees(
+    start_server: StartServer, instance_id: str, tmp_path: Path
+) -> None:
+    """The server serves only its GPU 1. A client that sees the GPUs in reverse order
+    (its cuda:0 is GPU 1) is served; a tensor on GPU 0 is refused by name of its UUID."""
+    import subprocess
+    import sys
+
+    server = start_server(pool_size="256mb", extra_args=["--devices", "1"])
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="1,0")
+    done = subprocess.run(
+        [sys.executable, "-c", _REORDERED_CLIENT, server.endpoint],
+        env=env,
+        cwd=tmp_path,  # not the source tree: the installed package has the extension
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok"), done.stdout
+    on_gpu0 = torch.randn(2, 8, 16, 8, 128, dtype=torch.bfloat16, device="cuda:0")
+    with pytest.raises(PegaflowInvalidArgument, match="no GPU with UUID"):
+        server.client().register_kv_layers(
+            instance_id, "ns-gpu0", 0, 1, [cuda_layer_spec(0, on_gpu0, block_dim=1, kv_dim=0)]
+        )
