@@ -1,0 +1,53 @@
+"""RPC latency probe: a loopback `health` call back to back and after idle gaps.
+
+Shows what a sleeping thread costs on this host: a call after the client and server
+threads went idle pays their wake-ups. Starts its own server (the installed
+`pegaflow-server`).
+
+    python scripts/rpc_latency.py [--reps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pegaflow as pf
+from pegaflow.server import spawn_server
+
+
+def probe(client: pf.EngineClient, reps: int, gap_s: float, busy: bool) -> list[float]:
+    """Microseconds per call, each after `gap_s` of sleeping (or spinning when `busy`)."""
+    out = []
+    for _ in range(reps):
+        if busy:
+            end = time.perf_counter() + gap_s
+            while time.perf_counter() < end:
+                pass
+        elif gap_s:
+            time.sleep(gap_s)
+        t0 = time.perf_counter()
+        client.health()
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=300)
+    args = parser.parse_args()
+    with spawn_server("256mb", ["--log-level", "warn"]) as endpoint:
+        client = pf.EngineClient(endpoint)
+        probe(client, 20, 0, False)  # connect and warm up
+        for gap_ms, busy in ((0, False), (1, False), (10, False), (10, True)):
+            us = sorted(probe(client, args.reps, gap_ms / 1e3, busy))
+            caller = "spinning" if busy else "sleeping"
+            print(
+                f"health after {gap_ms:2d} ms ({caller} caller): p50 {statistics.median(us):6.0f} us"
+                f"  p90 {us[int(len(us) * 0.9)]:6.0f} us"
+            )
+
+
+if __name__ == "__main__":
+    main()
