@@ -2,9 +2,9 @@
 
 Shows what a sleeping thread costs on this host: a call after the client and server
 threads went idle pays their wake-ups. Starts its own server (the installed
-`pegaflow-server`).
+`pegaflow-server`). The client's keep-warm window follows `PEGAFLOW_CLIENT_SPIN_US`.
 
-    python scripts/rpc_latency.py [--reps 300]
+    python scripts/rpc_latency.py [--reps 300] [--spin-us 0]
 """
 
 from __future__ import annotations
@@ -36,8 +36,12 @@ def probe(client: pf.EngineClient, reps: int, gap_s: float, busy: bool) -> list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=300)
+    parser.add_argument("--spin-us", help="the server's --spin-us (default: its own)")
     args = parser.parse_args()
-    with spawn_server("256mb", ["--log-level", "warn"]) as endpoint:
+    flags = ["--log-level", "warn"] + (
+        ["--spin-us", args.spin_us] if args.spin_us else []
+    )
+    with spawn_server("256mb", flags) as endpoint:
         client = pf.EngineClient(endpoint)
         probe(client, 20, 0, False)  # connect and warm up
         for gap_ms, busy in ((0, False), (1, False), (10, False), (10, True)):

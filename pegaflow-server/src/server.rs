@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pegaflow_core::spin::KeepWarm;
 use pegaflow_core::{Engine, EngineConfig};
 use pegaflow_proto::engine_server::EngineServer;
 use prometheus_client::registry::Registry;
@@ -84,7 +85,11 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             let _ = stop_tx.send(true);
         })
     };
-    let service = EngineService::new(Arc::clone(&engine), Arc::new(Sessions::new(stop_rx.clone())));
+    let service = EngineService::new(
+        Arc::clone(&engine),
+        Arc::new(Sessions::new(stop_rx.clone())),
+        KeepWarm::new(config.spin_window()),
+    );
     // Listeners are bound: pool population, CUDA start-up and pinning may now compete for
     // the machine without delaying the first answer.
     engine.prepare_pool_in_background();

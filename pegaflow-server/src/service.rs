@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use pegaflow_core::device::RegionSource;
 use pegaflow_core::layout::TensorSpec;
+use pegaflow_core::spin::KeepWarm;
 use pegaflow_core::{Engine, LayerRegistration, RegisterRequest};
 use pegaflow_proto as pb;
 use pegaflow_proto::engine_server::Engine as EngineApi;
@@ -18,12 +19,18 @@ use crate::session::{SessionStream, Sessions};
 pub struct EngineService {
     engine: Arc<Engine>,
     sessions: Arc<Sessions>,
+    warm: KeepWarm,
 }
 
 impl EngineService {
-    /// A service over `engine`; closed sessions unregister through `sessions`.
-    pub fn new(engine: Arc<Engine>, sessions: Arc<Sessions>) -> Self {
-        Self { engine, sessions }
+    /// A service over `engine`; closed sessions unregister through `sessions`; `warm`
+    /// keeps a thread polling after each hot-path request.
+    pub fn new(engine: Arc<Engine>, sessions: Arc<Sessions>, warm: KeepWarm) -> Self {
+        Self { engine, sessions, warm }
+    }
+
+    fn touch(&self) {
+        self.warm.touch(&tokio::runtime::Handle::current());
     }
 }
 
@@ -101,12 +108,12 @@ impl EngineApi for EngineService {
     }
 
     async fn save(&self, request: Request<pb::SaveRequest>) -> Result<Response<pb::SaveResponse>, Status> {
+        self.touch();
         let req = request.into_inner();
-        let outcome = self
-            .engine
-            .save(&req.instance_id, req.tp_rank, &req.layers, &req.block_ids, &req.block_hashes)
-            .await
-            .map_err(to_status)?;
+        let outcome =
+            self.engine.save(&req.instance_id, req.tp_rank, &req.layers, &req.block_ids, &req.block_hashes).await;
+        self.touch(); // a long copy outlasts the window: the reply opens a new one
+        let outcome = outcome.map_err(to_status)?;
         Ok(Response::new(pb::SaveResponse {
             saved_blocks: outcome.saved_blocks,
             sealed_blocks: outcome.sealed_blocks,
@@ -116,6 +123,7 @@ impl EngineApi for EngineService {
     }
 
     async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+        self.touch();
         let req = request.into_inner();
         let ttl = (req.lease_ttl_ms > 0).then(|| Duration::from_millis(req.lease_ttl_ms));
         let (hit_blocks, lease) = self.engine.query(&req.instance_id, &req.block_hashes, ttl).map_err(to_status)?;
@@ -125,6 +133,7 @@ impl EngineApi for EngineService {
     }
 
     async fn load(&self, request: Request<pb::LoadRequest>) -> Result<Response<pb::LoadResponse>, Status> {
+        self.touch();
         let req = request.into_inner();
         let blocks = self
             .engine
@@ -142,6 +151,7 @@ impl EngineApi for EngineService {
     }
 
     async fn health(&self, _request: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+        self.touch();
         let stats = self.engine.stats();
         Ok(Response::new(pb::HealthResponse {
             status: "ok".into(),

@@ -24,6 +24,8 @@ use crate::types::{KvLayer, QueryResult, SaveResult};
 #[pyclass(module = "pegaflow._native", name = "EngineClient", frozen)]
 pub struct PyEngineClient {
     runtime: Runtime,
+    /// Keeps the runtime's I/O thread polling between the calls of a burst.
+    warm: spin::KeepWarm,
     client: GrpcClient<Channel>,
     endpoint: String,
     timeout: Duration,
@@ -49,9 +51,21 @@ impl PyEngineClient {
                 }
             };
             let _context = self.runtime.enter();
-            spin::block_on(call, spin::SPIN)
+            self.warm.touch(self.runtime.handle());
+            let result = spin::block_on(call, spin::SPIN);
+            self.warm.touch(self.runtime.handle());
+            result
         });
         result.map_err(|status| status_to_pyerr(py, &status))
+    }
+}
+
+/// How long the runtime's I/O thread keeps polling after a call: 2 ms on machines with
+/// enough CPUs (see `pegaflow_core::spin`), `PEGAFLOW_CLIENT_SPIN_US` overrides (0: off).
+fn client_warm_window() -> Duration {
+    match std::env::var("PEGAFLOW_CLIENT_SPIN_US").ok().and_then(|v| v.parse().ok()) {
+        Some(us) => Duration::from_micros(us),
+        None => spin::default_warm_window(Duration::from_millis(2)),
     }
 }
 
@@ -84,6 +98,7 @@ impl PyEngineClient {
         };
         Ok(Self {
             runtime,
+            warm: spin::KeepWarm::new(client_warm_window()),
             client: GrpcClient::new(channel),
             endpoint: endpoint.to_owned(),
             timeout,
