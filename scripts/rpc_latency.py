@@ -38,19 +38,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=300)
     parser.add_argument("--spin-us", help="the server's --spin-us (default: its own)")
     args = parser.parse_args()
-    flags = ["--log-level", "warn"] + (
-        ["--spin-us", args.spin_us] if args.spin_us else []
-    )
+    flags = ["--log-level", "warn"] + (["--spin-us", args.spin_us] if args.spin_us else [])
     with spawn_server("256mb", flags) as endpoint:
         client = pf.EngineClient(endpoint)
         probe(client, 20, 0, False)  # connect and warm up
         for gap_ms, busy in ((0, False), (1, False), (10, False), (10, True)):
             us = sorted(probe(client, args.reps, gap_ms / 1e3, busy))
             caller = "spinning" if busy else "sleeping"
-            print(
-                f"health after {gap_ms:2d} ms ({caller} caller): p50 {statistics.median(us):6.0f} us"
-                f"  p90 {us[int(len(us) * 0.9)]:6.0f} us"
-            )
+            p50, p90 = statistics.median(us), us[int(len(us) * 0.9)]
+            label = f"health after {gap_ms:2d} ms ({caller} caller)"
+            print(f"{label}: p50 {p50:6.0f} us  p90 {p90:6.0f} us")
 
 
 if __name__ == "__main__":

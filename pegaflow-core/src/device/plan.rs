@@ -11,6 +11,19 @@ pub struct CopyOp {
     pub len: u64,
 }
 
+impl CopyOp {
+    /// Grows this op by `next` when `next` starts where this one ends on both sides;
+    /// returns whether it did.
+    pub fn absorb(&mut self, next: &CopyOp) -> bool {
+        let contiguous =
+            self.device_offset + self.len == next.device_offset && self.host_offset + self.len == next.host_offset;
+        if contiguous {
+            self.len += next.len;
+        }
+        contiguous
+    }
+}
+
 /// Sorts `ops` by device offset and merges neighbours that are contiguous on both the
 /// device and the host side. The set of bytes copied is unchanged.
 pub fn coalesce(ops: &mut Vec<CopyOp>) {
@@ -21,14 +34,8 @@ pub fn coalesce(ops: &mut Vec<CopyOp>) {
     }
     let mut merged: Vec<CopyOp> = Vec::with_capacity(ops.len());
     for op in ops.drain(..) {
-        match merged.last_mut() {
-            Some(last)
-                if last.device_offset + last.len == op.device_offset
-                    && last.host_offset + last.len == op.host_offset =>
-            {
-                last.len += op.len;
-            }
-            _ => merged.push(op),
+        if !merged.last_mut().is_some_and(|last| last.absorb(&op)) {
+            merged.push(op);
         }
     }
     *ops = merged;

@@ -28,14 +28,8 @@ impl JobBuilder {
         let ops = &mut self.regions[binding.region_index]
             .get_or_insert_with(|| RegionCopy { region: Arc::clone(&binding.region), ops: Vec::new() })
             .ops;
-        match ops.last_mut() {
-            Some(last)
-                if last.device_offset + last.len == op.device_offset
-                    && last.host_offset + last.len == op.host_offset =>
-            {
-                last.len += op.len;
-            }
-            _ => ops.push(op),
+        if !ops.last_mut().is_some_and(|last| last.absorb(&op)) {
+            ops.push(op);
         }
     }
 
