@@ -105,12 +105,15 @@ impl LoadState {
     }
 
     /// Waits until the load settles or `timeout` passes, then returns the status. Yields
-    /// the CPU for the first [`crate::spin::SPIN`] (small loads finish within it and an
-    /// idle-CPU wake-up costs 50–150 µs), then sleeps on the state word until the
-    /// server's futex wake; it also rechecks every few milliseconds, so a server that
-    /// never wakes (or a lost wake-up) costs latency, never a hang.
-    pub fn wait(&self, timeout: Duration) -> LoadStatus {
-        const RECHECK: Duration = Duration::from_millis(5);
+    /// the CPU for the first `spin` (small loads finish within it and an idle-CPU wake-up
+    /// costs 50–150 µs), then sleeps on the state word until the server's futex wake; it
+    /// also rechecks every few milliseconds, so a server that never wakes (or a lost
+    /// wake-up) costs latency, never a hang.
+    pub fn wait(&self, timeout: Duration, spin: Duration) -> LoadStatus {
+        self.wait_rechecking(timeout, spin, Duration::from_millis(5))
+    }
+
+    fn wait_rechecking(&self, timeout: Duration, spin: Duration, recheck: Duration) -> LoadStatus {
         let start = Instant::now();
         loop {
             let status = self.status();
@@ -118,10 +121,11 @@ impl LoadState {
             if status != LoadStatus::Pending || waited >= timeout {
                 return status;
             }
-            if waited < crate::spin::SPIN {
+            if waited < spin {
                 std::thread::yield_now();
-            } else {
-                futex_wait(self.word(STATE_OFFSET), 0, (timeout - waited).min(RECHECK));
+            } else if !futex_wait(self.word(STATE_OFFSET), 0, (timeout - waited).min(recheck)) {
+                // No futex here (a sandbox refusing the call): poll gently instead.
+                std::thread::sleep(Duration::from_micros(100));
             }
         }
     }
@@ -180,17 +184,20 @@ impl Drop for LoadState {
 }
 
 /// Sleeps while `word` holds `expected`, at most `timeout` (spurious returns are fine:
-/// callers recheck).
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+/// callers recheck). False when the kernel refused the wait for another reason than the
+/// value changing, an interruption or the timeout.
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> bool {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
     };
     // SAFETY: `word` is a live, aligned u32 in a MAP_SHARED mapping; FUTEX_WAIT only reads
     // it and the timespec outlives the call.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec);
-    }
+    let rc = unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec)
+    };
+    rc == 0
+        || matches!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN | libc::EINTR | libc::ETIMEDOUT))
 }
 
 /// Wakes every process sleeping on `word`.
@@ -230,15 +237,20 @@ mod tests {
     fn wait_wakes_when_the_other_side_completes_and_times_out_otherwise() {
         let client = LoadState::create().unwrap();
         let t0 = Instant::now();
-        assert_eq!(client.wait(Duration::from_millis(20)), LoadStatus::Pending);
+        assert_eq!(client.wait(Duration::from_millis(20), Duration::from_millis(1)), LoadStatus::Pending);
         assert!(t0.elapsed() >= Duration::from_millis(20));
         let server = LoadState::open(client.name()).unwrap();
         let waker = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
             server.complete(Ok(()));
+            Instant::now()
         });
-        assert_eq!(client.wait(Duration::from_secs(10)), LoadStatus::Done);
-        waker.join().unwrap();
+        // Rechecks every 10 s: only the futex wake can end this wait soon after `complete`.
+        let status = client.wait_rechecking(Duration::from_secs(30), Duration::ZERO, Duration::from_secs(10));
+        let woken = Instant::now();
+        assert_eq!(status, LoadStatus::Done);
+        let completed = waker.join().unwrap();
+        assert!(woken.duration_since(completed) < Duration::from_secs(2), "not woken by the futex");
     }
 
     #[test]

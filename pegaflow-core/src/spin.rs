@@ -108,17 +108,20 @@ impl KeepWarm {
         if state.window.is_zero() {
             return;
         }
-        state.until.fetch_max(state.now() + state.window.as_nanos() as u64, Ordering::AcqRel);
-        if !state.spinning.swap(true, Ordering::AcqRel) {
+        // SeqCst on both sides: the spinner stores `spinning = false` then reads `until`,
+        // a touch writes `until` then reads `spinning`; weaker orderings would let both
+        // read the old values and leave a burst without a spinner.
+        state.until.fetch_max(state.now() + state.window.as_nanos() as u64, Ordering::SeqCst);
+        if !state.spinning.swap(true, Ordering::SeqCst) {
             let state = Arc::clone(state);
             runtime.spawn(async move {
                 loop {
-                    if state.now() >= state.until.load(Ordering::Acquire) {
-                        state.spinning.store(false, Ordering::Release);
+                    if state.now() >= state.until.load(Ordering::SeqCst) {
+                        state.spinning.store(false, Ordering::SeqCst);
                         // A touch between the check and the store saw `spinning` set and
                         // left: take over again if the window moved meanwhile.
-                        if state.now() >= state.until.load(Ordering::Acquire)
-                            || state.spinning.swap(true, Ordering::AcqRel)
+                        if state.now() >= state.until.load(Ordering::SeqCst)
+                            || state.spinning.swap(true, Ordering::SeqCst)
                         {
                             return;
                         }
@@ -144,8 +147,27 @@ mod tests {
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
     }
 
+    /// Runs `test` on its own thread and fails if it does not finish within 10 s (a lost
+    /// wake-up would otherwise hang the test run).
+    fn within_10s(test: impl FnOnce() + Send + 'static) {
+        let (done, finished) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            test();
+            let _ = done.send(());
+        });
+        match finished.recv_timeout(Duration::from_secs(10)) {
+            Ok(()) => thread.join().unwrap(),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => thread.join().unwrap(), // panicked: re-raise
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("hung: a wake-up was lost"),
+        }
+    }
+
     #[test]
     fn completes_futures_woken_by_the_runtime_both_while_spinning_and_after_parking() {
+        within_10s(completes_futures_woken_by_the_runtime);
+    }
+
+    fn completes_futures_woken_by_the_runtime() {
         let rt = runtime();
         let _context = rt.enter();
         for (sleep, spin) in [(1, Duration::from_millis(50)), (20, Duration::from_millis(1)), (5, Duration::ZERO)] {
@@ -172,6 +194,9 @@ mod tests {
         assert!(!warm.inner.spinning.load(Ordering::Acquire), "still spinning after the window");
         warm.touch(rt.handle());
         assert!(warm.inner.spinning.load(Ordering::Acquire));
+        // Only a running spinner clears the flag: seeing it cleared proves one ran.
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!warm.inner.spinning.load(Ordering::Acquire), "the restarted spinner never stopped");
         let off = KeepWarm::new(Duration::ZERO);
         off.touch(rt.handle());
         assert!(!off.inner.spinning.load(Ordering::Acquire));
@@ -179,6 +204,10 @@ mod tests {
 
     #[test]
     fn sees_values_sent_from_other_threads() {
+        within_10s(sees_values_sent_from_another_thread);
+    }
+
+    fn sees_values_sent_from_another_thread() {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sender = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(10));

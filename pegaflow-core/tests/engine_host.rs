@@ -95,6 +95,7 @@ fn engine(pool: u64) -> Arc<Engine> {
             hint_value_size: None,
             copy_threads: Some(2),
             cuda_devices: Vec::new(),
+            save_spin: Duration::from_millis(1),
         })
         .unwrap(),
     )
@@ -326,4 +327,19 @@ async fn a_save_larger_than_the_pool_fails_without_evicting_anything() {
     assert!(matches!(e.save("full", 0, &[], &ids, &too_many).await, Err(EngineError::ResourceExhausted(_))));
     assert_eq!(e.query("full", &kept, None).unwrap().0, 8, "nothing was evicted");
     assert_eq!(e.query("full", &too_many, None).unwrap().0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_save_with_a_conflicting_block_fails_before_copying_anything() {
+    let e = engine(64 << 20);
+    let one = ClientKv::new(7);
+    let two = ClientKv::new(8);
+    e.register(one.request("tp1", "shared", 0, 1)).unwrap();
+    e.register(two.request("tp2", "shared", 0, 2)).unwrap();
+    let h = hashes(14, 30);
+    // Stored by a TP-1 instance; the TP-2 save below lists it in a later chunk.
+    e.save("tp1", 0, &[], &[0], &h[20..21]).await.unwrap();
+    let ids: Vec<u64> = (0..30).collect();
+    assert!(matches!(e.save("tp2", 0, &[], &ids, &h).await, Err(EngineError::InvalidArgument(_))));
+    assert_eq!(e.stats().blocks, 1, "the first chunks were not saved either");
 }

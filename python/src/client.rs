@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use pegaflow_core::spin;
@@ -52,7 +52,7 @@ impl PyEngineClient {
             };
             let _context = self.runtime.enter();
             self.warm.touch(self.runtime.handle());
-            let result = spin::block_on(call, spin::SPIN);
+            let result = spin::block_on(call, caller_spin());
             self.warm.touch(self.runtime.handle());
             result
         });
@@ -60,13 +60,25 @@ impl PyEngineClient {
     }
 }
 
+/// `PEGAFLOW_CLIENT_SPIN_US`, read once: how long client threads spin instead of
+/// sleeping (0 turns every client-side spin off).
+fn spin_override() -> Option<Duration> {
+    static VALUE: OnceLock<Option<Duration>> = OnceLock::new();
+    *VALUE.get_or_init(|| {
+        std::env::var("PEGAFLOW_CLIENT_SPIN_US").ok().and_then(|v| v.trim().parse().ok()).map(Duration::from_micros)
+    })
+}
+
+/// How long a caller (a call, `LoadState.wait`) yields the CPU before it sleeps: 1 ms
+/// unless `PEGAFLOW_CLIENT_SPIN_US` says otherwise.
+pub(crate) fn caller_spin() -> Duration {
+    spin_override().unwrap_or(spin::SPIN)
+}
+
 /// How long the runtime's I/O thread keeps polling after a call: 2 ms on machines with
-/// enough CPUs (see `pegaflow_core::spin`), `PEGAFLOW_CLIENT_SPIN_US` overrides (0: off).
+/// enough CPUs (see `pegaflow_core::spin`) unless `PEGAFLOW_CLIENT_SPIN_US` says otherwise.
 fn client_warm_window() -> Duration {
-    match std::env::var("PEGAFLOW_CLIENT_SPIN_US").ok().and_then(|v| v.parse().ok()) {
-        Some(us) => Duration::from_micros(us),
-        None => spin::default_warm_window(Duration::from_millis(2)),
-    }
+    spin_override().unwrap_or_else(|| spin::default_warm_window(Duration::from_millis(2)))
 }
 
 #[pymethods]

@@ -60,7 +60,7 @@ impl PyLoadState {
     #[pyo3(signature = (timeout_s = 30.0))]
     fn wait(&self, py: Python<'_>, timeout_s: f64) -> PyResult<()> {
         let timeout = Duration::try_from_secs_f64(timeout_s.max(0.0)).unwrap_or(Duration::MAX);
-        let status = py.detach(|| self.inner.wait(timeout));
+        let status = py.detach(|| self.inner.wait(timeout, crate::client::caller_spin()));
         match status {
             LoadStatus::Done => Ok(()),
             LoadStatus::Failed(reason) => Err(pegaflow_error(py, "PegaflowLoadError", reason)),

@@ -246,7 +246,10 @@ def test_gpus_are_matched_by_uuid_whatever_the_client_sees(
     import sys
 
     server = start_server(pool_size="256mb", extra_args=["--devices", "1"])
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="1,0")
+    # The server sees the same devices as this process; the child sees its first two
+    # swapped, so its cuda:0 is the server's device 1.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0,1").split(",")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=f"{visible[1]},{visible[0]}")
     done = subprocess.run(
         [sys.executable, "-c", _REORDERED_CLIENT, server.endpoint],
         env=env,
@@ -256,7 +259,7 @@ def test_gpus_are_matched_by_uuid_whatever_the_client_sees(
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("ok"), done.stdout
+    assert done.stdout.split() == ["ok", str(torch.cuda.get_device_properties(1).uuid)], done.stdout
     on_gpu0 = torch.randn(2, 8, 16, 8, 128, dtype=torch.bfloat16, device="cuda:0")
     with pytest.raises(PegaflowInvalidArgument, match="no GPU with UUID"):
         server.client().register_kv_layers(

@@ -200,14 +200,7 @@ impl BlockCache {
         geometry: &Arc<PartGeometry>,
         layers: &[u32],
     ) -> Result<SaveTicket> {
-        let needed = self.check_save(namespace, hashes, rank, tp_size, geometry)?;
-        if needed > self.allocator.capacity() {
-            return Err(EngineError::ResourceExhausted(format!(
-                "saving {} blocks needs {needed} bytes but the pool holds {}",
-                hashes.len(),
-                self.allocator.capacity()
-            )));
-        }
+        self.check_save(namespace, hashes, rank, tp_size, geometry)?;
         let mut ticket = SaveTicket { entries: Vec::new(), slots: Vec::new(), skipped: 0, evicted: 0 };
         // Blocks this call pinned or created, to roll back on failure.
         let mut pinned: Vec<BlockKey> = Vec::new();
@@ -267,9 +260,10 @@ impl BlockCache {
         Ok(ticket)
     }
 
-    /// Read-only pass: rejects saves that conflict with stored parts and returns the pool
+    /// Read-only pass: rejects saves that conflict with stored parts (other TP size or
+    /// layout) or that could not fit the pool even if it were empty, and returns the pool
     /// bytes new parts need.
-    fn check_save(
+    pub fn check_save(
         &self,
         namespace: &Arc<str>,
         hashes: &[BlockHash],
@@ -306,7 +300,15 @@ impl BlockCache {
                 },
             }
         }
-        Ok(new_parts.len() as u64 * self.allocator.rounded(geometry.total()))
+        let needed = new_parts.len() as u64 * self.allocator.rounded(geometry.total());
+        if needed > self.allocator.capacity() {
+            return Err(EngineError::ResourceExhausted(format!(
+                "saving {} blocks needs {needed} bytes but the pool holds {}",
+                hashes.len(),
+                self.allocator.capacity()
+            )));
+        }
+        Ok(needed)
     }
 
     fn rollback_save(&mut self, ticket: &SaveTicket, created_parts: &[BlockKey], rank: u32, pinned: &[BlockKey]) {

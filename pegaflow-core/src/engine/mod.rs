@@ -37,6 +37,9 @@ pub struct EngineConfig {
     pub copy_threads: Option<usize>,
     /// CUDA device ordinals to serve; empty means all.
     pub cuda_devices: Vec<u32>,
+    /// How long a save keeps its thread busy (yielding, not sleeping) waiting for its last
+    /// chunk, which saves an idle-thread wake-up; zero always sleeps.
+    pub save_spin: Duration,
 }
 
 /// Why an engine could not start.
@@ -71,6 +74,7 @@ pub struct Engine {
     cache: Arc<Mutex<BlockCache>>,
     registry: Registry,
     metrics: Arc<EngineMetrics>,
+    save_spin: Duration,
 }
 
 impl Engine {
@@ -97,6 +101,7 @@ impl Engine {
             cache: Arc::new(Mutex::new(cache)),
             registry,
             metrics,
+            save_spin: config.save_spin,
         })
     }
 
@@ -171,15 +176,19 @@ impl Engine {
             return Ok(SaveOutcome::default());
         }
         // Large requests go in growing chunks: the copy of the first chunk starts while
-        // the next ones are prepared, so preparation hides behind the transfer. A request
-        // that may not fit the pool is prepared whole, so it fails before evicting anything.
-        let part_bytes = rank.geometry.total().saturating_mul(block_ids.len() as u64);
-        let whole = part_bytes > self.pool.len() / 2;
+        // the next ones are prepared, so preparation hides behind the transfer. The whole
+        // request is checked first (conflicting parts, more than the pool holds), so those
+        // errors leave nothing behind. A later chunk can still fail when the pool is full
+        // of leased or in-flight blocks: the chunks before it stay saved, and their blocks,
+        // like any sealed block, may be evicted by the chunks after them.
+        if block_ids.len() > FIRST_SAVE_CHUNK {
+            self.cache.lock().check_save(&rank.namespace, &hashes, tp_rank, rank.tp_size, &rank.geometry)?;
+        }
         let mut outcome = SaveOutcome::default();
         let mut copies = Vec::new();
         let mut failure = None;
         let mut first_submitted = None;
-        for range in save_chunks(block_ids.len(), whole) {
+        for range in save_chunks(block_ids.len()) {
             match self.submit_save(&rank, tp_rank, &layers, &block_ids[range.clone()], &hashes[range]) {
                 Ok((prepared, copy)) => {
                     outcome.saved_blocks += prepared.saved_blocks;
@@ -200,7 +209,7 @@ impl Engine {
         // thread costs 50–150 µs on the H100 host, a tenth of an 8B-256 save.
         let last = copies.len().saturating_sub(1);
         for (i, copy) in copies.into_iter().enumerate() {
-            let copied = if i == last { spin_recv(copy).await } else { copy.await.ok() };
+            let copied = if i == last { spin_recv(copy, self.save_spin).await } else { copy.await.ok() };
             match copied {
                 Some(Ok(sealed)) => outcome.sealed_blocks += sealed,
                 Some(Err(e)) => failure = failure.or(Some(e.into())),
@@ -404,11 +413,10 @@ fn prepare_pool_in_background(
 }
 
 /// Receives from `rx` (`None`: the sender was dropped), keeping the worker thread busy
-/// (yielding to other tasks) for up to [`crate::spin::SPIN`] before sleeping on it like
-/// a plain `.await`.
-async fn spin_recv<T>(mut rx: oneshot::Receiver<T>) -> Option<T> {
+/// (yielding to other tasks) for up to `spin` before sleeping on it like a plain `.await`.
+async fn spin_recv<T>(mut rx: oneshot::Receiver<T>, spin: Duration) -> Option<T> {
     let start = Instant::now();
-    while start.elapsed() < crate::spin::SPIN {
+    while start.elapsed() < spin {
         match rx.try_recv() {
             Ok(value) => return Some(value),
             Err(oneshot::error::TryRecvError::Empty) => tokio::task::yield_now().await,
@@ -421,10 +429,10 @@ async fn spin_recv<T>(mut rx: oneshot::Receiver<T>) -> Option<T> {
 /// Blocks in the first chunk of a save; later chunks double in size.
 const FIRST_SAVE_CHUNK: usize = 16;
 
-/// The chunks a save of `n` blocks is prepared and copied in (one when `whole`).
-fn save_chunks(n: usize, whole: bool) -> impl Iterator<Item = std::ops::Range<usize>> {
+/// The chunks a save of `n` blocks is prepared and copied in.
+fn save_chunks(n: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     let mut start = 0;
-    let mut size = if whole { n } else { FIRST_SAVE_CHUNK };
+    let mut size = FIRST_SAVE_CHUNK;
     std::iter::from_fn(move || {
         (start < n).then(|| {
             let end = n.min(start + size);
@@ -497,19 +505,18 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(delay_ms));
                 let _ = tx.send(delay_ms);
             });
-            assert_eq!(spin_recv(rx).await, Some(delay_ms));
+            assert_eq!(spin_recv(rx, Duration::from_millis(1)).await, Some(delay_ms));
         }
         let (tx, rx) = oneshot::channel::<u8>();
         drop(tx);
-        assert_eq!(spin_recv(rx).await, None);
+        assert_eq!(spin_recv(rx, Duration::from_millis(1)).await, None);
     }
 
     #[test]
     fn save_chunks_cover_the_request_in_order_and_grow() {
-        let chunks: Vec<_> = save_chunks(256, false).collect();
+        let chunks: Vec<_> = save_chunks(256).collect();
         assert_eq!(chunks, vec![0..16, 16..48, 48..112, 112..240, 240..256]);
-        assert_eq!(save_chunks(10, false).collect::<Vec<_>>(), vec![0..10]);
-        assert_eq!(save_chunks(256, true).collect::<Vec<_>>(), vec![0..256]);
-        assert_eq!(save_chunks(0, false).count(), 0);
+        assert_eq!(save_chunks(10).collect::<Vec<_>>(), vec![0..10]);
+        assert_eq!(save_chunks(0).count(), 0);
     }
 }
