@@ -71,6 +71,21 @@ pub fn block_on<F: Future>(future: F, spin: Duration) -> F::Output {
     }
 }
 
+/// Receives from a channel, yielding the CPU for up to `spin` before blocking: a worker
+/// that just finished a job stays awake for the next one of a burst.
+pub fn recv_spinning<T>(rx: &std::sync::mpsc::Receiver<T>, spin: Duration) -> Result<T, std::sync::mpsc::RecvError> {
+    use std::sync::mpsc::TryRecvError;
+    let start = Instant::now();
+    while start.elapsed() < spin {
+        match rx.try_recv() {
+            Ok(value) => return Ok(value),
+            Err(TryRecvError::Empty) => std::thread::yield_now(),
+            Err(TryRecvError::Disconnected) => return Err(std::sync::mpsc::RecvError),
+        }
+    }
+    rx.recv()
+}
+
 /// Keeps one thread of a tokio runtime polling its I/O for a short window after each
 /// [`KeepWarm::touch`], instead of sleeping in the kernel: requests come in bursts (a
 /// query then a load, a save per engine step), and the next one then finds a thread
@@ -182,6 +197,23 @@ mod tests {
             assert_eq!(out, sleep * 2);
             assert!(t0.elapsed() >= Duration::from_millis(sleep));
         }
+    }
+
+    #[test]
+    fn recv_spinning_gets_values_while_spinning_and_after_blocking_and_sees_hang_ups() {
+        for (delay_ms, spin_ms) in [(0, 5), (2, 50), (20, 1), (5, 0)] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sender = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(delay_ms));
+                tx.send(delay_ms).unwrap();
+            });
+            assert_eq!(recv_spinning(&rx, Duration::from_millis(spin_ms)), Ok(delay_ms));
+            sender.join().unwrap();
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<u8>();
+        drop(tx);
+        assert!(recv_spinning(&rx, Duration::from_millis(5)).is_err());
+        assert!(recv_spinning(&rx, Duration::ZERO).is_err());
     }
 
     #[test]

@@ -95,7 +95,7 @@ fn engine(pool: u64) -> Arc<Engine> {
             hint_value_size: None,
             copy_threads: Some(2),
             cuda_devices: Vec::new(),
-            save_spin: Duration::from_millis(1),
+            spin: Duration::from_millis(1),
         })
         .unwrap(),
     )

@@ -40,7 +40,7 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         hint_value_size: config.hint_value_size,
         copy_threads: None,
         cuda_devices: config.devices.clone(),
-        save_spin: config.spin_window().min(pegaflow_core::spin::SPIN),
+        spin: config.spin_window(),
     })?);
     let mut registry = Registry::default();
     engine.metrics().register(&mut registry);

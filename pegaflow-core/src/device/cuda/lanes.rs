@@ -18,10 +18,7 @@ use crate::memory::HostPool;
 const MIN_SHARE: usize = 128;
 
 struct LaneJob {
-    dsts: Vec<u64>,
-    srcs: Vec<u64>,
-    sizes: Vec<usize>,
-    kind: CopyKind,
+    batch: BatchArrays,
     reply: mpsc::Sender<Result<()>>,
 }
 
@@ -42,16 +39,7 @@ impl Lanes {
                 let stream = ctx.bind().and_then(|()| Stream::new());
                 while let Ok(mut job) = rx.recv() {
                     let result = match &stream {
-                        Ok(stream) => {
-                            // SAFETY: the sender built every range from a live registered
-                            // region and the registered pool, and waits for this reply
-                            // before releasing either.
-                            let queued =
-                                unsafe { stream.copy_batch(&mut job.dsts, &mut job.srcs, &mut job.sizes, job.kind) };
-                            // Drain even after an error: part of a batch may be in flight.
-                            let drained = stream.synchronize();
-                            queued.and(drained)
-                        }
+                        Ok(stream) => job.batch.run_on(stream),
                         Err(e) => Err(DeviceError::Cuda(format!("lane unavailable: {e}"))),
                     };
                     let _ = job.reply.send(result);
@@ -62,44 +50,36 @@ impl Lanes {
         Ok(Self { senders, handles })
     }
 
-    /// Copies `segments` (device → pool when `to_host`) and returns when all are done.
-    pub fn run(&self, pool: &HostPool, segments: &[Segment], to_host: bool) -> Result<()> {
-        // Lanes spread the driver's CPU cost per segment; large segments cost little of it
-        // and one chained batch keeps the link busiest (measured: 1 lane ≥ 2 lanes for
-        // 256 × 2 MiB).
+    /// How many lanes a request uses. Lanes spread the driver's CPU cost per segment;
+    /// large segments cost little of it and one chained batch keeps the link busiest
+    /// (measured: 1 lane ≥ 2 lanes for 256 × 2 MiB), so they use one.
+    pub fn lanes_for(&self, segments: &[Segment]) -> usize {
         let total: u64 = segments.iter().map(|s| s.len).sum();
-        let lanes = if total / segments.len().max(1) as u64 >= LARGE_AVG_BYTES {
+        if total / segments.len().max(1) as u64 >= LARGE_AVG_BYTES {
             1
         } else {
             segments.len().div_ceil(MIN_SHARE).clamp(1, self.senders.len())
-        };
-        let share = segments.len().div_ceil(lanes);
+        }
+    }
+
+    /// Copies `segments` (device → pool when `to_host`) over `lanes` lanes and returns
+    /// when all are done.
+    pub fn run(&self, pool: &HostPool, segments: &[Segment], to_host: bool, lanes: usize) -> Result<()> {
+        let share = segments.len().div_ceil(lanes.clamp(1, self.senders.len()));
         let (reply, results) = mpsc::channel();
         let mut sent = 0;
         let mut outcome = Ok(());
         // Never return before every batch already handed to a lane has finished: the
         // caller frees pool slots and device mappings once this returns.
-        'parts: for (lane, part) in self.senders.iter().zip(segments.chunks(share)) {
-            let mut job = LaneJob {
-                dsts: Vec::with_capacity(part.len()),
-                srcs: Vec::with_capacity(part.len()),
-                sizes: Vec::with_capacity(part.len()),
-                kind: if to_host { CopyKind::ToHost } else { CopyKind::ToDevice },
-                reply: reply.clone(),
+        for (lane, part) in self.senders.iter().zip(segments.chunks(share)) {
+            let batch = match BatchArrays::new(pool, part, to_host) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
             };
-            for s in part {
-                let Some(host) = pool.ptr_at(s.host_offset, s.len) else {
-                    outcome =
-                        Err(DeviceError::OutOfBounds(format!("{} bytes at pool offset {}", s.len, s.host_offset)));
-                    break 'parts;
-                };
-                let host = host.as_ptr() as u64;
-                let (dst, src) = if to_host { (host, s.device_ptr) } else { (s.device_ptr, host) };
-                job.dsts.push(dst);
-                job.srcs.push(src);
-                job.sizes.push(s.len as usize);
-            }
-            if lane.send(job).is_err() {
+            if lane.send(LaneJob { batch, reply: reply.clone() }).is_err() {
                 outcome = Err(DeviceError::ShutDown("cuda lanes"));
                 break;
             }
@@ -114,6 +94,48 @@ impl Lanes {
             }
         }
         outcome
+    }
+}
+
+/// The three parallel arrays one `cuMemcpyBatchAsync` call takes.
+pub(crate) struct BatchArrays {
+    dsts: Vec<u64>,
+    srcs: Vec<u64>,
+    sizes: Vec<usize>,
+    kind: CopyKind,
+}
+
+impl BatchArrays {
+    /// The copies of `segments` (device → pool when `to_host`), checked against the pool.
+    pub fn new(pool: &HostPool, segments: &[Segment], to_host: bool) -> Result<Self> {
+        let mut batch = Self {
+            dsts: Vec::with_capacity(segments.len()),
+            srcs: Vec::with_capacity(segments.len()),
+            sizes: Vec::with_capacity(segments.len()),
+            kind: if to_host { CopyKind::ToHost } else { CopyKind::ToDevice },
+        };
+        for s in segments {
+            let host = pool
+                .ptr_at(s.host_offset, s.len)
+                .ok_or_else(|| DeviceError::OutOfBounds(format!("{} bytes at pool offset {}", s.len, s.host_offset)))?
+                .as_ptr() as u64;
+            let (dst, src) = if to_host { (host, s.device_ptr) } else { (s.device_ptr, host) };
+            batch.dsts.push(dst);
+            batch.srcs.push(src);
+            batch.sizes.push(s.len as usize);
+        }
+        Ok(batch)
+    }
+
+    /// Queues the batch on `stream` and waits for it (also after an error: part of a
+    /// batch may be in flight).
+    pub fn run_on(&mut self, stream: &Stream) -> Result<()> {
+        // SAFETY: every range comes from a live registered region and the registered pool
+        // (checked in `new`); the caller keeps both until this returns, and this returns
+        // only once the stream has drained.
+        let queued = unsafe { stream.copy_batch(&mut self.dsts, &mut self.srcs, &mut self.sizes, self.kind) };
+        let drained = stream.synchronize();
+        queued.and(drained)
     }
 }
 

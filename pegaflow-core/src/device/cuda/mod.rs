@@ -15,6 +15,7 @@ mod worker;
 
 use std::any::Any;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tracing::{info, warn};
@@ -77,15 +78,18 @@ impl Drop for CudaRegion {
 /// The CUDA device backend (lazily initialised).
 pub struct CudaDevice {
     devices: Vec<u32>,
+    /// How long a copy worker polls for the next job before sleeping.
+    spin: Duration,
     state: OnceLock<Result<CudaState, String>>,
     pinned: Mutex<Option<Arc<HostPool>>>,
 }
 
 impl CudaDevice {
-    /// A backend over the devices with these ordinals (all when empty). Nothing is loaded
-    /// until the first CUDA call.
-    pub fn new(devices: Vec<u32>) -> Self {
-        Self { devices, state: OnceLock::new(), pinned: Mutex::new(None) }
+    /// A backend over the devices with these ordinals (all when empty) whose copy
+    /// workers poll for `spin` after each job before sleeping. Nothing is loaded until the
+    /// first CUDA call.
+    pub fn new(devices: Vec<u32>, spin: Duration) -> Self {
+        Self { devices, spin, state: OnceLock::new(), pinned: Mutex::new(None) }
     }
 
     fn state(&self) -> Result<&CudaState, DeviceError> {
@@ -93,7 +97,8 @@ impl CudaDevice {
             .get_or_init(|| {
                 // cudarc panics when a driver lacks a symbol; turn that into an error.
                 let devices = self.devices.clone();
-                let state = std::panic::catch_unwind(move || init(&devices))
+                let spin = self.spin;
+                let state = std::panic::catch_unwind(move || init(&devices, spin))
                     .unwrap_or_else(|_| Err("the CUDA driver lacks a required function".into()));
                 match &state {
                     Ok(s) => info!(gpus = s.gpus.len(), driver = s.driver_version, "CUDA backend ready"),
@@ -107,7 +112,7 @@ impl CudaDevice {
 }
 
 /// Loads the driver and starts the workers of the selected devices.
-fn init(filter: &[u32]) -> Result<CudaState, String> {
+fn init(filter: &[u32], spin: Duration) -> Result<CudaState, String> {
     if !driver::driver_present() {
         return Err("no CUDA driver (libcuda.so) on this machine".into());
     }
@@ -119,8 +124,9 @@ fn init(filter: &[u32]) -> Result<CudaState, String> {
             continue;
         }
         let ctx = Arc::new(Context::retain(ordinal).map_err(|e| e.to_string())?);
-        let worker =
-            |direction| Worker::start(Arc::clone(&ctx), ordinal, direction, driver_version).map_err(|e| e.to_string());
+        let worker = |direction| {
+            Worker::start(Arc::clone(&ctx), ordinal, direction, driver_version, spin).map_err(|e| e.to_string())
+        };
         gpus.push(Arc::new(Gpu { ordinal, uuid, save: worker(Direction::Save)?, load: worker(Direction::Load)?, ctx }));
     }
     if gpus.is_empty() {
@@ -247,7 +253,7 @@ mod tests {
         if driver::driver_present() {
             return; // this test is about machines without CUDA (CI)
         }
-        let cuda = CudaDevice::new(Vec::new());
+        let cuda = CudaDevice::new(Vec::new(), Duration::ZERO);
         let source = RegionSource::CudaIpc { handle: [0; 64], device_uuid: [0; 16], offset: 0, size: 1 };
         assert!(cuda.handles(&source));
         let err = cuda.open_region(&source).err().map(|e| e.to_string()).unwrap_or_default();

@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tracing::{info, warn};
@@ -11,10 +12,11 @@ use tracing::{info, warn};
 use super::ce_gather::CeGather;
 use super::driver::{Context, DeviceBuffer, Event, PinnedBuffer, Result, Stream};
 use super::kernel::CopyKernel;
-use super::lanes::Lanes;
+use super::lanes::{BatchArrays, Lanes};
 use super::plan::{Chunk, Segment, Strategy, choose, plan_staged};
 use crate::device::{CopyDone, DeviceError, DeviceRegion, Direction};
 use crate::memory::HostPool;
+use crate::spin::recv_spinning;
 
 /// Kernel table entries per chunk.
 const MAX_TABLE: usize = 8192;
@@ -72,7 +74,16 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    pub fn start(ctx: Arc<Context>, ordinal: i32, direction: Direction, driver_version: i32) -> std::io::Result<Self> {
+    /// Starts the worker; after each job it polls for the next one for `spin` before it
+    /// sleeps (a sleeping thread costs 0.05–0.15 ms to wake on some hosts, while the link
+    /// idles).
+    pub fn start(
+        ctx: Arc<Context>,
+        ordinal: i32,
+        direction: Direction,
+        driver_version: i32,
+        spin: Duration,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<CopyRequest>();
         let name = format!("pegaflow-cuda{ordinal}-{}", if direction == Direction::Save { "save" } else { "load" });
         let tuning = Tuning::from_env();
@@ -80,7 +91,7 @@ impl Worker {
         let lanes = if driver_version >= 13000 { Some(Lanes::start(&ctx, tuning.lanes, &name)?) } else { None };
         let handle = std::thread::Builder::new().name(name).spawn(move || {
             let mut engine = ctx.bind().and_then(|()| CopyEngine::new(&ctx, direction, tuning, lanes));
-            while let Ok(CopyRequest { pool, segments, _regions: regions, done }) = rx.recv() {
+            while let Ok(CopyRequest { pool, segments, _regions: regions, done }) = recv_spinning(&rx, spin) {
                 let result = match &mut engine {
                     Ok(engine) => engine.run(&pool, segments),
                     Err(e) => Err(DeviceError::Cuda(format!("copy worker unavailable: {e}"))),
@@ -166,7 +177,15 @@ impl CopyEngine {
             _ => Strategy::Direct,
         };
         let result = match (strategy, &self.lanes) {
-            (Strategy::Batched, Some(lanes)) => lanes.run(pool, &segments, self.direction == Direction::Save),
+            (Strategy::Batched, Some(lanes)) => {
+                let to_host = self.direction == Direction::Save;
+                match lanes.lanes_for(&segments) {
+                    // One lane: on this thread's own stream, without a hand-over (two
+                    // thread wake-ups per request, each idling the link).
+                    1 => BatchArrays::new(pool, &segments, to_host).and_then(|mut batch| batch.run_on(&self.dma)),
+                    n => lanes.run(pool, &segments, to_host, n),
+                }
+            }
             (Strategy::Staged, _) => self.run_staged(pool, segments),
             (Strategy::CeGather, _) => match &self.ce {
                 Some(Ok(ce)) => ce.run(pool, segments, self.direction),
