@@ -46,9 +46,10 @@ pub struct ServerConfig {
 
     /// Microseconds one server thread keeps polling after each request instead of
     /// sleeping, so the next request of a burst finds it awake (a sleeping thread costs
-    /// 0.1–0.3 ms to wake on some hosts); a save also waits for its last chunk without
-    /// sleeping, for up to 1 ms of it. 0 turns all of that off; the cost is one busy thread
-    /// while requests keep coming. Default: 2000 on machines with 8 or more CPUs, else 0.
+    /// 0.1–0.3 ms to wake on some hosts); CUDA copy workers likewise poll for their next
+    /// job, and a save waits for its last chunk without sleeping (up to 1 ms of it). 0
+    /// turns all of that off; the cost is busy threads while requests keep coming.
+    /// Default: 2000 on machines with 8 or more CPUs, else 0.
     #[arg(long, env = "PEGAFLOW_SPIN_US")]
     pub spin_us: Option<u64>,
 
