@@ -14,8 +14,8 @@
 //! opt-in (`PEGAFLOW_CUDA_STRATEGY=ce-gather`), for GPUs the server has to itself.
 
 use super::driver::{CopyKind, DeviceBuffer, Result, Stream};
+use super::host_ptr;
 use super::plan::{Chunk, Segment, StagedSegment, plan_staged};
-use super::worker::host_ptr;
 use crate::device::Direction;
 use crate::memory::HostPool;
 

@@ -10,7 +10,8 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use super::driver::{Context, CopyKind, Result, Stream};
-use super::plan::{LARGE_AVG_BYTES, Segment};
+use super::host_ptr;
+use super::plan::{Segment, is_large};
 use crate::device::DeviceError;
 use crate::memory::HostPool;
 
@@ -54,12 +55,7 @@ impl Lanes {
     /// large segments cost little of it and one chained batch keeps the link busiest
     /// (measured: 1 lane ≥ 2 lanes for 256 × 2 MiB), so they use one.
     pub fn lanes_for(&self, segments: &[Segment]) -> usize {
-        let total: u64 = segments.iter().map(|s| s.len).sum();
-        if total / segments.len().max(1) as u64 >= LARGE_AVG_BYTES {
-            1
-        } else {
-            segments.len().div_ceil(MIN_SHARE).clamp(1, self.senders.len())
-        }
+        if is_large(segments) { 1 } else { segments.len().div_ceil(MIN_SHARE).clamp(1, self.senders.len()) }
     }
 
     /// Copies `segments` (device → pool when `to_host`) over `lanes` lanes and returns
@@ -115,10 +111,7 @@ impl BatchArrays {
             kind: if to_host { CopyKind::ToHost } else { CopyKind::ToDevice },
         };
         for s in segments {
-            let host = pool
-                .ptr_at(s.host_offset, s.len)
-                .ok_or_else(|| DeviceError::OutOfBounds(format!("{} bytes at pool offset {}", s.len, s.host_offset)))?
-                .as_ptr() as u64;
+            let host = host_ptr(pool, s.host_offset, s.len)?.as_ptr() as u64;
             let (dst, src) = if to_host { (host, s.device_ptr) } else { (s.device_ptr, host) };
             batch.dsts.push(dst);
             batch.srcs.push(src);

@@ -75,6 +75,12 @@ impl Drop for CudaRegion {
     }
 }
 
+/// The pool address of `len` bytes at `offset`, or an out-of-bounds error.
+fn host_ptr(pool: &HostPool, offset: u64, len: u64) -> Result<std::ptr::NonNull<u8>, DeviceError> {
+    pool.ptr_at(offset, len)
+        .ok_or_else(|| DeviceError::OutOfBounds(format!("{len} bytes at pool offset {offset} ({} B pool)", pool.len())))
+}
+
 /// The CUDA device backend (lazily initialised).
 pub struct CudaDevice {
     devices: Vec<u32>,

@@ -82,12 +82,16 @@ pub const DIRECT_MAX_SEGMENTS: usize = 4;
 /// the same either way (docs/benchmarks.md, session 3).
 pub const DIRECT_MAX_LARGE_SEGMENTS: usize = 16;
 
+/// Whether `segments` are large on average (see [`LARGE_AVG_BYTES`]).
+pub fn is_large(segments: &[Segment]) -> bool {
+    let total: u64 = segments.iter().map(|s| s.len).sum();
+    total / segments.len().max(1) as u64 >= LARGE_AVG_BYTES
+}
+
 /// Picks the strategy for a request. `batched`: the driver has the batched copy (CUDA
 /// 13+); without it fragmented requests fall back to the staged gather.
 pub fn choose(segments: &[Segment], batched: bool) -> Strategy {
-    let total: u64 = segments.iter().map(|s| s.len).sum();
-    let large = total / segments.len().max(1) as u64 >= LARGE_AVG_BYTES;
-    match (segments.len(), large, batched) {
+    match (segments.len(), is_large(segments), batched) {
         (n, _, _) if n <= DIRECT_MAX_SEGMENTS => Strategy::Direct,
         (n, true, true) if n > DIRECT_MAX_LARGE_SEGMENTS => Strategy::Batched,
         (_, true, _) => Strategy::Direct,

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use super::ce_gather::CeGather;
 use super::driver::{Context, DeviceBuffer, Event, PinnedBuffer, Result, Stream};
+use super::host_ptr;
 use super::kernel::CopyKernel;
 use super::lanes::{BatchArrays, Lanes};
 use super::plan::{Chunk, Segment, Strategy, choose, plan_staged};
@@ -326,9 +327,4 @@ impl CopyEngine {
             kernel.launch(&self.compute, slot.device_table.ptr, n as u32, longest)
         }
     }
-}
-
-pub(super) fn host_ptr(pool: &HostPool, offset: u64, len: u64) -> Result<std::ptr::NonNull<u8>> {
-    pool.ptr_at(offset, len)
-        .ok_or_else(|| DeviceError::OutOfBounds(format!("{len} bytes at pool offset {offset} ({} B pool)", pool.len())))
 }
