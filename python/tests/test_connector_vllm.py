@@ -71,6 +71,29 @@ def engines(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engin
         close_llm(live.pop())
 
 
+def on_finished_loads(
+    monkeypatch: pytest.MonkeyPatch, hook: Callable[[WorkerSide, LoadJob], None]
+) -> None:
+    """Calls ``hook(worker, job)`` for every load job as the worker reports it finished,
+    before vLLM sees that report (so the blocks hold exactly what was loaded)."""
+    jobs: list[LoadJob] = []
+    original_load, original_finished = WorkerSide.start_load_kv, WorkerSide.get_finished
+
+    def record_load(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
+        jobs.extend(meta.loads)
+        original_load(self, meta)
+
+    def finished(self: WorkerSide, done: set[str]) -> tuple[set[str], set[str]]:
+        sending, recving = original_finished(self, done)
+        for job in jobs:
+            if job.req_id in recving:
+                hook(self, job)
+        return sending, recving
+
+    monkeypatch.setattr(WorkerSide, "start_load_kv", record_load)
+    monkeypatch.setattr(WorkerSide, "get_finished", finished)
+
+
 def drain_saves() -> None:
     assert worker_side().drain(10.0), "saves still running after 10 s"
 
@@ -100,25 +123,12 @@ def test_warm_engine_loads_the_cold_kv_byte_for_byte(
     drain_saves()
     assert len(save_order) >= full_blocks(len(PROMPT)) // 32
 
-    jobs: list[LoadJob] = []
     loaded: list[list[Any]] = []
-    original_load, original_finished = WorkerSide.start_load_kv, WorkerSide.get_finished
 
-    def record_load(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
-        jobs.extend(meta.loads)
-        original_load(self, meta)
+    def snapshot(worker: WorkerSide, job: LoadJob) -> None:
+        loaded.extend([t[b].clone() for t in worker.kv_caches.values()] for b in job.block_ids)
 
-    def snapshot_loaded(self: WorkerSide, finished: set[str]) -> tuple[set[str], set[str]]:
-        sending, recving = original_finished(self, finished)
-        for job in jobs:
-            if job.req_id in recving:
-                loaded.extend(
-                    [t[b].clone() for t in self.kv_caches.values()] for b in job.block_ids
-                )
-        return sending, recving
-
-    monkeypatch.setattr(WorkerSide, "start_load_kv", record_load)
-    monkeypatch.setattr(WorkerSide, "get_finished", snapshot_loaded)
+    on_finished_loads(monkeypatch, snapshot)
     warm = engines(server.endpoint)
     tokens, cached, _ = generate(warm, PROMPT)
     assert cached == full_blocks(len(PROMPT)) == 192
@@ -144,25 +154,14 @@ def test_corrupted_loaded_blocks_change_the_output(
     generate(engines(server.endpoint), PROMPT)
     drain_saves()
 
-    jobs: list[LoadJob] = []
-    original_load, original_finished = WorkerSide.start_load_kv, WorkerSide.get_finished
+    generator = torch.Generator().manual_seed(7)
 
-    def record_load(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
-        jobs.extend(meta.loads)
-        original_load(self, meta)
+    def corrupt(worker: WorkerSide, job: LoadJob) -> None:
+        for t in worker.kv_caches.values():
+            for b in job.block_ids:
+                t[b].copy_(torch.randn(t[b].shape, generator=generator) * 3)
 
-    def corrupt_loaded(self: WorkerSide, finished: set[str]) -> tuple[set[str], set[str]]:
-        sending, recving = original_finished(self, finished)
-        generator = torch.Generator().manual_seed(7)
-        for job in jobs:
-            if job.req_id in recving:
-                for t in self.kv_caches.values():
-                    for b in job.block_ids:
-                        t[b].copy_(torch.randn(t[b].shape, generator=generator) * 3)
-        return sending, recving
-
-    monkeypatch.setattr(WorkerSide, "start_load_kv", record_load)
-    monkeypatch.setattr(WorkerSide, "get_finished", corrupt_loaded)
+    on_finished_loads(monkeypatch, corrupt)
     tokens, cached, _ = generate(engines(server.endpoint), PROMPT)
     assert cached == 192
     assert tokens != reference["prompt"]
