@@ -25,6 +25,10 @@ pub enum EngineError {
     /// The instance, rank or lease does not exist (or expired).
     #[error("not found: {0}")]
     NotFound(String),
+    /// The caller does not own what it tries to use or change (another client's instance,
+    /// memory handed over by another user). Permanent.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The rank is already registered.
     #[error("already exists: {0}")]
     AlreadyExists(String),
@@ -47,5 +51,45 @@ impl EngineError {
 
     pub(crate) fn not_found(msg: impl Into<String>) -> Self {
         Self::NotFound(msg.into())
+    }
+
+    pub(crate) fn denied(msg: impl Into<String>) -> Self {
+        Self::PermissionDenied(msg.into())
+    }
+}
+
+/// Longest client-supplied id or name echoed in an error message, in characters.
+pub const MAX_SHOWN_CHARS: usize = 128;
+
+/// A client-supplied id or name as error messages show it: quoted, and cut after
+/// [`MAX_SHOWN_CHARS`] characters (a huge id must not make a huge error: gRPC carries
+/// messages in HTTP/2 headers, whose size is limited).
+pub struct Shown<'a>(pub &'a str);
+
+/// Shows `text` quoted and truncated, for error messages.
+pub fn shown(text: &str) -> Shown<'_> {
+    Shown(text)
+}
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.char_indices().nth(MAX_SHOWN_CHARS) {
+            None => write!(f, "{:?}", self.0),
+            Some((end, _)) => write!(f, "{:?}… ({} bytes)", &self.0[..end], self.0.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_ids_are_cut_in_messages() {
+        assert_eq!(shown("abc").to_string(), "\"abc\"");
+        let long = "é".repeat(20_000);
+        let text = EngineError::not_found(format!("unknown instance {}", shown(&long))).to_string();
+        assert!(text.chars().count() < 200, "{}", text.len());
+        assert!(text.ends_with("(40000 bytes)"), "{text}");
     }
 }

@@ -1,7 +1,8 @@
 //! The load-completion flag shared between a client and the server.
 //!
-//! The client creates a small shared-memory file and passes its name with a Load call;
-//! the server writes the outcome when the copy finishes and wakes any waiter through a
+//! The client creates a small sealed memfd and hands its descriptor to the server once
+//! (over the Unix socket, which answers with a token the Load call names); the server
+//! writes the outcome when the copy finishes and wakes any waiter through a
 //! futex on the state word (shared, not process-private: the two sides are different
 //! processes); the client polls it or sleeps on it — no RPC round trip on the hot path. Layout (512 bytes, native endian):
 //!
@@ -15,9 +16,11 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::shm::{ShmError, ShmMapping, unlink};
+use std::sync::Arc;
 
-/// Size of a load-state file.
+use crate::shm::{ShmError, SharedMemory};
+
+/// Size of a load state's memory.
 pub const LOAD_STATE_BYTES: u64 = 512;
 const MAGIC: u32 = u32::from_le_bytes(*b"PFLS");
 const STATE_OFFSET: u64 = 4;
@@ -39,20 +42,19 @@ pub enum LoadStatus {
 /// Why a load-state file is not usable.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadStateError {
-    /// Creating, opening or mapping the file failed.
+    /// Creating or mapping the memory failed.
     #[error(transparent)]
     Shm(#[from] ShmError),
-    /// The file is not a load state.
-    #[error("shared-memory file {0:?} is not a PegaFlow load state")]
-    BadMagic(String),
+    /// The memory is not a load state.
+    #[error("the memory is not a PegaFlow load state")]
+    BadMagic,
 }
 
 /// A mapped load state; the client side creates it, the server side opens it.
 pub struct LoadState {
-    map: ShmMapping,
+    map: Arc<SharedMemory>,
     // Start of the mapping, which is at least LOAD_STATE_BYTES long.
     base: std::ptr::NonNull<u8>,
-    owner: bool,
 }
 
 // SAFETY: all shared words are accessed atomically; the reason bytes are published by
@@ -62,37 +64,32 @@ unsafe impl Send for LoadState {}
 unsafe impl Sync for LoadState {}
 
 impl LoadState {
-    /// Creates a fresh pending state under a unique name (client side). The file is
-    /// removed when this value is dropped.
+    /// Creates a fresh pending state in a new sealed memfd (client side).
     pub fn create() -> Result<Self, LoadStateError> {
-        let name = format!("pegaflow-ls-{}", uuid::Uuid::new_v4().simple());
-        let state = Self::wrap(ShmMapping::create(&name, LOAD_STATE_BYTES)?, true)?;
+        let state = Self::wrap(Arc::new(SharedMemory::create("pegaflow-load-state", LOAD_STATE_BYTES)?))?;
         state.word(0).store(MAGIC, Ordering::Relaxed);
         state.word(STATE_OFFSET).store(0, Ordering::Release);
         Ok(state)
     }
 
-    /// Opens a state the client created (server side).
-    pub fn open(name: &str) -> Result<Self, LoadStateError> {
-        let state = Self::wrap(ShmMapping::open(name, LOAD_STATE_BYTES)?, false)?;
+    /// Wraps memory a client handed over (server side); it must carry the magic.
+    pub fn open(map: Arc<SharedMemory>) -> Result<Self, LoadStateError> {
+        let state = Self::wrap(map)?;
         if state.word(0).load(Ordering::Relaxed) != MAGIC {
-            return Err(LoadStateError::BadMagic(name.to_owned()));
+            return Err(LoadStateError::BadMagic);
         }
         Ok(state)
     }
 
-    fn wrap(map: ShmMapping, owner: bool) -> Result<Self, LoadStateError> {
-        let base = map.ptr_at(0, LOAD_STATE_BYTES).ok_or_else(|| ShmError::TooSmall {
-            name: map.name().to_owned(),
-            len: map.len(),
-            min: LOAD_STATE_BYTES,
-        })?;
-        Ok(Self { map, base, owner })
+    fn wrap(map: Arc<SharedMemory>) -> Result<Self, LoadStateError> {
+        let base =
+            map.ptr_at(0, LOAD_STATE_BYTES).ok_or(ShmError::TooSmall { len: map.len(), min: LOAD_STATE_BYTES })?;
+        Ok(Self { map, base })
     }
 
-    /// The file's name, to pass with a Load call.
-    pub fn name(&self) -> &str {
-        self.map.name()
+    /// The memory, whose descriptor the client hands to the server.
+    pub fn memory(&self) -> &SharedMemory {
+        &self.map
     }
 
     /// Current status.
@@ -108,18 +105,35 @@ impl LoadState {
     /// the CPU for the first `spin` (small loads finish within it and an idle-CPU wake-up
     /// costs 50–150 µs), then sleeps on the state word until the server's futex wake; it
     /// also rechecks every few milliseconds, so a server that never wakes (or a lost
-    /// wake-up) costs latency, never a hang.
-    pub fn wait(&self, timeout: Duration, spin: Duration) -> LoadStatus {
-        self.wait_rechecking(timeout, spin, Duration::from_millis(5))
+    /// wake-up) costs latency, never a hang. `server_alive` is asked at each recheck: once
+    /// it says false (the server died or closed the client's session), a pending load can
+    /// never complete and the wait ends as [`LoadStatus::Failed`].
+    pub fn wait(&self, timeout: Duration, spin: Duration, server_alive: &dyn Fn() -> bool) -> LoadStatus {
+        self.wait_rechecking(timeout, spin, Duration::from_millis(5), server_alive)
     }
 
-    fn wait_rechecking(&self, timeout: Duration, spin: Duration, recheck: Duration) -> LoadStatus {
+    fn wait_rechecking(
+        &self,
+        timeout: Duration,
+        spin: Duration,
+        recheck: Duration,
+        server_alive: &dyn Fn() -> bool,
+    ) -> LoadStatus {
         let start = Instant::now();
         loop {
             let status = self.status();
             let waited = start.elapsed();
             if status != LoadStatus::Pending || waited >= timeout {
                 return status;
+            }
+            if waited >= spin && !server_alive() {
+                // One last look: the server may have finished just before it went away.
+                return match self.status() {
+                    LoadStatus::Pending => {
+                        LoadStatus::Failed("the server went away before the load completed".into())
+                    }
+                    settled => settled,
+                };
             }
             if waited < spin {
                 std::thread::yield_now();
@@ -138,10 +152,6 @@ impl LoadState {
 
     /// Publishes the outcome of a load (server side).
     pub fn complete(&self, outcome: Result<(), &str>) {
-        if self.map.check_intact().is_err() {
-            // The client shrank its file: writing would fault (SIGBUS). It gave up anyway.
-            return;
-        }
         match outcome {
             Ok(()) => self.word(STATE_OFFSET).store(1, Ordering::Release),
             Err(reason) => {
@@ -172,14 +182,6 @@ impl LoadState {
         // LOAD_STATE_BYTES; the mapping is page-aligned, at least that long, and lives as
         // long as `self`; these words are only ever accessed atomically.
         unsafe { AtomicU32::from_ptr(self.base.add(offset as usize).as_ptr().cast()) }
-    }
-}
-
-impl Drop for LoadState {
-    fn drop(&mut self) {
-        if self.owner {
-            let _ = unlink(self.map.name());
-        }
     }
 }
 
@@ -224,7 +226,7 @@ mod tests {
     fn round_trip_between_creator_and_opener() {
         let client = LoadState::create().unwrap();
         assert_eq!(client.status(), LoadStatus::Pending);
-        let server = LoadState::open(client.name()).unwrap();
+        let server = server_side(&client);
         server.complete(Ok(()));
         assert_eq!(client.status(), LoadStatus::Done);
         client.reset();
@@ -237,16 +239,16 @@ mod tests {
     fn wait_wakes_when_the_other_side_completes_and_times_out_otherwise() {
         let client = LoadState::create().unwrap();
         let t0 = Instant::now();
-        assert_eq!(client.wait(Duration::from_millis(20), Duration::from_millis(1)), LoadStatus::Pending);
+        assert_eq!(client.wait(Duration::from_millis(20), Duration::from_millis(1), &|| true), LoadStatus::Pending);
         assert!(t0.elapsed() >= Duration::from_millis(20));
-        let server = LoadState::open(client.name()).unwrap();
+        let server = server_side(&client);
         let waker = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
             server.complete(Ok(()));
             Instant::now()
         });
         // Rechecks every 10 s: only the futex wake can end this wait soon after `complete`.
-        let status = client.wait_rechecking(Duration::from_secs(30), Duration::ZERO, Duration::from_secs(10));
+        let status = client.wait_rechecking(Duration::from_secs(30), Duration::ZERO, Duration::from_secs(10), &|| true);
         let woken = Instant::now();
         assert_eq!(status, LoadStatus::Done);
         let completed = waker.join().unwrap();
@@ -256,21 +258,47 @@ mod tests {
     #[test]
     fn long_reasons_are_truncated_on_a_char_boundary() {
         let client = LoadState::create().unwrap();
-        let server = LoadState::open(client.name()).unwrap();
+        let server = server_side(&client);
         server.complete(Err(&"é".repeat(1000)));
         let LoadStatus::Failed(reason) = client.status() else { panic!("not failed") };
         assert!(reason.len() <= MAX_REASON as usize && reason.chars().all(|c| c == 'é'));
     }
 
     #[test]
-    fn rejects_foreign_files_and_cleans_up() {
-        let name = format!("pegaflow-test-{}", uuid::Uuid::new_v4().simple());
-        let other = ShmMapping::create(&name, LOAD_STATE_BYTES).unwrap();
-        assert!(matches!(LoadState::open(other.name()), Err(LoadStateError::BadMagic(_))));
-        unlink(&name).unwrap();
+    fn a_dead_server_fails_a_pending_wait_promptly() {
         let client = LoadState::create().unwrap();
-        let path = crate::shm::shm_path(client.name()).unwrap();
-        drop(client);
-        assert!(!path.exists());
+        let alive = std::sync::atomic::AtomicBool::new(true);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                alive.store(false, Ordering::Relaxed);
+            });
+            let t0 = Instant::now();
+            let status = client.wait(Duration::from_secs(30), Duration::ZERO, &|| alive.load(Ordering::Relaxed));
+            assert!(matches!(status, LoadStatus::Failed(ref r) if r.contains("went away")), "{status:?}");
+            assert!(t0.elapsed() < Duration::from_secs(2));
+        });
+        // A load that completed before the server went away still counts as done.
+        let done = LoadState::create().unwrap();
+        server_side(&done).complete(Ok(()));
+        assert_eq!(done.wait(Duration::from_secs(1), Duration::ZERO, &|| false), LoadStatus::Done);
+    }
+
+    #[test]
+    fn rejects_foreign_memory() {
+        let other = SharedMemory::create("other", LOAD_STATE_BYTES).unwrap();
+        let fd = other.fd().unwrap().try_clone_to_owned().unwrap();
+        let mapped = Arc::new(SharedMemory::from_fd(fd, LOAD_STATE_BYTES).unwrap());
+        assert!(matches!(LoadState::open(mapped), Err(LoadStateError::BadMagic)));
+        let small = SharedMemory::create("small", 64).unwrap();
+        let fd = small.fd().unwrap().try_clone_to_owned().unwrap();
+        let mapped = Arc::new(SharedMemory::from_fd(fd, 1).unwrap());
+        assert!(matches!(LoadState::open(mapped), Err(LoadStateError::Shm(ShmError::TooSmall { .. }))));
+    }
+
+    /// What the server maps from the client's descriptor.
+    fn server_side(client: &LoadState) -> LoadState {
+        let fd = client.memory().fd().unwrap().try_clone_to_owned().unwrap();
+        LoadState::open(Arc::new(SharedMemory::from_fd(fd, LOAD_STATE_BYTES).unwrap())).unwrap()
     }
 }

@@ -1,128 +1,158 @@
-//! Shared-memory files under `/dev/shm`: name validation and mapping.
+//! Shared memory that a client hands the server by descriptor: a sealed `memfd`.
 //!
-//! Clients name a file; the server only ever opens `/dev/shm/<name>` with a validated
-//! name, checks its size before mapping (a short file would SIGBUS on access), and
-//! never creates or unlinks client files.
+//! The client creates the memory ([`SharedMemory::create`]: `memfd_create`, sized, then
+//! sealed against shrinking and growing) and passes the descriptor over the server's Unix
+//! socket. The server maps it with [`SharedMemory::from_fd`], which refuses anything it
+//! could fault on or should not touch: not a regular file, not on tmpfs (hugetlbfs faults
+//! when huge pages run out), not sealed against shrinking (a client truncating its memory
+//! mid-copy would kill the server with SIGBUS), not open for reading and writing, or
+//! shorter than required. The descriptor is closed once mapped; the mapping lives as long
+//! as the value. The server never opens a path a client names.
 
-use std::fs::{File, OpenOptions};
-use std::path::PathBuf;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI64, Ordering};
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{MmapOptions, MmapRaw};
+use nix::fcntl::{FcntlArg, OFlag, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::stat::{SFlag, fstat};
+use nix::sys::statfs::{TMPFS_MAGIC, fstatfs};
 
-/// Directory holding shared-memory files.
-pub const SHM_DIR: &str = "/dev/shm";
-const MAX_NAME_LEN: usize = 200;
-
-/// Why a shared-memory file could not be used.
+/// Why client memory cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ShmError {
-    /// The name is empty, too long, or has characters other than `[A-Za-z0-9._-]`.
-    #[error("invalid shared-memory name {0:?}: use 1-200 characters of [A-Za-z0-9._-], not starting with '.'")]
-    InvalidName(String),
-    /// No such file.
-    #[error("shared-memory file {0:?} does not exist")]
-    NotFound(String),
-    /// The file is shorter than required.
-    #[error("shared-memory file {name:?} has {len} bytes, need at least {min}")]
+    /// Not a memory file the server can map safely (wrong kind, wrong file system).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The memory is not sealed against shrinking: the client could truncate it while the
+    /// server copies (permanent: create it with `SharedMemory::create` / `memfd` + seals).
+    #[error("memory is not sealed against shrinking (F_SEAL_SHRINK): create it as a sealed memfd")]
+    NotSealed,
+    /// The descriptor is not open for reading and writing.
+    #[error("memory descriptor is not open for reading and writing")]
+    NotReadWrite,
+    /// The memory is shorter than required.
+    #[error("memory has {len} bytes, need at least {min}")]
     TooSmall {
-        /// The file.
-        name: String,
         /// Its size.
         len: u64,
         /// The size required.
         min: u64,
     },
     /// Any other OS failure.
-    #[error("shared-memory file {name:?}: {source}")]
-    Io {
-        /// The file.
-        name: String,
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
         /// The OS error.
         #[source]
         source: std::io::Error,
     },
 }
 
-/// Checks a client-supplied name and returns its path.
-pub fn shm_path(name: &str) -> Result<PathBuf, ShmError> {
-    let valid = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if !valid {
-        return Err(ShmError::InvalidName(name.to_owned()));
-    }
-    Ok(PathBuf::from(SHM_DIR).join(name))
+fn os(what: &'static str) -> impl FnOnce(nix::Error) -> ShmError {
+    move |e| ShmError::Os { what, source: e.into() }
 }
 
-/// A read-write mapping of a whole shared-memory file.
-pub struct ShmMapping {
-    name: String,
+/// Live server-side mappings of client memory, for the `pegaflow_client_mappings` gauge
+/// and its cap.
+static MAPPED: AtomicI64 = AtomicI64::new(0);
+
+/// Client memory mapped by this process through [`SharedMemory::from_fd`] and still alive.
+pub fn client_mappings() -> i64 {
+    MAPPED.load(Ordering::Relaxed)
+}
+
+/// A read-write `MAP_SHARED` mapping of a sealed memory file.
+pub struct SharedMemory {
     base: NonNull<u8>,
     len: u64,
-    file: File,
-    _map: MmapMut,
+    /// Kept by the creator only, to hand to the server; the server closes it once mapped.
+    fd: Option<OwnedFd>,
+    counted: bool,
+    _map: MmapRaw,
 }
 
-// SAFETY: the mapping is plain shared bytes; callers coordinate access to ranges.
-unsafe impl Send for ShmMapping {}
-// SAFETY: as above; only raw pointers are handed out.
-unsafe impl Sync for ShmMapping {}
+// SAFETY: the mapping is plain shared bytes; callers coordinate access to ranges and only
+// raw pointers leave this type.
+unsafe impl Send for SharedMemory {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMemory {}
 
-impl ShmMapping {
-    /// Maps an existing file of at least `min_len` bytes.
-    pub fn open(name: &str, min_len: u64) -> Result<Self, ShmError> {
-        let path = shm_path(name)?;
-        let io = |source: std::io::Error| ShmError::Io { name: name.to_owned(), source };
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound { ShmError::NotFound(name.to_owned()) } else { io(e) }
-        })?;
-        Self::map(name, file, min_len)
-    }
-
-    /// Creates a new file of `len` bytes (fails if it exists) and maps it.
+impl SharedMemory {
+    /// Creates `len` bytes of zeroed memory as a memfd named `name` (shown in
+    /// `/proc/<pid>/maps` as `/memfd:<name>`), sealed against shrinking, growing and
+    /// further sealing, and maps it (client side).
     pub fn create(name: &str, len: u64) -> Result<Self, ShmError> {
-        let path = shm_path(name)?;
-        let io = |source: std::io::Error| ShmError::Io { name: name.to_owned(), source };
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io)?;
-        if let Err(e) = file.set_len(len) {
-            let _ = std::fs::remove_file(&path);
-            return Err(io(e));
+        if len == 0 {
+            return Err(ShmError::TooSmall { len, min: 1 });
         }
-        Self::map(name, file, len)
+        let name = name.replace('\0', "");
+        let fd = memfd_create(name.as_str(), MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+            .map_err(os("memfd_create"))?;
+        let size = libc::off_t::try_from(len).map_err(|_| ShmError::TooSmall { len: 0, min: len })?;
+        nix::unistd::ftruncate(&fd, size).map_err(os("ftruncate"))?;
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).map_err(os("sealing the memfd"))?;
+        let map = MmapOptions::new().len(len as usize).map_raw(fd.as_raw_fd()).map_err(|source| ShmError::Os {
+            what: "mmap",
+            source,
+        })?;
+        Self::wrap(map, len, Some(fd), false)
     }
 
-    fn map(name: &str, file: File, min_len: u64) -> Result<Self, ShmError> {
-        let io = |source: std::io::Error| ShmError::Io { name: name.to_owned(), source };
-        let len = file.metadata().map_err(io)?.len();
+    /// Maps client memory received as `fd` after checking that the server can never fault
+    /// on it (see the module docs); `fd` is closed before this returns.
+    pub fn from_fd(fd: OwnedFd, min_len: u64) -> Result<Self, ShmError> {
+        let stat = fstat(fd.as_fd()).map_err(os("fstat"))?;
+        if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            return Err(ShmError::Unsupported("the descriptor is not a memory file (memfd)".into()));
+        }
+        if fstatfs(&fd).map_err(os("fstatfs"))?.filesystem_type() != TMPFS_MAGIC {
+            return Err(ShmError::Unsupported(
+                "the memory is not on tmpfs/shmem (use memfd_create without MFD_HUGETLB)".into(),
+            ));
+        }
+        let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL).map_err(os("F_GETFL"))?);
+        if flags & OFlag::O_ACCMODE != OFlag::O_RDWR {
+            return Err(ShmError::NotReadWrite);
+        }
+        let seals = SealFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(os("F_GET_SEALS"))?);
+        if !seals.contains(SealFlag::F_SEAL_SHRINK) {
+            return Err(ShmError::NotSealed);
+        }
+        if seals.intersects(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_FUTURE_WRITE) {
+            return Err(ShmError::Unsupported("the memory is sealed against writing".into()));
+        }
+        // Sealed against shrinking: this size can only grow from now on.
+        let len = u64::try_from(stat.st_size).unwrap_or(0);
         if len < min_len.max(1) {
-            return Err(ShmError::TooSmall { name: name.to_owned(), len, min: min_len.max(1) });
+            return Err(ShmError::TooSmall { len, min: min_len.max(1) });
         }
-        // SAFETY: the file is a shared-memory object whose size was checked above; other
-        // processes may write it concurrently, which is why only raw pointers leave here.
-        let mut map = unsafe { MmapOptions::new().map_mut(&file) }.map_err(io)?;
-        let base =
-            NonNull::new(map.as_mut_ptr()).ok_or_else(|| io(std::io::Error::other("mmap returned a null pointer")))?;
-        Ok(Self { name: name.to_owned(), base, len, file, _map: map })
+        let map_len = usize::try_from(len).map_err(|_| ShmError::Unsupported(format!("{len} bytes cannot be mapped")))?;
+        let map = MmapOptions::new()
+            .len(map_len)
+            .map_raw(fd.as_raw_fd())
+            .map_err(|source| ShmError::Os { what: "mmap", source })?;
+        drop(fd);
+        MAPPED.fetch_add(1, Ordering::Relaxed);
+        Self::wrap(map, len, None, true)
     }
 
-    /// Fails unless the file still holds every mapped byte.
-    ///
-    /// Touching a mapped page past the end of a file that was shrunk after mapping raises
-    /// SIGBUS, so copies check this first. A client that shrinks the file *during* a copy
-    /// can still fault the server; clients must not resize registered files.
-    pub fn check_intact(&self) -> Result<(), ShmError> {
-        let len = self.file.metadata().map_err(|source| ShmError::Io { name: self.name.clone(), source })?.len();
-        if len < self.len {
-            return Err(ShmError::TooSmall { name: self.name.clone(), len, min: self.len });
-        }
-        Ok(())
+    fn wrap(map: MmapRaw, len: u64, fd: Option<OwnedFd>, counted: bool) -> Result<Self, ShmError> {
+        let Some(base) = NonNull::new(map.as_mut_ptr()) else {
+            if counted {
+                MAPPED.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Err(ShmError::Os { what: "mmap", source: std::io::Error::other("null mapping") });
+        };
+        Ok(Self { base, len, fd, counted, _map: map })
     }
 
-    /// The file's name under `/dev/shm`.
-    pub fn name(&self) -> &str {
-        &self.name
+    /// The descriptor to hand to the server (creator side only).
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.fd.as_ref().map(|fd| fd.as_fd())
     }
 
     /// Mapped bytes.
@@ -146,13 +176,17 @@ impl ShmMapping {
     }
 }
 
-/// Removes `/dev/shm/<name>`; a missing file is not an error.
-pub fn unlink(name: &str) -> Result<(), ShmError> {
-    let path = shm_path(name)?;
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(ShmError::Io { name: name.to_owned(), source }),
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        if self.counted {
+            MAPPED.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedMemory").field("len", &self.len).finish_non_exhaustive()
     }
 }
 
@@ -160,33 +194,58 @@ pub fn unlink(name: &str) -> Result<(), ShmError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn validates_names() {
-        assert!(shm_path("pegaflow-kv_1.a").is_ok());
-        for bad in ["", ".hidden", "a/b", "../x", "sp ace", &"x".repeat(201)] {
-            assert!(matches!(shm_path(bad), Err(ShmError::InvalidName(_))), "{bad}");
-        }
+    fn dup(fd: std::os::fd::BorrowedFd<'_>) -> OwnedFd {
+        fd.try_clone_to_owned().unwrap()
     }
 
     #[test]
-    fn create_open_and_size_checks() {
-        let name = format!("pegaflow-test-{}", uuid::Uuid::new_v4().simple());
-        let created = ShmMapping::create(&name, 4096).unwrap();
-        assert!(ShmMapping::create(&name, 4096).is_err(), "create must not reuse a file");
-        let opened = ShmMapping::open(&name, 4096).unwrap();
-        assert_eq!(opened.len(), 4096);
-        assert!(matches!(ShmMapping::open(&name, 4097), Err(ShmError::TooSmall { .. })));
-        // Both mappings see the same bytes.
+    fn creator_and_server_share_bytes() {
+        let created = SharedMemory::create("pegaflow-test", 4096).unwrap();
+        let before = client_mappings();
+        let server = SharedMemory::from_fd(dup(created.fd().unwrap()), 4096).unwrap();
+        assert_eq!(client_mappings(), before + 1);
+        assert_eq!(server.len(), 4096);
+        assert!(server.fd().is_none(), "the server keeps no descriptor");
         // SAFETY: byte 10 is inside both 4096-byte mappings and nothing else touches it.
         unsafe { created.ptr_at(10, 1).unwrap().write(42) };
         // SAFETY: as above.
-        assert_eq!(unsafe { opened.ptr_at(10, 1).unwrap().read() }, 42);
-        assert!(opened.ptr_at(4096, 1).is_none());
-        opened.check_intact().unwrap();
-        std::fs::OpenOptions::new().write(true).open(shm_path(&name).unwrap()).unwrap().set_len(100).unwrap();
-        assert!(matches!(opened.check_intact(), Err(ShmError::TooSmall { len: 100, .. })));
-        unlink(&name).unwrap();
-        assert!(matches!(ShmMapping::open(&name, 1), Err(ShmError::NotFound(_))));
-        unlink(&name).unwrap();
+        assert_eq!(unsafe { server.ptr_at(10, 1).unwrap().read() }, 42);
+        assert!(server.ptr_at(4096, 1).is_none());
+        assert!(matches!(SharedMemory::from_fd(dup(created.fd().unwrap()), 4097), Err(ShmError::TooSmall { .. })));
+        // Sealed: the creator itself can no longer shrink it.
+        let fd = created.fd().unwrap();
+        assert!(nix::unistd::ftruncate(fd, 100).is_err());
+        drop(server);
+        assert_eq!(client_mappings(), before);
+    }
+
+    #[test]
+    fn unsealed_read_only_and_non_tmpfs_memory_is_refused() {
+        let unsealed = memfd_create("unsealed", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        nix::unistd::ftruncate(&unsealed, 4096).unwrap();
+        assert!(matches!(SharedMemory::from_fd(unsealed, 1), Err(ShmError::NotSealed)));
+
+        // A regular file on disk (or /dev/shm via open(2)) cannot carry seals at all.
+        let dir = std::env::temp_dir().join(format!("pegaflow-shm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("file");
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(4096).unwrap();
+        let err = SharedMemory::from_fd(OwnedFd::from(file), 1).unwrap_err();
+        assert!(matches!(err, ShmError::Unsupported(_) | ShmError::NotSealed), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let created = SharedMemory::create("ro", 4096).unwrap();
+        let ro = nix::fcntl::open(
+            format!("/proc/self/fd/{}", created.fd().unwrap().as_raw_fd()).as_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        assert!(matches!(SharedMemory::from_fd(ro, 1), Err(ShmError::NotReadWrite)));
+
+        // A pipe is not a memory file.
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        assert!(matches!(SharedMemory::from_fd(r, 1), Err(ShmError::Unsupported(_))));
     }
 }

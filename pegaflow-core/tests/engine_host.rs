@@ -9,8 +9,12 @@ use std::time::{Duration, Instant};
 use pegaflow_core::device::RegionSource;
 use pegaflow_core::layout::TensorSpec;
 use pegaflow_core::load_state::{LoadState, LoadStatus};
-use pegaflow_core::shm::{ShmMapping, unlink};
-use pegaflow_core::{Engine, EngineConfig, EngineError, LayerRegistration, RegisterRequest};
+use pegaflow_core::shm::SharedMemory;
+use pegaflow_core::{Engine, EngineConfig, EngineError, LayerRegistration, MemoryKind, MemoryToken, RegisterRequest};
+
+/// The descriptor connection and Unix user these tests hand memory over as.
+const CONNECTION: u64 = 1;
+const UID: u32 = 1000;
 
 const LAYERS: u32 = 4;
 const BLOCKS: u64 = 64;
@@ -18,13 +22,12 @@ const SEG: u64 = 512; // bytes per K or V segment: 16 tokens x 16 elements x 2 b
 
 /// A client's KV memory: LAYERS tensors (2, BLOCKS, 16, 16) of 2-byte elements in one file.
 struct ClientKv {
-    map: ShmMapping,
+    map: SharedMemory,
 }
 
 impl ClientKv {
     fn new(seed: u8) -> Self {
-        let name = format!("pegaflow-it-{}", unique());
-        let map = ShmMapping::create(&name, Self::layer_bytes() * u64::from(LAYERS)).unwrap();
+        let map = SharedMemory::create("pegaflow-it", Self::layer_bytes() * u64::from(LAYERS)).unwrap();
         let kv = Self { map };
         for (i, b) in kv.bytes_mut().iter_mut().enumerate() {
             *b = ((i as u64 * 31 + u64::from(seed) * 7) % 251) as u8 ^ seed;
@@ -49,7 +52,8 @@ impl ClientKv {
         self.bytes_mut()[start..start + SEG as usize].to_vec()
     }
 
-    fn request(&self, instance: &str, namespace: &str, rank: u32, tp: u32) -> RegisterRequest {
+    fn request(&self, e: &Engine, instance: &str, namespace: &str, rank: u32, tp: u32) -> RegisterRequest {
+        let source = region(e, &self.map);
         RegisterRequest {
             instance_id: instance.into(),
             namespace: namespace.into(),
@@ -59,7 +63,7 @@ impl ClientKv {
             layers: (0..LAYERS)
                 .map(|layer| LayerRegistration {
                     layer,
-                    source: RegionSource::HostShm { name: self.map.name().into() },
+                    source: source.clone(),
                     tensor: TensorSpec {
                         shape: vec![2, BLOCKS, 16, 16],
                         stride: vec![(BLOCKS * 256) as i64, 256, 16, 1],
@@ -70,21 +74,25 @@ impl ClientKv {
                     },
                 })
                 .collect(),
-            session_id: None,
+            session_id: "session".into(),
+            owner_uid: Some(UID),
         }
     }
 }
 
-impl Drop for ClientKv {
-    fn drop(&mut self) {
-        let _ = unlink(self.map.name());
-    }
+/// Hands `memory` to the engine as the server's descriptor channel does.
+fn region(e: &Engine, memory: &SharedMemory) -> RegionSource {
+    let fd = memory.fd().unwrap().try_clone_to_owned().unwrap();
+    let token = e.add_memory(fd, MemoryKind::KvMemory, 0, UID, CONNECTION).unwrap();
+    e.host_memory(&token, Some(UID)).unwrap()
 }
 
-fn unique() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+/// A client load state and the token the engine knows it by.
+fn load_state(e: &Engine) -> (LoadState, MemoryToken) {
+    let state = LoadState::create().unwrap();
+    let fd = state.memory().fd().unwrap().try_clone_to_owned().unwrap();
+    let token = e.add_memory(fd, MemoryKind::LoadState, 0, UID, CONNECTION).unwrap();
+    (state, token)
 }
 
 fn engine(pool: u64) -> Arc<Engine> {
@@ -96,6 +104,7 @@ fn engine(pool: u64) -> Arc<Engine> {
             copy_threads: Some(2),
             cuda_devices: Vec::new(),
             spin: Duration::from_millis(1),
+            limits: Default::default(),
         })
         .unwrap(),
     )
@@ -120,7 +129,7 @@ async fn wait(state: &LoadState) -> LoadStatus {
 async fn save_query_load_round_trip_is_byte_exact() {
     let e = engine(64 << 20);
     let kv = ClientKv::new(1);
-    e.register(kv.request("a", "ns", 0, 1)).unwrap();
+    e.register(kv.request(&e, "a", "ns", 0, 1)).unwrap();
     let h = hashes(1, 16);
     let ids: Vec<u64> = (0..16).collect();
     let out = e.save("a", 0, &[], &ids, &h).await.unwrap();
@@ -129,8 +138,8 @@ async fn save_query_load_round_trip_is_byte_exact() {
     let (hits, lease) = e.query("a", &h, None).unwrap();
     assert_eq!(hits, 16);
     let dst: Vec<u64> = (40..56).rev().collect();
-    let state = LoadState::create().unwrap();
-    assert_eq!(e.load("a", 0, &lease.unwrap(), &dst, &[], state.name()).unwrap(), 16);
+    let (state, state_token) = load_state(&e);
+    assert_eq!(e.load("a", 0, &lease.unwrap(), &dst, &[], &state_token, Some(UID)).unwrap(), 16);
     assert_eq!(wait(&state).await, LoadStatus::Done);
     for layer in 0..LAYERS {
         for (src, dst) in ids.iter().zip(&dst) {
@@ -146,7 +155,7 @@ async fn save_query_load_round_trip_is_byte_exact() {
 async fn concurrent_saves_and_loads_on_disjoint_blocks() {
     let e = engine(64 << 20);
     let kv = ClientKv::new(2);
-    e.register(kv.request("c", "ns", 0, 1)).unwrap();
+    e.register(kv.request(&e, "c", "ns", 0, 1)).unwrap();
     let first = hashes(2, 8);
     e.save("c", 0, &[], &(0..8).collect::<Vec<_>>(), &first).await.unwrap();
     let mut tasks = Vec::new();
@@ -159,8 +168,8 @@ async fn concurrent_saves_and_loads_on_disjoint_blocks() {
             e.save("c", 0, &[], &[8 + 2 * round, 9 + 2 * round], &h).await.unwrap();
             let (hits, lease) = e.query("c", &first[..2], None).unwrap();
             assert_eq!(hits, 2);
-            let state = LoadState::create().unwrap();
-            e.load("c", 0, &lease.unwrap(), &[32 + 4 * round, 33 + 4 * round], &[], state.name()).unwrap();
+            let (state, state_token) = load_state(&e);
+            e.load("c", 0, &lease.unwrap(), &[32 + 4 * round, 33 + 4 * round], &[], &state_token, Some(UID)).unwrap();
             assert_eq!(wait(&state).await, LoadStatus::Done);
         }));
     }
@@ -179,15 +188,19 @@ async fn concurrent_saves_and_loads_on_disjoint_blocks() {
 async fn unregister_then_register_again() {
     let e = engine(16 << 20);
     let kv = ClientKv::new(3);
-    e.register(kv.request("r", "ns", 0, 1)).unwrap();
-    assert!(matches!(e.register(kv.request("r", "ns", 0, 1)), Err(EngineError::AlreadyExists(_))));
+    e.register(kv.request(&e, "r", "ns", 0, 1)).unwrap();
+    assert!(matches!(e.register(kv.request(&e, "r", "ns", 0, 1)), Err(EngineError::AlreadyExists(_))));
     assert_eq!(e.metrics().open_regions.get(), 1);
     e.save("r", 0, &[], &[0], &hashes(3, 1)).await.unwrap();
-    e.unregister("r").unwrap();
+    // Only a session holding a rank, of the owning user, may unregister it.
+    assert!(matches!(e.unregister("r", "other-session", Some(UID)), Err(EngineError::PermissionDenied(_))));
+    assert!(matches!(e.unregister("r", "session", Some(UID + 1)), Err(EngineError::PermissionDenied(_))));
+    assert!(matches!(e.unregister("r", "session", None), Err(EngineError::PermissionDenied(_))));
+    e.unregister("r", "session", Some(UID)).unwrap();
     assert_eq!(e.metrics().open_regions.get(), 0);
     assert!(matches!(e.save("r", 0, &[], &[0], &hashes(3, 1)).await, Err(EngineError::NotFound(_))));
-    assert!(matches!(e.unregister("r"), Err(EngineError::NotFound(_))));
-    e.register(kv.request("r", "ns", 0, 1)).unwrap();
+    assert!(matches!(e.unregister("r", "session", Some(UID)), Err(EngineError::NotFound(_))));
+    e.register(kv.request(&e, "r", "ns", 0, 1)).unwrap();
     // The cache outlived the registration.
     assert_eq!(e.query("r", &hashes(3, 1), None).unwrap().0, 1);
 }
@@ -196,8 +209,8 @@ async fn unregister_then_register_again() {
 async fn a_layer_subset_does_not_seal_and_tp_ranks_must_all_save() {
     let e = engine(16 << 20);
     let (kv0, kv1) = (ClientKv::new(4), ClientKv::new(5));
-    e.register(kv0.request("t", "ns", 0, 2)).unwrap();
-    e.register(kv1.request("t", "ns", 1, 2)).unwrap();
+    e.register(kv0.request(&e, "t", "ns", 0, 2)).unwrap();
+    e.register(kv1.request(&e, "t", "ns", 1, 2)).unwrap();
     let h = hashes(4, 2);
     e.save("t", 0, &[0, 1], &[0, 1], &h).await.unwrap();
     e.save("t", 0, &[2, 3], &[0, 1], &h).await.unwrap();
@@ -207,9 +220,9 @@ async fn a_layer_subset_does_not_seal_and_tp_ranks_must_all_save() {
     let (hits, lease) = e.query("t", &h, None).unwrap();
     assert_eq!(hits, 2);
     let lease = lease.unwrap();
-    let (s0, s1) = (LoadState::create().unwrap(), LoadState::create().unwrap());
-    e.load("t", 0, &lease, &[10, 11], &[], s0.name()).unwrap();
-    e.load("t", 1, &lease, &[10, 11], &[], s1.name()).unwrap();
+    let ((s0, t0), (s1, t1)) = (load_state(&e), load_state(&e));
+    e.load("t", 0, &lease, &[10, 11], &[], &t0, Some(UID)).unwrap();
+    e.load("t", 1, &lease, &[10, 11], &[], &t1, Some(UID)).unwrap();
     assert_eq!(wait(&s0).await, LoadStatus::Done);
     assert_eq!(wait(&s1).await, LoadStatus::Done);
     for layer in 0..LAYERS {
@@ -223,16 +236,16 @@ async fn a_layer_subset_does_not_seal_and_tp_ranks_must_all_save() {
 async fn a_load_with_repeated_destination_blocks_is_refused() {
     let e = engine(16 << 20);
     let kv = ClientKv::new(6);
-    e.register(kv.request("d", "ns", 0, 1)).unwrap();
+    e.register(kv.request(&e, "d", "ns", 0, 1)).unwrap();
     let h = hashes(6, 2);
     e.save("d", 0, &[], &[0, 1], &h).await.unwrap();
     let (_, lease) = e.query("d", &h, None).unwrap();
     let lease = lease.unwrap();
-    let state = LoadState::create().unwrap();
-    let err = e.load("d", 0, &lease, &[9, 9], &[], state.name()).unwrap_err();
+    let (state, state_token) = load_state(&e);
+    let err = e.load("d", 0, &lease, &[9, 9], &[], &state_token, Some(UID)).unwrap_err();
     assert!(matches!(err, EngineError::InvalidArgument(_)), "{err}");
     // Nothing changed: the lease still loads.
-    e.load("d", 0, &lease, &[9, 10], &[], state.name()).unwrap();
+    e.load("d", 0, &lease, &[9, 10], &[], &state_token, Some(UID)).unwrap();
     assert_eq!(wait(&state).await, LoadStatus::Done);
 }
 
@@ -241,25 +254,26 @@ async fn cross_layer_layout_round_trips_byte_exact() {
     // vLLM's cross-layer tensor (BLOCKS, LAYERS, 2, 16, 16) of 2-byte elements, registered
     // as per-layer views of one shared file: each block is one contiguous run.
     let block_bytes = u64::from(LAYERS) * 2 * SEG;
-    let name = format!("pegaflow-it-{}", unique());
-    let map = ShmMapping::create(&name, BLOCKS * block_bytes).unwrap();
+    let map = SharedMemory::create("pegaflow-it", BLOCKS * block_bytes).unwrap();
     // SAFETY: the test owns the mapping and no copy runs yet.
     let bytes = unsafe { std::slice::from_raw_parts_mut(map.ptr_at(0, 1).unwrap().as_ptr(), map.len() as usize) };
     for (i, b) in bytes.iter_mut().enumerate() {
         *b = (i % 253) as u8;
     }
     let e = engine(16 << 20);
+    let source = region(&e, &map);
     e.register(RegisterRequest {
         instance_id: "x".into(),
         namespace: "ns".into(),
         tp_rank: 0,
         tp_size: 1,
         num_layers: LAYERS,
-        session_id: None,
+        session_id: "session".into(),
+        owner_uid: Some(UID),
         layers: (0..LAYERS)
             .map(|layer| LayerRegistration {
                 layer,
-                source: RegionSource::HostShm { name: name.clone() },
+                source: source.clone(),
                 tensor: TensorSpec {
                     shape: vec![BLOCKS, 2, 16, 16],
                     stride: vec![(block_bytes / 2) as i64, 256, 16, 1],
@@ -276,14 +290,13 @@ async fn cross_layer_layout_round_trips_byte_exact() {
     e.save("x", 0, &[], &[9, 2, 30, 5], &h).await.unwrap();
     let (hits, lease) = e.query("x", &h, None).unwrap();
     assert_eq!(hits, 4);
-    let state = LoadState::create().unwrap();
-    e.load("x", 0, &lease.unwrap(), &[40, 41, 60, 50], &[], state.name()).unwrap();
+    let (state, state_token) = load_state(&e);
+    e.load("x", 0, &lease.unwrap(), &[40, 41, 60, 50], &[], &state_token, Some(UID)).unwrap();
     assert_eq!(wait(&state).await, LoadStatus::Done);
     let block = |b: u64| bytes[(b * block_bytes) as usize..((b + 1) * block_bytes) as usize].to_vec();
     for (src, dst) in [(9, 40), (2, 41), (30, 60), (5, 50)] {
         assert_eq!(block(src), block(dst), "block {src} -> {dst}");
     }
-    unlink(&name).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,7 +304,7 @@ async fn a_large_save_goes_in_chunks_and_counts_every_block_once() {
     // 30 blocks: more than the first chunk, so the save is prepared and copied in parts.
     let e = engine(64 << 20);
     let kv = ClientKv::new(5);
-    e.register(kv.request("big", "ns", 0, 1)).unwrap();
+    e.register(kv.request(&e, "big", "ns", 0, 1)).unwrap();
     let mut h = hashes(11, 30);
     h[20] = h[3].clone(); // a duplicate that lands in a later chunk
     let ids: Vec<u64> = (0..30).rev().collect();
@@ -300,8 +313,8 @@ async fn a_large_save_goes_in_chunks_and_counts_every_block_once() {
     let (hits, lease) = e.query("big", &h, None).unwrap();
     assert_eq!(hits, 30);
     let dst: Vec<u64> = (0..30).map(|i| 63 - 2 * (i % 15) - i / 15).collect(); // 34..=63, scattered
-    let state = LoadState::create().unwrap();
-    e.load("big", 0, &lease.unwrap(), &dst, &[], state.name()).unwrap();
+    let (state, state_token) = load_state(&e);
+    e.load("big", 0, &lease.unwrap(), &dst, &[], &state_token, Some(UID)).unwrap();
     assert_eq!(wait(&state).await, LoadStatus::Done);
     for (i, (src, dst)) in ids.iter().zip(&dst).enumerate() {
         // Position 20 repeats position 3's hash: it loads position 3's saved bytes.
@@ -319,7 +332,7 @@ async fn a_save_larger_than_the_pool_fails_without_evicting_anything() {
     // One block is LAYERS x 2 x SEG = 4 KiB; a 256 KiB pool holds 64 of them.
     let e = engine(256 << 10);
     let kv = ClientKv::new(6);
-    e.register(kv.request("full", "ns", 0, 1)).unwrap();
+    e.register(kv.request(&e, "full", "ns", 0, 1)).unwrap();
     let kept = hashes(12, 8);
     e.save("full", 0, &[], &(0..8).collect::<Vec<_>>(), &kept).await.unwrap();
     let too_many = hashes(13, BLOCKS + 8);
@@ -334,8 +347,8 @@ async fn a_chunked_save_with_a_conflicting_block_fails_before_copying_anything()
     let e = engine(64 << 20);
     let one = ClientKv::new(7);
     let two = ClientKv::new(8);
-    e.register(one.request("tp1", "shared", 0, 1)).unwrap();
-    e.register(two.request("tp2", "shared", 0, 2)).unwrap();
+    e.register(one.request(&e, "tp1", "shared", 0, 1)).unwrap();
+    e.register(two.request(&e, "tp2", "shared", 0, 2)).unwrap();
     let h = hashes(14, 30);
     // Stored by a TP-1 instance; the TP-2 save below lists it in a later chunk.
     e.save("tp1", 0, &[], &[0], &h[20..21]).await.unwrap();

@@ -1,6 +1,7 @@
 //! Command-line flags of `pegaflow-server` (also parsed by the Python console script).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -56,6 +57,74 @@ pub struct ServerConfig {
     /// Log level: trace, debug, info, warn, error. RUST_LOG, when set, wins.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+
+    /// Unix socket for local clients: gRPC and the hand-over of host memory by descriptor
+    /// (the host backend needs it); created with mode 0660, so users of the server's group
+    /// may connect. An empty value disables it. Default:
+    /// `$XDG_RUNTIME_DIR/pegaflow/pegaflow-<port>.sock`, else `/run/pegaflow/…` as root,
+    /// else `/tmp/pegaflow-<uid>/…` (`<port>`: the `--addr` port).
+    #[arg(long)]
+    pub uds: Option<String>,
+
+    /// A file holding the shared secret clients must send (`authorization: Bearer
+    /// <token>`) on TCP gRPC calls and HTTP requests other than /health. Required (or
+    /// TLS, or --insecure) when a listener is not on loopback.
+    #[arg(long)]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// PEM certificate chain: serve gRPC over TLS (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Allow a non-loopback listener without --auth-token-file or TLS: anyone who can
+    /// reach the port can use the server.
+    #[arg(long)]
+    pub insecure: bool,
+
+    /// Seconds a new connection may take to send its first request bytes (the HTTP/2
+    /// preface, or the descriptor protocol's hello) before it is closed.
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout_s: u64,
+
+    /// Seconds a gRPC connection may stay without any call in flight (an open session
+    /// counts as one) before it is closed. 0 never closes idle connections.
+    #[arg(long, default_value_t = 300)]
+    pub idle_timeout_s: u64,
+
+    /// Seconds between HTTP/2 keepalive pings to a silent client (dead peers are found and
+    /// dropped). 0 disables them.
+    #[arg(long, default_value_t = 10)]
+    pub keepalive_interval_s: u64,
+
+    /// Seconds to wait for a keepalive ping's answer before dropping the connection.
+    #[arg(long, default_value_t = 5)]
+    pub keepalive_timeout_s: u64,
+
+    /// Connections served at once over all listeners (gRPC and descriptor); more are
+    /// closed on arrival. Lowered to fit the open-file limit.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Client memory mappings (registered KV regions, load states, memory handed over and
+    /// not yet released) held at once.
+    #[arg(long, default_value_t = 16384)]
+    pub max_client_mappings: usize,
+
+    /// Live leases one instance may hold; a query past it fails RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    pub max_leases_per_instance: usize,
+
+    /// Blocks all live leases together may pin; a query past it fails RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_leased_blocks: usize,
+
+    /// Block hashes or ids one Save, Query or Load may carry; more is INVALID_ARGUMENT.
+    #[arg(long, default_value_t = 1 << 16)]
+    pub max_hashes_per_request: usize,
 }
 
 impl ServerConfig {
@@ -69,6 +138,27 @@ impl ServerConfig {
         match self.spin_us {
             Some(us) => Duration::from_micros(us),
             None => pegaflow_core::spin::default_warm_window(Duration::from_millis(2)),
+        }
+    }
+
+    /// Engine resource caps from the flags.
+    pub fn engine_limits(&self) -> pegaflow_core::EngineLimits {
+        pegaflow_core::EngineLimits {
+            leases: pegaflow_core::cache::LeaseLimits {
+                per_instance: self.max_leases_per_instance,
+                blocks: self.max_leased_blocks,
+            },
+            max_hashes_per_request: self.max_hashes_per_request,
+            max_client_mappings: self.max_client_mappings,
+        }
+    }
+
+    /// The Unix socket path, or `None` when disabled.
+    pub fn uds_path(&self) -> Option<PathBuf> {
+        match self.uds.as_deref().map(str::trim) {
+            Some("") => None,
+            Some(path) => Some(PathBuf::from(path)),
+            None => Some(default_runtime_dir().join(format!("pegaflow-{}.sock", self.addr.port()))),
         }
     }
 
@@ -103,6 +193,16 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Where the default Unix socket lives: `$XDG_RUNTIME_DIR/pegaflow`, `/run/pegaflow` for
+/// root, else `/tmp/pegaflow-<uid>`.
+fn default_runtime_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("pegaflow");
+    }
+    let uid = nix::unistd::getuid();
+    if uid.is_root() { PathBuf::from("/run/pegaflow") } else { PathBuf::from(format!("/tmp/pegaflow-{uid}")) }
+}
+
 fn total_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
@@ -134,6 +234,9 @@ mod tests {
         assert!(c.addr.ip().is_loopback());
         assert!(c.metrics_socket().unwrap().unwrap().ip().is_loopback());
         assert!(c.effective_pool_size() > 0 && c.effective_pool_size() <= AUTO_POOL_CAP);
+        let uds = c.uds_path().unwrap();
+        assert!(uds.to_string_lossy().ends_with("/pegaflow-50055.sock"), "{uds:?}");
+        assert_eq!((c.handshake_timeout_s, c.idle_timeout_s, c.max_connections), (10, 300, 1024));
     }
 
     #[test]
@@ -155,6 +258,19 @@ mod tests {
             "debug",
             "--spin-us",
             "500",
+            "--uds",
+            "",
+            "--auth-token-file",
+            "/etc/token",
+            "--insecure",
+            "--idle-timeout-s",
+            "7",
+            "--max-connections",
+            "9",
+            "--max-leases-per-instance",
+            "3",
+            "--max-hashes-per-request",
+            "100",
         ])
         .unwrap();
         assert_eq!(c.effective_pool_size(), 2 << 30);
@@ -163,6 +279,13 @@ mod tests {
         assert!(c.use_hugepages);
         assert_eq!(c.metrics_socket().unwrap(), None);
         assert_eq!(c.spin_window(), Duration::from_micros(500));
+        assert_eq!(c.uds_path(), None);
+        assert_eq!(c.auth_token_file.as_deref(), Some(std::path::Path::new("/etc/token")));
+        assert!(c.insecure);
+        assert_eq!((c.idle_timeout_s, c.max_connections), (7, 9));
+        let limits = c.engine_limits();
+        assert_eq!((limits.leases.per_instance, limits.max_hashes_per_request), (3, 100));
+        assert!(ServerConfig::try_parse_from(["pegaflow-server", "--tls-cert", "c.pem"]).is_err(), "needs a key");
         assert!(ServerConfig::try_parse_from(["pegaflow-server", "--pool-size", "lots"]).is_err());
     }
 }

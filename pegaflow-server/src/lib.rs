@@ -4,13 +4,16 @@
 //! [`run_cli`] is the whole program; the Rust binary and the Python console script both
 //! call it, so there is one server.
 
+mod auth;
 mod config;
 mod error;
 mod http;
+mod listen;
 mod server;
 mod service;
 mod session;
 
+pub use auth::AUTH_HEADER;
 pub use config::{DEFAULT_ADDR, DEFAULT_METRICS_ADDR, ServerConfig, parse_size};
 pub use error::{ServerError, to_status};
 pub use server::run_server;

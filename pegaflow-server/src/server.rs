@@ -1,5 +1,5 @@
-//! Starts the engine, the gRPC and HTTP listeners and the lease sweeper; stops them all
-//! on SIGINT/SIGTERM.
+//! Starts the engine, the gRPC listeners (TCP and the Unix socket), HTTP and the lease
+//! sweeper; stops them all on SIGINT/SIGTERM.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,15 +10,21 @@ use pegaflow_proto::engine_server::EngineServer;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
+use crate::auth::{AuthToken, check_exposure, check_grpc};
 use crate::config::ServerConfig;
 use crate::error::ServerError;
+use crate::listen::{ListenMetrics, Listening, Timeouts, bind_unix, remove_socket};
 use crate::service::EngineService;
 use crate::session::Sessions;
 
 const LEASE_SWEEP: Duration = Duration::from_millis(500);
+/// Descriptors kept for everything but client connections (pool, CUDA, logs, files).
+const RESERVED_FDS: u64 = 256;
+/// Concurrent calls (streams) one HTTP/2 connection may carry.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// Runs the server until SIGINT or SIGTERM. Blocks the calling thread.
 pub fn run_server(config: ServerConfig) -> Result<(), ServerError> {
@@ -33,6 +39,11 @@ pub fn run_server(config: ServerConfig) -> Result<(), ServerError> {
 async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let started = Instant::now();
     let metrics_addr = config.metrics_socket().map_err(ServerError::Config)?;
+    check_exposure(&config, metrics_addr)?;
+    let token = config.auth_token_file.as_deref().map(AuthToken::from_file).transpose()?;
+    let tls = load_tls(&config)?;
+    let listen_metrics = Arc::new(ListenMetrics::default());
+    let max_connections = fit_connections(config.max_connections, &listen_metrics);
     let pool_size = config.effective_pool_size();
     let engine = Arc::new(Engine::new(EngineConfig {
         pool_size,
@@ -41,21 +52,31 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         copy_threads: None,
         cuda_devices: config.devices.clone(),
         spin: config.spin_window(),
+        limits: config.engine_limits(),
     })?);
     let mut registry = Registry::default();
     engine.metrics().register(&mut registry);
+    listen_metrics.register(&mut registry);
     let registry = Arc::new(registry);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let grpc_listener = TcpListener::bind(config.addr)
         .await
         .map_err(|source| ServerError::Io { what: format!("cannot listen on {}", config.addr), source })?;
+    let uds_path = config.uds_path();
+    let uds_listener = match &uds_path {
+        Some(path) => Some(bind_unix(path).map_err(|source| ServerError::Io {
+            what: format!("cannot listen on the Unix socket {}", path.display()),
+            source,
+        })?),
+        None => None,
+    };
     let http_task = match metrics_addr {
         Some(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServerError::Io { what: format!("cannot listen on {addr} (metrics)"), source })?;
-            let router = crate::http::router(Arc::clone(&registry));
+            let router = crate::http::router(Arc::clone(&registry), token.clone(), Arc::clone(&listen_metrics));
             let mut stop = stop_rx.clone();
             info!(%addr, "HTTP /health and /metrics");
             Some(tokio::spawn(async move {
@@ -90,28 +111,66 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         Arc::clone(&engine),
         Arc::new(Sessions::new(stop_rx.clone())),
         KeepWarm::new(config.spin_window()),
+        uds_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
     );
+    let service = {
+        let metrics = Arc::clone(&listen_metrics);
+        EngineServer::with_interceptor(service, move |request| check_grpc(&token, &metrics, request))
+    };
+    let timeouts = Timeouts {
+        handshake: Duration::from_secs(config.handshake_timeout_s.max(1)),
+        idle: (config.idle_timeout_s > 0).then(|| Duration::from_secs(config.idle_timeout_s)),
+    };
+    let listening = Listening::new(max_connections, timeouts, Arc::clone(&listen_metrics), Arc::clone(&engine), stop_rx.clone());
+    let keepalive = (config.keepalive_interval_s > 0).then(|| Duration::from_secs(config.keepalive_interval_s));
+    let builder = || {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(Some(Duration::from_secs(config.keepalive_timeout_s.max(1))))
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+    };
     // Listeners are bound: pool population, CUDA start-up and pinning may now compete for
     // the machine without delaying the first answer.
     engine.prepare_pool_in_background();
     info!(
         addr = %config.addr,
+        uds = ?uds_path,
         pool_bytes = pool_size,
         hugepages = config.use_hugepages,
+        tls = tls.is_some(),
+        max_connections,
         startup_ms = started.elapsed().as_millis() as u64,
         "pegaflow-server serving"
     );
-    let mut stop = stop_rx.clone();
-    let result = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .add_service(EngineServer::new(service))
-        // No Nagle: a small reply held for a delayed ACK costs ~40 ms when calls overlap.
-        .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)), async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
+    let stopped = |mut stop: watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let mut tcp_builder = builder();
+    if let Some(tls) = tls {
+        tcp_builder = tcp_builder.tls_config(tls).map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
+    let tcp = tcp_builder
+        .add_service(service.clone())
+        .serve_with_incoming_shutdown(listening.tcp(grpc_listener), stopped(stop_rx.clone()));
+    let unix = async {
+        match uds_listener {
+            Some(listener) => {
+                builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(listening.unix(listener), stopped(stop_rx.clone()))
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    let result = match tokio::join!(tcp, unix) {
+        (Err(e), _) | (_, Err(e)) => Err(e),
+        _ => Ok(()),
+    };
     info!("shutting down");
+    if let Some(path) = &uds_path {
+        remove_socket(path);
+    }
     let _ = stop_tx.send(true);
     signals.abort();
     sweeper.abort();
@@ -124,6 +183,42 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     }
     result?;
     Ok(())
+}
+
+/// Reads the TLS certificate and key, when given.
+fn load_tls(config: &ServerConfig) -> Result<Option<ServerTlsConfig>, ServerError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else { return Ok(None) };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ServerError::Io { what: format!("cannot read {}", path.display()), source })
+    };
+    Ok(Some(ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?))))
+}
+
+/// Raises the open-file limit to its hard maximum (every connection is a descriptor) and
+/// lowers `wanted` connections to what fits in it with room to spare.
+fn fit_connections(wanted: usize, metrics: &ListenMetrics) -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            warn!(error = %e, "cannot read the open-file limit");
+            return wanted;
+        }
+    };
+    metrics.open_files_limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
+    let room = usize::try_from(limit.saturating_sub(RESERVED_FDS).max(limit / 2)).unwrap_or(usize::MAX);
+    if wanted > room {
+        warn!(wanted, room, open_files_limit = limit, "--max-connections lowered to fit the open-file limit");
+        return room.max(1);
+    }
+    wanted
 }
 
 async fn shutdown_signal() {

@@ -6,13 +6,15 @@ use std::time::Duration;
 use pegaflow_core::device::RegionSource;
 use pegaflow_core::layout::TensorSpec;
 use pegaflow_core::spin::KeepWarm;
-use pegaflow_core::{Engine, LayerRegistration, RegisterRequest};
+use pegaflow_core::{Engine, LayerRegistration, MemoryToken, RegisterRequest, shown};
 use pegaflow_proto as pb;
 use pegaflow_proto::engine_server::Engine as EngineApi;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use crate::auth::peer_of;
 use crate::error::to_status;
+use crate::listen::Busy;
 use crate::session::{SessionStream, Sessions};
 
 /// The gRPC face of one engine.
@@ -20,13 +22,15 @@ pub struct EngineService {
     engine: Arc<Engine>,
     sessions: Arc<Sessions>,
     warm: KeepWarm,
+    uds_path: String,
 }
 
 impl EngineService {
     /// A service over `engine`; closed sessions unregister through `sessions`; `warm`
-    /// keeps a thread polling after each hot-path request.
-    pub fn new(engine: Arc<Engine>, sessions: Arc<Sessions>, warm: KeepWarm) -> Self {
-        Self { engine, sessions, warm }
+    /// keeps a thread polling after each hot-path request; `uds_path` is reported by
+    /// Health so TCP clients find the socket that takes memory by descriptor.
+    pub fn new(engine: Arc<Engine>, sessions: Arc<Sessions>, warm: KeepWarm, uds_path: String) -> Self {
+        Self { engine, sessions, warm, uds_path }
     }
 
     fn touch(&self) {
@@ -34,9 +38,29 @@ impl EngineService {
     }
 }
 
-fn layer_from_proto(layer: pb::LayerRegistration) -> Result<LayerRegistration, Status> {
+/// Marks a call in flight on its connection (the idle timeout waits for it).
+fn busy<T>(request: &Request<T>) -> Option<Busy> {
+    peer_of(request).map(|p| p.activity.busy())
+}
+
+/// The caller's Unix user, when it came over the Unix socket.
+fn caller_uid<T>(request: &Request<T>) -> Option<u32> {
+    peer_of(request).and_then(|p| p.uid)
+}
+
+fn token(bytes: &[u8]) -> Result<MemoryToken, Status> {
+    MemoryToken::from_bytes(bytes).map_err(to_status)
+}
+
+fn layer_from_proto(
+    engine: &Engine,
+    layer: pb::LayerRegistration,
+    caller_uid: Option<u32>,
+) -> Result<LayerRegistration, Status> {
     let source = match layer.region {
-        Some(pb::layer_registration::Region::HostShm(shm)) => RegionSource::HostShm { name: shm.name },
+        Some(pb::layer_registration::Region::HostMemory(memory)) => {
+            engine.host_memory(&token(&memory.token)?, caller_uid).map_err(to_status)?
+        }
         Some(pb::layer_registration::Region::CudaIpc(ipc)) => RegionSource::CudaIpc {
             handle: ipc.handle.as_slice().try_into().map_err(|_| {
                 Status::invalid_argument(format!(
@@ -80,8 +104,19 @@ impl EngineApi for EngineService {
         &self,
         request: Request<pb::RegisterKvLayersRequest>,
     ) -> Result<Response<pb::RegisterKvLayersResponse>, Status> {
+        let _busy = busy(&request);
+        let uid = caller_uid(&request);
         let req = request.into_inner();
-        let layers = req.layers.into_iter().map(layer_from_proto).collect::<Result<Vec<_>, _>>()?;
+        self.sessions.check(&req.session_id, &req.instance_id, uid)?;
+        if req.layers.len() != req.num_layers as usize {
+            return Err(Status::invalid_argument(format!(
+                "{} layers given for num_layers {}",
+                req.layers.len(),
+                req.num_layers
+            )));
+        }
+        let layers =
+            req.layers.into_iter().map(|l| layer_from_proto(&self.engine, l, uid)).collect::<Result<Vec<_>, _>>()?;
         let register = RegisterRequest {
             instance_id: req.instance_id,
             namespace: req.namespace,
@@ -89,11 +124,12 @@ impl EngineApi for EngineService {
             tp_size: req.tp_size,
             num_layers: req.num_layers,
             layers,
-            session_id: (!req.session_id.is_empty()).then_some(req.session_id),
+            session_id: req.session_id,
+            owner_uid: uid,
         };
         let (instance, rank) = (register.instance_id.clone(), register.tp_rank);
         let block_bytes = self.engine.register(register).map_err(to_status)?;
-        info!(instance = %instance, rank, block_bytes, "registered KV layers");
+        info!(instance = %shown(&instance), rank, block_bytes, uid, "registered KV layers");
         Ok(Response::new(pb::RegisterKvLayersResponse { block_bytes }))
     }
 
@@ -101,13 +137,16 @@ impl EngineApi for EngineService {
         &self,
         request: Request<pb::UnregisterInstanceRequest>,
     ) -> Result<Response<pb::UnregisterInstanceResponse>, Status> {
-        let id = request.into_inner().instance_id;
-        self.engine.unregister(&id).map_err(to_status)?;
-        info!(instance = %id, "unregistered");
+        let _busy = busy(&request);
+        let uid = caller_uid(&request);
+        let req = request.into_inner();
+        self.engine.unregister(&req.instance_id, &req.session_id, uid).map_err(to_status)?;
+        info!(instance = %shown(&req.instance_id), "unregistered");
         Ok(Response::new(pb::UnregisterInstanceResponse {}))
     }
 
     async fn save(&self, request: Request<pb::SaveRequest>) -> Result<Response<pb::SaveResponse>, Status> {
+        let _busy = busy(&request);
         self.touch();
         let req = request.into_inner();
         let outcome =
@@ -123,6 +162,7 @@ impl EngineApi for EngineService {
     }
 
     async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+        let _busy = busy(&request);
         self.touch();
         let req = request.into_inner();
         let ttl = (req.lease_ttl_ms > 0).then(|| Duration::from_millis(req.lease_ttl_ms));
@@ -133,11 +173,14 @@ impl EngineApi for EngineService {
     }
 
     async fn load(&self, request: Request<pb::LoadRequest>) -> Result<Response<pb::LoadResponse>, Status> {
+        let _busy = busy(&request);
         self.touch();
+        let uid = caller_uid(&request);
         let req = request.into_inner();
+        let state = token(&req.load_state_token)?;
         let blocks = self
             .engine
-            .load(&req.instance_id, req.tp_rank, &req.lease_id, &req.block_ids, &req.layers, &req.load_state_name)
+            .load(&req.instance_id, req.tp_rank, &req.lease_id, &req.block_ids, &req.layers, &state, uid)
             .map_err(to_status)?;
         Ok(Response::new(pb::LoadResponse { blocks }))
     }
@@ -146,11 +189,13 @@ impl EngineApi for EngineService {
         &self,
         request: Request<pb::ReleaseLeaseRequest>,
     ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
+        let _busy = busy(&request);
         self.engine.release_lease(&request.into_inner().lease_id).map_err(to_status)?;
         Ok(Response::new(pb::ReleaseLeaseResponse {}))
     }
 
-    async fn health(&self, _request: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+    async fn health(&self, request: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+        let _busy = busy(&request);
         self.touch();
         let stats = self.engine.stats();
         Ok(Response::new(pb::HealthResponse {
@@ -158,13 +203,15 @@ impl EngineApi for EngineService {
             version: env!("CARGO_PKG_VERSION").into(),
             pool_capacity_bytes: stats.capacity_bytes,
             cache_bytes: stats.used_bytes,
+            uds_path: self.uds_path.clone(),
         }))
     }
 
     async fn list_instances(
         &self,
-        _request: Request<pb::ListInstancesRequest>,
+        request: Request<pb::ListInstancesRequest>,
     ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        let _busy = busy(&request);
         let instances = self
             .engine
             .instances()
@@ -187,10 +234,14 @@ impl EngineApi for EngineService {
         &self,
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<Self::OpenSessionStream>, Status> {
+        let peer = peer_of(&request).cloned();
         let id = request.into_inner().instance_id;
-        if id.is_empty() {
-            return Err(Status::invalid_argument("instance_id must not be empty"));
+        if id.is_empty() || id.len() > pegaflow_core::MAX_ID_LEN {
+            return Err(Status::invalid_argument(format!(
+                "instance_id must be 1..={} bytes",
+                pegaflow_core::MAX_ID_LEN
+            )));
         }
-        Ok(Response::new(self.sessions.open(id, Arc::clone(&self.engine))))
+        Ok(Response::new(self.sessions.open(id, peer.as_ref(), Arc::clone(&self.engine))))
     }
 }

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
 
-use super::lease::{Lease, LeaseTable, MAX_LEASE_TTL};
+use super::lease::{Lease, LeaseLimits, LeaseTable, MAX_LEASE_TTL};
 use super::{BlockHash, BlockKey, DEFAULT_LEASE_TTL, PartGeometry};
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, Result, shown};
 use crate::memory::{PoolAllocator, PoolSlice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +149,8 @@ pub struct CacheStats {
     pub leases: u64,
     /// Blocks evicted since start.
     pub evictions: u64,
+    /// Queries refused because a lease cap was reached.
+    pub refused_leases: u64,
 }
 
 /// The block index. Not thread-safe by itself: the engine wraps it in a mutex and never
@@ -158,8 +160,10 @@ pub struct BlockCache {
     lru: Lru,
     allocator: PoolAllocator,
     leases: LeaseTable,
+    lease_limits: LeaseLimits,
     sealed: u64,
     evictions: u64,
+    refused_leases: u64,
 }
 
 impl BlockCache {
@@ -170,9 +174,17 @@ impl BlockCache {
             lru: Lru::default(),
             allocator,
             leases: LeaseTable::default(),
+            lease_limits: LeaseLimits::default(),
             sealed: 0,
             evictions: 0,
+            refused_leases: 0,
         }
+    }
+
+    /// Caps what leases may pin (default: [`LeaseLimits::default`]).
+    pub fn with_lease_limits(mut self, limits: LeaseLimits) -> Self {
+        self.lease_limits = limits;
+        self
     }
 
     /// Current counters.
@@ -184,6 +196,7 @@ impl BlockCache {
             capacity_bytes: self.allocator.capacity(),
             leases: self.leases.len() as u64,
             evictions: self.evictions,
+            refused_leases: self.refused_leases,
         }
     }
 
@@ -362,12 +375,14 @@ impl BlockCache {
     }
 
     /// Counts the leading hashes whose blocks are sealed and leases them for `ttl`
-    /// (`None`: [`DEFAULT_LEASE_TTL`]). Returns the hit count and the lease id (none when
-    /// nothing hit).
+    /// (`None`: [`DEFAULT_LEASE_TTL`]) on behalf of instance `holder`. Returns the hit
+    /// count and the lease id (none when nothing hit). A hit that would pass the lease
+    /// caps is refused (`ResourceExhausted`) and pins nothing.
     pub fn query(
         &mut self,
         now: Instant,
         namespace: &Arc<str>,
+        holder: &str,
         hashes: &[BlockHash],
         ttl: Option<Duration>,
     ) -> Result<(u32, Option<String>)> {
@@ -381,24 +396,31 @@ impl BlockCache {
         }
         self.expire_leases(now);
         let mut keys = Vec::new();
-        let mut tp_size = 0;
         for hash in hashes {
             let key = BlockKey { namespace: Arc::clone(namespace), hash: *hash };
-            match self.blocks.get_mut(&key) {
-                Some(block) if block.sealed => {
-                    tp_size = block.parts.len() as u32;
-                    self.lru.pin(block);
-                    keys.push(key);
-                }
+            match self.blocks.get(&key) {
+                Some(block) if block.sealed => keys.push(key),
                 _ => break,
             }
         }
         if keys.is_empty() {
             return Ok((0, None));
         }
+        if let Err(reason) = self.leases.admits(holder, keys.len(), &self.lease_limits) {
+            self.refused_leases += 1;
+            return Err(EngineError::ResourceExhausted(reason));
+        }
+        let mut tp_size = 0;
+        for key in &keys {
+            if let Some(block) = self.blocks.get_mut(key) {
+                tp_size = block.parts.len() as u32;
+                self.lru.pin(block);
+            }
+        }
         let hits = keys.len() as u32;
         let id = self.leases.insert(Lease {
             namespace: Arc::clone(namespace),
+            holder: Arc::from(holder),
             keys,
             expires_at: now + ttl,
             tp_size,
@@ -422,10 +444,10 @@ impl BlockCache {
         let lease = self
             .leases
             .get_mut(lease_id)
-            .ok_or_else(|| EngineError::not_found(format!("unknown or expired lease {lease_id:?}")))?;
+            .ok_or_else(|| EngineError::not_found(format!("unknown or expired lease {}", shown(lease_id))))?;
         if *lease.namespace != **namespace {
             // Leases never cross namespaces: different models must not read each other.
-            return Err(EngineError::not_found(format!("unknown or expired lease {lease_id:?}")));
+            return Err(EngineError::not_found(format!("unknown or expired lease {}", shown(lease_id))));
         }
         if count == 0 || count > lease.keys.len() {
             return Err(EngineError::invalid(format!(
@@ -437,7 +459,7 @@ impl BlockCache {
             return Err(EngineError::invalid(format!("rank {rank} outside the lease's TP size {}", lease.tp_size)));
         }
         if lease.started_ranks.contains(&rank) {
-            return Err(EngineError::invalid(format!("rank {rank} already loaded lease {lease_id:?}")));
+            return Err(EngineError::invalid(format!("rank {rank} already loaded lease {}", shown(lease_id))));
         }
         let keys: Vec<BlockKey> = lease.keys[..count].to_vec();
         let mut part_offsets = Vec::with_capacity(count);
@@ -477,7 +499,7 @@ impl BlockCache {
         let lease = self
             .leases
             .remove(lease_id)
-            .ok_or_else(|| EngineError::not_found(format!("unknown or expired lease {lease_id:?}")))?;
+            .ok_or_else(|| EngineError::not_found(format!("unknown or expired lease {}", shown(lease_id))))?;
         for key in &lease.keys {
             self.unpin(key);
         }

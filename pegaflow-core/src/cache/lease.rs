@@ -11,8 +11,25 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 /// Longest lease a client may ask for.
 pub(super) const MAX_LEASE_TTL: Duration = Duration::from_secs(600);
 
+/// Caps on what leases may pin, so no client can make the server hold unbounded state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseLimits {
+    /// Live leases one instance may hold. Default: 1024.
+    pub per_instance: usize,
+    /// Blocks all live leases together may pin. Default: 1,048,576.
+    pub blocks: usize,
+}
+
+impl Default for LeaseLimits {
+    fn default() -> Self {
+        Self { per_instance: 1024, blocks: 1 << 20 }
+    }
+}
+
 pub(super) struct Lease {
     pub namespace: std::sync::Arc<str>,
+    /// The instance that asked for it (what the per-instance cap counts).
+    pub holder: std::sync::Arc<str>,
     pub keys: Vec<BlockKey>,
     pub expires_at: Instant,
     pub tp_size: u32,
@@ -22,13 +39,33 @@ pub(super) struct Lease {
 #[derive(Default)]
 pub(super) struct LeaseTable {
     leases: HashMap<String, Lease>,
+    per_holder: HashMap<std::sync::Arc<str>, usize>,
+    blocks: usize,
     // Earliest expiry among live leases, so sweeping is free when nothing is due.
     next_expiry: Option<Instant>,
 }
 
 impl LeaseTable {
+    /// Whether `holder` may take one more lease of `blocks` blocks under `limits`; the
+    /// reason when not.
+    pub fn admits(&self, holder: &str, blocks: usize, limits: &LeaseLimits) -> Result<(), String> {
+        let held = self.per_holder.get(holder).copied().unwrap_or(0);
+        if held >= limits.per_instance {
+            return Err(format!("the instance holds {held} leases, the most allowed: load or release some first"));
+        }
+        if self.blocks + blocks > limits.blocks {
+            return Err(format!(
+                "leases pin {} blocks; {blocks} more would pass the server's cap of {}",
+                self.blocks, limits.blocks
+            ));
+        }
+        Ok(())
+    }
+
     pub fn insert(&mut self, lease: Lease) -> String {
         let id = uuid::Uuid::new_v4().simple().to_string();
+        *self.per_holder.entry(std::sync::Arc::clone(&lease.holder)).or_default() += 1;
+        self.blocks += lease.keys.len();
         self.next_expiry = Some(self.next_expiry.map_or(lease.expires_at, |t| t.min(lease.expires_at)));
         self.leases.insert(id.clone(), lease);
         id
@@ -39,7 +76,20 @@ impl LeaseTable {
     }
 
     pub fn remove(&mut self, id: &str) -> Option<Lease> {
-        self.leases.remove(id)
+        let lease = self.leases.remove(id)?;
+        self.forget(&lease);
+        Some(lease)
+    }
+
+    /// Drops a removed lease from the counts.
+    fn forget(&mut self, lease: &Lease) {
+        self.blocks -= lease.keys.len();
+        if let Some(count) = self.per_holder.get_mut(&lease.holder) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_holder.remove(&lease.holder);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -53,7 +103,7 @@ impl LeaseTable {
         }
         let expired: Vec<String> =
             self.leases.iter().filter(|(_, l)| l.expires_at <= now).map(|(id, _)| id.clone()).collect();
-        let out = expired.iter().filter_map(|id| self.leases.remove(id)).collect();
+        let out = expired.iter().filter_map(|id| self.remove(id)).collect();
         self.next_expiry = self.leases.values().map(|l| l.expires_at).min();
         out
     }

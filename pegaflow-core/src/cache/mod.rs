@@ -19,7 +19,7 @@ mod tests;
 use std::sync::Arc;
 
 pub use index::{BlockCache, CacheStats, LoadTicket, SaveTicket};
-pub use lease::DEFAULT_LEASE_TTL;
+pub use lease::{DEFAULT_LEASE_TTL, LeaseLimits};
 
 /// Length of a block content hash, in bytes.
 pub const HASH_BYTES: usize = 32;

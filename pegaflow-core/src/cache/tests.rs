@@ -41,7 +41,7 @@ fn save_all(
 }
 
 fn hits(cache: &mut BlockCache, n: &Arc<str>, hashes: &[BlockHash]) -> u32 {
-    let (hits, lease) = cache.query(Instant::now(), n, hashes, None).unwrap();
+    let (hits, lease) = cache.query(Instant::now(), n, "inst", hashes, None).unwrap();
     if let Some(lease) = lease {
         cache.release_lease(&lease).unwrap();
     }
@@ -130,7 +130,7 @@ fn leased_blocks_survive_pressure_and_free_up_after_release() {
     let n = ns("m");
     let g = geometry(1);
     save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
-    let (hit, lease) = c.query(Instant::now(), &n, &[h(1), h(2)], None).unwrap();
+    let (hit, lease) = c.query(Instant::now(), &n, "inst", &[h(1), h(2)], None).unwrap();
     assert_eq!(hit, 2);
     let lease = lease.unwrap();
     let err = c.prepare_save(&n, &[h(3)], 0, 1, &g, &[0]).unwrap_err();
@@ -148,7 +148,7 @@ fn a_failed_multi_block_save_rolls_back_what_it_reserved() {
     let n = ns("m");
     let g = geometry(1);
     save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
-    let (_, lease) = c.query(Instant::now(), &n, &[h(1), h(2)], None).unwrap();
+    let (_, lease) = c.query(Instant::now(), &n, "inst", &[h(1), h(2)], None).unwrap();
     let before = c.stats();
     // Needs 2 units; only 1 is free and nothing is evictable.
     let err = c.prepare_save(&n, &[h(7), h(8)], 0, 1, &g, &[0]).unwrap_err();
@@ -192,7 +192,7 @@ fn leases_expire_and_unpin() {
     let g = geometry(1);
     save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
     let t0 = Instant::now();
-    let (_, lease) = c.query(t0, &n, &[h(1), h(2)], Some(Duration::from_millis(50))).unwrap();
+    let (_, lease) = c.query(t0, &n, "inst", &[h(1), h(2)], Some(Duration::from_millis(50))).unwrap();
     let lease = lease.unwrap();
     assert_eq!(c.stats().leases, 1);
     let later = t0 + Duration::from_millis(51);
@@ -204,7 +204,7 @@ fn leases_expire_and_unpin() {
     let t = c.prepare_save(&n, &[h(3), h(4)], 0, 1, &g, &[0]).unwrap();
     assert_eq!(t.evicted, 2);
     c.complete_save(t, true);
-    assert!(c.query(t0, &n, &[h(1)], Some(Duration::from_secs(3600))).is_err(), "ttl above the maximum");
+    assert!(c.query(t0, &n, "inst", &[h(1)], Some(Duration::from_secs(3600))).is_err(), "ttl above the maximum");
 }
 
 #[test]
@@ -215,7 +215,7 @@ fn a_lease_is_released_once_every_rank_started_loading() {
     save_all(&mut c, &n, &[h(1), h(2)], 0, 2, &g);
     save_all(&mut c, &n, &[h(1), h(2)], 1, 2, &g);
     let now = Instant::now();
-    let (hit, lease) = c.query(now, &n, &[h(1), h(2)], None).unwrap();
+    let (hit, lease) = c.query(now, &n, "inst", &[h(1), h(2)], None).unwrap();
     assert_eq!(hit, 2);
     let lease = lease.unwrap();
     assert!(matches!(c.prepare_load(now, &n, &lease, 0, 3, &g), Err(EngineError::InvalidArgument(_))));
@@ -243,7 +243,7 @@ fn load_pins_outlive_the_lease() {
     let g = geometry(1);
     save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
     let now = Instant::now();
-    let (_, lease) = c.query(now, &n, &[h(1)], None).unwrap();
+    let (_, lease) = c.query(now, &n, "inst", &[h(1)], None).unwrap();
     let ticket = c.prepare_load(now, &n, &lease.unwrap(), 0, 1, &g).unwrap();
     assert_eq!(c.stats().leases, 0, "the only rank started: lease released");
     // Block 1 is still being copied: only block 2 may go.
@@ -282,4 +282,36 @@ fn a_different_tp_size_or_layout_in_the_same_namespace_is_rejected() {
     assert!(matches!(c.prepare_save(&n, &[h(1)], 0, 1, &g, &[0]), Err(EngineError::InvalidArgument(_))));
     let other = geometry(4);
     assert!(matches!(c.prepare_save(&n, &[h(1)], 0, 2, &other, &[0]), Err(EngineError::InvalidArgument(_))));
+}
+
+#[test]
+fn lease_caps_refuse_a_query_without_pinning_and_free_up_on_release() {
+    // Scenario: instance "a" may hold 2 leases, all leases together 3 blocks.
+    let mut c = cache(8).with_lease_limits(LeaseLimits { per_instance: 2, blocks: 3 });
+    let n = ns("m");
+    let g = geometry(1);
+    save_all(&mut c, &n, &[h(1), h(2), h(3)], 0, 1, &g);
+    let now = Instant::now();
+    let (_, first) = c.query(now, &n, "a", &[h(1)], None).unwrap();
+    let (_, second) = c.query(now, &n, "a", &[h(2)], None).unwrap();
+    let before = c.stats();
+    let err = c.query(now, &n, "a", &[h(3)], None).unwrap_err();
+    assert!(matches!(err, EngineError::ResourceExhausted(_)), "{err}");
+    // Another instance still may, until the block cap: 2 pinned + 2 > 3.
+    let err = c.query(now, &n, "b", &[h(1), h(2)], None).unwrap_err();
+    assert!(matches!(err, EngineError::ResourceExhausted(_)), "{err}");
+    assert_eq!(c.stats().leases, before.leases);
+    assert_eq!(c.stats().refused_leases, 2);
+    let (hit, third) = c.query(now, &n, "b", &[h(3)], None).unwrap();
+    assert_eq!(hit, 1);
+    // Releasing frees both caps; a miss never counts.
+    c.release_lease(&first.unwrap()).unwrap();
+    assert_eq!(c.query(now, &n, "a", &[h(9)], None).unwrap(), (0, None));
+    let (hit, fourth) = c.query(now, &n, "a", &[h(3)], None).unwrap();
+    assert_eq!(hit, 1);
+    for lease in [second, third, fourth] {
+        c.release_lease(&lease.unwrap()).unwrap();
+    }
+    // Every block is unpinned again: all three can be evicted by new saves.
+    assert_eq!(save_all(&mut c, &n, &[h(10), h(11), h(12), h(13), h(14), h(15), h(16), h(17)], 0, 1, &g), 8);
 }

@@ -1,4 +1,4 @@
-//! The host backend: "device" memory is a shared-memory file the client maps too; copies
+//! The host backend: "device" memory is a sealed memfd the client maps too; copies
 //! are memcpy on worker threads, one pool of threads per direction so saves and loads
 //! progress concurrently. A large job is split across the direction's threads.
 
@@ -12,7 +12,7 @@ use tracing::debug;
 
 use super::{CopyDone, CopyJob, CopyOp, DeviceBackend, DeviceError, DeviceRegion, Direction, RegionSource};
 use crate::memory::HostPool;
-use crate::shm::ShmMapping;
+use crate::shm::SharedMemory;
 
 /// Jobs smaller than this run on one thread (splitting costs more than it saves).
 const SPLIT_THRESHOLD: u64 = 4 << 20;
@@ -31,9 +31,10 @@ impl Default for HostDeviceOptions {
     }
 }
 
-/// A shared-memory file mapped by the server.
+/// Client memory mapped by the server. Sealed against shrinking, so every mapped byte
+/// stays backed and no copy can fault.
 struct HostRegion {
-    map: ShmMapping,
+    map: Arc<SharedMemory>,
 }
 
 impl DeviceRegion for HostRegion {
@@ -66,12 +67,12 @@ impl DeviceBackend for HostDevice {
     }
 
     fn handles(&self, source: &RegionSource) -> bool {
-        matches!(source, RegionSource::HostShm { .. })
+        matches!(source, RegionSource::HostMemory(_))
     }
 
     fn open_region(&self, source: &RegionSource) -> Result<Arc<dyn DeviceRegion>, DeviceError> {
         match source {
-            RegionSource::HostShm { name } => Ok(Arc::new(HostRegion { map: ShmMapping::open(name, 1)? })),
+            RegionSource::HostMemory(memory) => Ok(Arc::new(HostRegion { map: Arc::clone(&memory.0) })),
             other => Err(DeviceError::Unsupported(format!("{other} on the host backend"))),
         }
     }
@@ -241,19 +242,12 @@ fn split(job: &CopyJob, threads: usize) -> Vec<Vec<(usize, CopyOp)>> {
 }
 
 fn run_task(task: &Task) -> Result<(), DeviceError> {
-    let mut checked: Option<*const HostRegion> = None;
     for &(index, ref op) in &task.pieces {
         let region = task.regions[index]
             .as_any()
             .downcast_ref::<HostRegion>()
             .ok_or_else(|| DeviceError::Unsupported("a non-host region on the host backend".into()))?;
-        // Pieces come grouped by region: check each file once per task.
-        if checked != Some(region as *const HostRegion) {
-            region.map.check_intact()?;
-            checked = Some(region);
-        }
-        let out_of_bounds =
-            || DeviceError::OutOfBounds(format!("{op:?} in {} ({} B)", region.map.name(), region.map.len()));
+        let out_of_bounds = || DeviceError::OutOfBounds(format!("{op:?} in a region of {} B", region.map.len()));
         let device = region.map.ptr_at(op.device_offset, op.len).ok_or_else(out_of_bounds)?;
         let host = task.pool.ptr_at(op.host_offset, op.len).ok_or_else(out_of_bounds)?;
         let (src, dst) = match task.direction {
@@ -273,10 +267,9 @@ fn run_task(task: &Task) -> Result<(), DeviceError> {
 mod tests {
     use super::*;
     use crate::memory::PoolOptions;
-    use crate::shm::unlink;
 
-    fn region_with(name: &str, bytes: &[u8]) -> Arc<dyn DeviceRegion> {
-        let map = ShmMapping::create(name, bytes.len() as u64).unwrap();
+    fn region_with(bytes: &[u8]) -> Arc<dyn DeviceRegion> {
+        let map = Arc::new(SharedMemory::create("pegaflow-test", bytes.len() as u64).unwrap());
         // SAFETY: the fresh mapping is exactly bytes.len() long and private to the test.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), map.ptr_at(0, 1).unwrap().as_ptr(), bytes.len()) };
         Arc::new(HostRegion { map })
@@ -294,8 +287,7 @@ mod tests {
         let pool = Arc::new(HostPool::new(PoolOptions { size: 16 << 20, use_hugepages: false }).unwrap());
         let len = 10 << 20;
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
-        let name = format!("pegaflow-test-{}", uuid::Uuid::new_v4().simple());
-        let region = region_with(&name, &data);
+        let region = region_with(&data);
         let ops = vec![CopyOp { device_offset: 0, host_offset: 4096, len: len as u64 }];
         let job = |direction| CopyJob {
             direction,
@@ -312,15 +304,13 @@ mod tests {
         // SAFETY: as above.
         let back = unsafe { std::slice::from_raw_parts(host.map.ptr_at(0, 1).unwrap().as_ptr(), len) };
         assert!(back == data.as_slice());
-        unlink(&name).unwrap();
     }
 
     #[test]
     fn out_of_bounds_op_fails_cleanly() {
         let device = HostDevice::new(HostDeviceOptions { copy_threads: 1 }).unwrap();
         let pool = Arc::new(HostPool::new(PoolOptions { size: 1 << 20, use_hugepages: false }).unwrap());
-        let name = format!("pegaflow-test-{}", uuid::Uuid::new_v4().simple());
-        let region = region_with(&name, &[1u8; 64]);
+        let region = region_with(&[1u8; 64]);
         let job = CopyJob {
             direction: Direction::Save,
             pool,
@@ -330,33 +320,16 @@ mod tests {
             }],
         };
         assert!(matches!(run(&device, job), Err(DeviceError::OutOfBounds(_))));
-        unlink(&name).unwrap();
     }
 
     #[test]
-    fn a_file_shrunk_after_mapping_fails_the_copy_instead_of_faulting() {
-        let device = HostDevice::new(HostDeviceOptions { copy_threads: 1 }).unwrap();
-        let pool = Arc::new(HostPool::new(PoolOptions { size: 1 << 20, use_hugepages: false }).unwrap());
-        let name = format!("pegaflow-test-{}", uuid::Uuid::new_v4().simple());
-        let region = region_with(&name, &[7u8; 8192]);
-        std::fs::OpenOptions::new().write(true).open(crate::shm::shm_path(&name).unwrap()).unwrap().set_len(0).unwrap();
-        let job = CopyJob {
-            direction: Direction::Save,
-            pool,
-            regions: vec![super::super::RegionCopy {
-                region,
-                ops: vec![CopyOp { device_offset: 4096, host_offset: 0, len: 4096 }],
-            }],
-        };
-        let err = run(&device, job).unwrap_err();
-        assert!(matches!(err, DeviceError::Shm(crate::shm::ShmError::TooSmall { .. })), "{err}");
-        unlink(&name).unwrap();
-    }
-
-    #[test]
-    fn opening_a_missing_file_is_an_error() {
+    fn opens_only_host_memory() {
         let device = HostDevice::new(HostDeviceOptions::default()).unwrap();
-        let err = device.open_region(&RegionSource::HostShm { name: "pegaflow-does-not-exist".into() }).err().unwrap();
-        assert!(matches!(err, DeviceError::Shm(crate::shm::ShmError::NotFound(_))), "{err}");
+        let memory = Arc::new(SharedMemory::create("pegaflow-test", 4096).unwrap());
+        let region = device.open_region(&RegionSource::HostMemory(super::super::HostMemory(memory))).unwrap();
+        assert_eq!(region.len(), 4096);
+        let cuda = RegionSource::CudaIpc { handle: [0; 64], device_uuid: [0; 16], offset: 0, size: 1 };
+        assert!(!device.handles(&cuda));
+        assert!(matches!(device.open_region(&cuda), Err(DeviceError::Unsupported(_))));
     }
 }

@@ -2,7 +2,7 @@
 //! the host pool.
 //!
 //! The engine speaks only to [`DeviceBackend`]; no backend type leaks above this module.
-//! `host` maps shared-memory files and copies with memcpy (CPU inference and every CI
+//! `host` copies with memcpy between the pool and sealed memory clients handed over (CPU inference and every CI
 //! test); a CUDA backend slots in beside it.
 
 pub mod cuda;
@@ -17,12 +17,12 @@ pub use host::{HostDevice, HostDeviceOptions};
 pub use plan::{CopyOp, coalesce};
 
 use crate::memory::HostPool;
-use crate::shm::ShmError;
+use crate::shm::{SharedMemory, ShmError};
 
 /// Why a device could not map memory or move bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    /// The client's memory could not be mapped (bad name, missing file, too small).
+    /// The client's memory could not be used (unsealed, wrong kind, too small).
     #[error(transparent)]
     Shm(#[from] ShmError),
     /// No backend of this server handles this kind of memory.
@@ -39,14 +39,30 @@ pub enum DeviceError {
     Cuda(String),
 }
 
+/// Client memory already mapped by the server (received as a sealed descriptor). Two
+/// values are the same region when they share the mapping.
+#[derive(Debug, Clone)]
+pub struct HostMemory(pub Arc<SharedMemory>);
+
+impl PartialEq for HostMemory {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for HostMemory {}
+
+impl std::hash::Hash for HostMemory {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.0).hash(state);
+    }
+}
+
 /// Where a client's KV tensor memory comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RegionSource {
-    /// A shared-memory file `/dev/shm/<name>` created by the client.
-    HostShm {
-        /// File name under `/dev/shm`.
-        name: String,
-    },
+    /// Host memory the client handed over by descriptor (see [`crate::shm`]).
+    HostMemory(HostMemory),
     /// A CUDA allocation exported by the client with `cudaIpcGetMemHandle`.
     CudaIpc {
         /// The raw 64-byte IPC handle.
@@ -63,7 +79,7 @@ pub enum RegionSource {
 impl std::fmt::Display for RegionSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::HostShm { name } => write!(f, "shared memory {name:?}"),
+            Self::HostMemory(memory) => write!(f, "host memory ({} B)", memory.0.len()),
             Self::CudaIpc { offset, size, .. } => write!(f, "CUDA IPC memory ({size} B at offset {offset})"),
         }
     }

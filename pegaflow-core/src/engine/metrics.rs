@@ -46,6 +46,14 @@ pub struct EngineMetrics {
     pub pool_dma_ready: Gauge,
     /// Blocks evicted.
     pub evictions: Gauge,
+    /// Client memory mappings held (KV regions and load states).
+    pub client_mappings: Gauge,
+    /// Memory hand-overs refused by a cap.
+    pub refused_mappings: Counter,
+    /// Queries refused by a lease cap.
+    pub refused_leases: Counter,
+    /// Requests refused for carrying more hashes or block ids than the cap.
+    pub oversized_requests: Counter,
 }
 
 impl EngineMetrics {
@@ -70,6 +78,14 @@ impl EngineMetrics {
         r.register("pool_ready_bytes", "Pool bytes populated so far", self.pool_ready_bytes.clone());
         r.register("pool_dma_ready", "1 once the pool is pinned for GPU DMA", self.pool_dma_ready.clone());
         r.register("evicted_blocks", "Blocks evicted since start", self.evictions.clone());
+        r.register("client_mappings", "Client memory regions and load states mapped", self.client_mappings.clone());
+        r.register("refused_mappings", "Memory hand-overs refused by a cap", self.refused_mappings.clone());
+        r.register("refused_leases", "Queries refused by a lease cap", self.refused_leases.clone());
+        r.register("oversized_requests", "Requests over the hashes-per-request cap", self.oversized_requests.clone());
+    }
+
+    pub(crate) fn observe_mappings(&self) {
+        self.client_mappings.set(crate::shm::client_mappings());
     }
 
     pub(crate) fn observe_cache(&self, stats: &CacheStats) {
@@ -79,5 +95,6 @@ impl EngineMetrics {
         self.pool_capacity_bytes.set(stats.capacity_bytes as i64);
         self.leases.set(stats.leases as i64);
         self.evictions.set(stats.evictions as i64);
+        self.observe_mappings();
     }
 }

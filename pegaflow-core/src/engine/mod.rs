@@ -5,6 +5,7 @@
 //! across a copy. Completion runs in the backend's callback, so an abandoned request
 //! (client gone mid-save) still publishes or rolls back its slots.
 
+mod handles;
 mod metrics;
 mod registry;
 mod transfer;
@@ -15,14 +16,35 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+pub use handles::{MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, TOKEN_BYTES};
 pub use metrics::EngineMetrics;
-pub use registry::{InstanceInfo, LayerRegistration, RegisterRequest};
+pub use registry::{InstanceInfo, LayerRegistration, MAX_ID_LEN, RegisterRequest};
 
-use crate::cache::{BlockCache, BlockHash, CacheStats, HASH_BYTES};
-use crate::device::{CudaDevice, DeviceBackend, DeviceError, HostDevice, HostDeviceOptions};
+use crate::cache::{BlockCache, BlockHash, CacheStats, HASH_BYTES, LeaseLimits};
+use crate::device::{CudaDevice, DeviceBackend, DeviceError, HostDevice, HostDeviceOptions, RegionSource};
 use crate::error::{EngineError, Result};
 use crate::memory::{HostPool, PoolAllocator, PoolError, PoolOptions};
+use handles::MemoryHandles;
 use registry::{RankBinding, Registry};
+
+/// Caps on what clients can make the engine hold or do in one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// What leases may pin.
+    pub leases: LeaseLimits,
+    /// Block hashes (or block ids) one save, query or load may carry. Default: 65,536
+    /// (a 1M-token prompt in 16-token blocks).
+    pub max_hashes_per_request: usize,
+    /// Client memory the server maps at once (KV regions and load states; each is one
+    /// kernel mapping, of which a process may have about 65,000). Default: 16,384.
+    pub max_client_mappings: usize,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        Self { leases: LeaseLimits::default(), max_hashes_per_request: 1 << 16, max_client_mappings: 1 << 14 }
+    }
+}
 
 /// How to build an engine.
 #[derive(Debug, Clone)]
@@ -42,6 +64,8 @@ pub struct EngineConfig {
     /// [`crate::spin::SPIN`] of it). Each avoided sleep saves an idle-thread wake-up
     /// (0.05–0.15 ms on some hosts). Zero always sleeps.
     pub spin: Duration,
+    /// Resource caps.
+    pub limits: EngineLimits,
 }
 
 /// Why an engine could not start.
@@ -75,6 +99,8 @@ pub struct Engine {
     preparing: std::sync::Once,
     cache: Arc<Mutex<BlockCache>>,
     registry: Registry,
+    handles: MemoryHandles,
+    max_hashes: usize,
     metrics: Arc<EngineMetrics>,
     /// How long a save waits for its last chunk without sleeping.
     save_spin: Duration,
@@ -93,7 +119,7 @@ impl Engine {
         let host: Arc<dyn DeviceBackend> = Arc::new(HostDevice::new(host_options)?);
         let cuda: Arc<dyn DeviceBackend> = Arc::new(CudaDevice::new(config.cuda_devices.clone(), config.spin));
         let metrics = Arc::new(EngineMetrics::default());
-        let cache = BlockCache::new(allocator);
+        let cache = BlockCache::new(allocator).with_lease_limits(config.limits.leases);
         metrics.observe_cache(&cache.stats());
         let backends = vec![host, cuda];
         let registry = Registry::new(backends.clone(), metrics.instances.clone(), metrics.open_regions.clone());
@@ -103,6 +129,8 @@ impl Engine {
             preparing: std::sync::Once::new(),
             cache: Arc::new(Mutex::new(cache)),
             registry,
+            handles: MemoryHandles::new(config.limits.max_client_mappings),
+            max_hashes: config.limits.max_hashes_per_request,
             metrics,
             save_spin: config.spin.min(crate::spin::SPIN),
         })
@@ -131,10 +159,49 @@ impl Engine {
         self.cache.lock().stats()
     }
 
+    /// Maps client memory received as `fd` over the Unix socket (from user `uid`, on
+    /// descriptor connection `connection`) and returns the token that names it.
+    pub fn add_memory(
+        &self,
+        fd: std::os::fd::OwnedFd,
+        kind: MemoryKind,
+        min_len: u64,
+        uid: u32,
+        connection: u64,
+    ) -> Result<MemoryToken> {
+        let token = self.handles.add(fd, kind, min_len, uid, connection);
+        self.metrics.observe_mappings();
+        if matches!(token, Err(EngineError::ResourceExhausted(_))) {
+            self.metrics.refused_mappings.inc();
+        }
+        token
+    }
+
+    /// Forgets a token of `connection` (its memory stays mapped while registered).
+    pub fn release_memory(&self, token: &MemoryToken, connection: u64) {
+        self.handles.release(token, connection);
+        self.metrics.observe_mappings();
+    }
+
+    /// Forgets every token of a closed descriptor connection; returns how many.
+    pub fn drop_connection(&self, connection: u64) -> usize {
+        let dropped = self.handles.drop_connection(connection);
+        self.metrics.observe_mappings();
+        dropped
+    }
+
+    /// The registrable region a KV memory token names; `caller_uid` (known over the Unix
+    /// socket) must be the user who handed the memory over.
+    pub fn host_memory(&self, token: &MemoryToken, caller_uid: Option<u32>) -> Result<RegionSource> {
+        self.handles.kv_memory(token, caller_uid)
+    }
+
     /// Registers every layer of one TP rank; returns the bytes one block of the rank
     /// takes in the cache.
     pub fn register(&self, request: RegisterRequest) -> Result<u64> {
-        self.registry.register(request)
+        let registered = self.registry.register(request);
+        self.metrics.observe_mappings();
+        registered
     }
 
     /// Drops the ranks of an instance that were registered under a client session (called
@@ -143,9 +210,21 @@ impl Engine {
         self.registry.unregister_session(instance_id, session_id)
     }
 
-    /// Unregisters an instance (all ranks).
-    pub fn unregister(&self, instance_id: &str) -> Result<()> {
-        self.registry.unregister(instance_id)
+    /// Unregisters an instance (all ranks) on behalf of `session_id`, which must hold one
+    /// of its ranks, called by user `caller_uid` (when known) who must own the instance.
+    pub fn unregister(&self, instance_id: &str, session_id: &str, caller_uid: Option<u32>) -> Result<()> {
+        self.registry.unregister(instance_id, session_id, caller_uid)
+    }
+
+    fn check_request_size(&self, what: &str, count: usize) -> Result<()> {
+        if count > self.max_hashes {
+            self.metrics.oversized_requests.inc();
+            return Err(EngineError::invalid(format!(
+                "{count} {what} in one request; the server's cap is {} (split the request)",
+                self.max_hashes
+            )));
+        }
+        Ok(())
     }
 
     /// Registered instances.
@@ -164,6 +243,7 @@ impl Engine {
         block_hashes: &[Vec<u8>],
     ) -> Result<SaveOutcome> {
         let started = Instant::now();
+        self.check_request_size("block hashes", block_hashes.len().max(block_ids.len()))?;
         let rank = self.registry.rank(instance_id, tp_rank)?;
         if block_ids.len() != block_hashes.len() {
             return Err(EngineError::invalid(format!(
@@ -283,10 +363,15 @@ impl Engine {
         block_hashes: &[Vec<u8>],
         ttl: Option<Duration>,
     ) -> Result<(u32, Option<String>)> {
+        self.check_request_size("block hashes", block_hashes.len())?;
         let namespace = self.registry.namespace(instance_id)?;
         let hashes = parse_hashes(block_hashes)?;
         let mut cache = self.cache.lock();
-        let (hits, lease) = cache.query(Instant::now(), &namespace, &hashes, ttl)?;
+        let queried = cache.query(Instant::now(), &namespace, instance_id, &hashes, ttl);
+        if matches!(queried, Err(EngineError::ResourceExhausted(_))) {
+            self.metrics.refused_leases.inc();
+        }
+        let (hits, lease) = queried?;
         self.metrics.observe_cache(&cache.stats());
         drop(cache);
         self.metrics.queries.inc();
@@ -297,7 +382,9 @@ impl Engine {
 
     /// Starts copying the first `block_ids.len()` blocks of a lease into `block_ids` of
     /// `tp_rank` (all layers, or `layers`). Returns once the copy is queued; the outcome is
-    /// written to the client's load state `load_state_name`.
+    /// written to the client's load state named by `load_state` (see [`Engine::add_memory`]),
+    /// which `caller_uid` (when known) must have handed over.
+    #[allow(clippy::too_many_arguments)] // one per field of the Load request
     pub fn load(
         &self,
         instance_id: &str,
@@ -305,14 +392,16 @@ impl Engine {
         lease_id: &str,
         block_ids: &[u64],
         layers: &[u32],
-        load_state_name: &str,
+        load_state: &MemoryToken,
+        caller_uid: Option<u32>,
     ) -> Result<u32> {
         let started = Instant::now();
+        self.check_request_size("block ids", block_ids.len())?;
         let rank = self.registry.rank(instance_id, tp_rank)?;
         let layers = select_layers(&rank, layers)?;
         check_block_ids(&rank, &layers, block_ids)?;
         let order = destination_order(block_ids)?;
-        let state = transfer::open_load_state(load_state_name)?;
+        let state = self.handles.load_state(load_state, caller_uid)?;
         let ticket = self.cache.lock().prepare_load(
             Instant::now(),
             &rank.namespace,

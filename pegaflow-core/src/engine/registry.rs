@@ -10,10 +10,11 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::cache::PartGeometry;
 use crate::device::{DeviceBackend, DeviceRegion, RegionSource};
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, Result, shown};
 use crate::layout::{KvLayout, TensorSpec};
 
-const MAX_ID_LEN: usize = 256;
+/// Longest instance id or namespace, in bytes.
+pub const MAX_ID_LEN: usize = 256;
 const MAX_TP_SIZE: u32 = 1024;
 const MAX_LAYERS: u32 = 4096;
 
@@ -43,8 +44,12 @@ pub struct RegisterRequest {
     pub num_layers: u32,
     /// Exactly one entry per layer.
     pub layers: Vec<LayerRegistration>,
-    /// The client session this rank belongs to: when it closes, the rank is dropped.
-    pub session_id: Option<String>,
+    /// The client session this rank belongs to (required): when it closes, the rank is
+    /// dropped, and only a session holding a rank may unregister the instance.
+    pub session_id: String,
+    /// Unix user of the caller, when known (Unix socket): a new instance belongs to it,
+    /// and an existing one accepts ranks only from its owner.
+    pub owner_uid: Option<u32>,
 }
 
 /// Admin view of an instance.
@@ -102,7 +107,7 @@ pub(crate) struct LayerBinding {
 /// One registered rank.
 pub(crate) struct RankBinding {
     pub namespace: Arc<str>,
-    pub session_id: Option<String>,
+    pub session_id: String,
     pub tp_size: u32,
     pub backend: Arc<dyn DeviceBackend>,
     pub layers: Vec<LayerBinding>,
@@ -116,6 +121,7 @@ pub(crate) struct RankBinding {
 
 struct Instance {
     namespace: Arc<str>,
+    owner_uid: Option<u32>,
     tp_size: u32,
     num_layers: u32,
     ranks: HashMap<u32, Arc<RankBinding>>,
@@ -147,6 +153,7 @@ impl Registry {
         }
         let instance = instances.entry(req.instance_id.clone()).or_insert_with(|| Instance {
             namespace: Arc::clone(&binding.namespace),
+            owner_uid: req.owner_uid,
             tp_size: req.tp_size,
             num_layers: req.num_layers,
             ranks: HashMap::new(),
@@ -162,7 +169,7 @@ impl Registry {
         let mut instances = self.instances.lock();
         let Some(instance) = instances.get_mut(instance_id) else { return 0 };
         let before = instance.ranks.len();
-        instance.ranks.retain(|_, rank| rank.session_id.as_deref() != Some(session_id));
+        instance.ranks.retain(|_, rank| rank.session_id != session_id);
         let dropped = before - instance.ranks.len();
         if instance.ranks.is_empty() {
             instances.remove(instance_id);
@@ -171,12 +178,22 @@ impl Registry {
         dropped
     }
 
-    /// Drops an instance; its regions unmap once in-flight copies finish.
-    pub fn unregister(&self, instance_id: &str) -> Result<()> {
+    /// Drops an instance on behalf of `session_id`, which must hold one of its ranks, and
+    /// of `caller_uid`, which (when known) must own it. Its regions unmap once in-flight
+    /// copies finish.
+    pub fn unregister(&self, instance_id: &str, session_id: &str, caller_uid: Option<u32>) -> Result<()> {
         let mut instances = self.instances.lock();
-        instances
-            .remove(instance_id)
-            .ok_or_else(|| EngineError::not_found(format!("unknown instance {instance_id:?}")))?;
+        let instance = instances
+            .get(instance_id)
+            .ok_or_else(|| EngineError::not_found(format!("unknown instance {}", shown(instance_id))))?;
+        check_owner(instance, instance_id, caller_uid)?;
+        if !instance.ranks.values().any(|rank| rank.session_id == session_id) {
+            return Err(EngineError::denied(format!(
+                "instance {} can only be unregistered by a session that registered one of its ranks",
+                shown(instance_id)
+            )));
+        }
+        instances.remove(instance_id);
         self.instances_gauge.set(instances.len() as i64);
         Ok(())
     }
@@ -186,9 +203,9 @@ impl Registry {
         let instances = self.instances.lock();
         let instance = instances
             .get(instance_id)
-            .ok_or_else(|| EngineError::not_found(format!("unknown instance {instance_id:?}")))?;
+            .ok_or_else(|| EngineError::not_found(format!("unknown instance {}", shown(instance_id))))?;
         instance.ranks.get(&tp_rank).cloned().ok_or_else(|| {
-            EngineError::not_found(format!("rank {tp_rank} of instance {instance_id:?} is not registered"))
+            EngineError::not_found(format!("rank {tp_rank} of instance {} is not registered", shown(instance_id)))
         })
     }
 
@@ -198,7 +215,7 @@ impl Registry {
             .lock()
             .get(instance_id)
             .map(|i| Arc::clone(&i.namespace))
-            .ok_or_else(|| EngineError::not_found(format!("unknown instance {instance_id:?}")))
+            .ok_or_else(|| EngineError::not_found(format!("unknown instance {}", shown(instance_id))))
     }
 
     pub fn list(&self) -> Vec<InstanceInfo> {
@@ -228,6 +245,7 @@ impl Registry {
             None => Ok(()),
         }
     }
+
 
     /// Maps the regions (each distinct source once) and validates every layout.
     fn bind(&self, req: &RegisterRequest) -> Result<RankBinding> {
@@ -318,7 +336,21 @@ fn is_block_major(layers: &[LayerBinding]) -> bool {
     start.is_some_and(|first| end - first <= stride)
 }
 
+/// The instance's owner is the caller, or the caller's user is unknown (TCP: the session
+/// id is the proof) and so is the owner's.
+fn check_owner(instance: &Instance, instance_id: &str, caller_uid: Option<u32>) -> Result<()> {
+    if instance.owner_uid != caller_uid {
+        return Err(EngineError::denied(format!("instance {} belongs to another user or connection", shown(instance_id))));
+    }
+    Ok(())
+}
+
 fn validate_ids(req: &RegisterRequest) -> Result<()> {
+    if req.session_id.is_empty() {
+        return Err(EngineError::invalid(
+            "session_id is required: open a session (OpenSession) for the instance, then register under it",
+        ));
+    }
     for (what, value) in [("instance_id", &req.instance_id), ("namespace", &req.namespace)] {
         if value.is_empty() || value.len() > MAX_ID_LEN {
             return Err(EngineError::invalid(format!("{what} must be 1..={MAX_ID_LEN} bytes")));
@@ -344,17 +376,20 @@ fn validate_ids(req: &RegisterRequest) -> Result<()> {
 }
 
 fn check_matches(existing: &Instance, req: &RegisterRequest) -> Result<()> {
+    check_owner(existing, &req.instance_id, req.owner_uid)?;
     if *existing.namespace != *req.namespace || existing.tp_size != req.tp_size || existing.num_layers != req.num_layers
     {
         return Err(EngineError::invalid(format!(
-            "instance {:?} is registered with namespace {:?}, tp_size {}, num_layers {}",
-            req.instance_id, existing.namespace, existing.tp_size, existing.num_layers
+            "instance {} is registered with namespace {}, tp_size {}, num_layers {}",
+            shown(&req.instance_id),
+            shown(&existing.namespace), existing.tp_size, existing.num_layers
         )));
     }
     if existing.ranks.contains_key(&req.tp_rank) {
         return Err(EngineError::AlreadyExists(format!(
-            "rank {} of instance {:?} is already registered",
-            req.tp_rank, req.instance_id
+            "rank {} of instance {} is already registered",
+            req.tp_rank,
+            shown(&req.instance_id)
         )));
     }
     Ok(())

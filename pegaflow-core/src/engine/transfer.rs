@@ -6,10 +6,7 @@ use std::sync::Arc;
 use super::registry::{LayerBinding, RankBinding};
 use crate::cache::{LoadTicket, SaveTicket};
 use crate::device::{CopyJob, CopyOp, Direction, RegionCopy, coalesce};
-use crate::error::{EngineError, Result};
-use crate::load_state::{LoadState, LoadStateError};
 use crate::memory::HostPool;
-use crate::shm::ShmError;
 
 /// Collects ops per region (by the layer's region index) and coalesces them.
 struct JobBuilder {
@@ -122,12 +119,4 @@ fn push_layer(job: &mut JobBuilder, binding: &LayerBinding, slots: &[(u64, u64)]
             );
         }
     }
-}
-
-/// Opens the client's load state, mapping failures to request errors.
-pub(super) fn open_load_state(name: &str) -> Result<LoadState> {
-    LoadState::open(name).map_err(|e| match e {
-        LoadStateError::Shm(ShmError::NotFound(_)) => EngineError::not_found(e.to_string()),
-        other => EngineError::invalid(other.to_string()),
-    })
 }
