@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use crate::shm::{ShmError, SharedMemory};
+use crate::shm::{SharedMemory, ShmError};
 
 /// Size of a load state's memory.
 pub const LOAD_STATE_BYTES: u64 = 512;
@@ -129,9 +129,7 @@ impl LoadState {
             if waited >= spin && !server_alive() {
                 // One last look: the server may have finished just before it went away.
                 return match self.status() {
-                    LoadStatus::Pending => {
-                        LoadStatus::Failed("the server went away before the load completed".into())
-                    }
+                    LoadStatus::Pending => LoadStatus::Failed("the server went away before the load completed".into()),
                     settled => settled,
                 };
             }

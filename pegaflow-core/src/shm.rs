@@ -95,10 +95,10 @@ impl SharedMemory {
         nix::unistd::ftruncate(&fd, size).map_err(os("ftruncate"))?;
         let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
         fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).map_err(os("sealing the memfd"))?;
-        let map = MmapOptions::new().len(len as usize).map_raw(fd.as_raw_fd()).map_err(|source| ShmError::Os {
-            what: "mmap",
-            source,
-        })?;
+        let map = MmapOptions::new()
+            .len(len as usize)
+            .map_raw(fd.as_raw_fd())
+            .map_err(|source| ShmError::Os { what: "mmap", source })?;
         Self::wrap(map, len, Some(fd), false)
     }
 
@@ -130,7 +130,8 @@ impl SharedMemory {
         if len < min_len.max(1) {
             return Err(ShmError::TooSmall { len, min: min_len.max(1) });
         }
-        let map_len = usize::try_from(len).map_err(|_| ShmError::Unsupported(format!("{len} bytes cannot be mapped")))?;
+        let map_len =
+            usize::try_from(len).map_err(|_| ShmError::Unsupported(format!("{len} bytes cannot be mapped")))?;
         let map = MmapOptions::new()
             .len(map_len)
             .map_raw(fd.as_raw_fd())

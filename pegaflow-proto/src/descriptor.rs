@@ -211,11 +211,7 @@ impl DescriptorClient {
     /// Whether the server still holds the connection (a closed one lost every token).
     pub fn is_open(&self) -> bool {
         let mut probe = [0u8; 1];
-        match nix::sys::socket::recv(
-            self.stream.as_raw_fd(),
-            &mut probe,
-            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-        ) {
+        match nix::sys::socket::recv(self.stream.as_raw_fd(), &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
             Ok(0) => false,
             Ok(_) => true, // the server never sends unasked; treat as open
             Err(nix::errno::Errno::EAGAIN) => true,
@@ -251,7 +247,7 @@ mod tests {
     fn long_messages_are_cut_on_a_char_boundary() {
         let wire = Response { code: 3, token: [0; 16], message: "é".repeat(2000) }.encode();
         let len = u32::from_le_bytes([wire[20], wire[21], wire[22], wire[23]]) as usize;
-        assert!(len <= MAX_MESSAGE_BYTES && len % 2 == 0);
+        assert!(len <= MAX_MESSAGE_BYTES && len.is_multiple_of(2));
         assert_eq!(wire.len(), RESPONSE_HEADER_BYTES + len);
     }
 }

@@ -33,8 +33,10 @@ impl std::fmt::Debug for AuthToken {
 impl AuthToken {
     /// Reads the token from `path` (surrounding whitespace ignored; must not be empty).
     pub fn from_file(path: &Path) -> Result<Self, ServerError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ServerError::Io { what: format!("cannot read --auth-token-file {}", path.display()), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ServerError::Io {
+            what: format!("cannot read --auth-token-file {}", path.display()),
+            source,
+        })?;
         let token = text.trim();
         if token.is_empty() || token.contains(char::is_whitespace) {
             return Err(ServerError::Config(format!(
@@ -115,7 +117,10 @@ pub fn check_exposure(config: &ServerConfig, metrics_addr: Option<std::net::Sock
     let missing = match (grpc_exposed, http_exposed) {
         _ if config.insecure => None,
         (true, _) if !token && !tls => Some(format!("gRPC on {}", config.addr)),
-        (_, true) if !token => Some(format!("HTTP on {} (TLS does not cover it)", metrics_addr.map_or_else(String::new, |a| a.to_string()))),
+        (_, true) if !token => Some(format!(
+            "HTTP on {} (TLS does not cover it)",
+            metrics_addr.map_or_else(String::new, |a| a.to_string())
+        )),
         _ => None,
     };
     if let Some(what) = missing {

@@ -28,7 +28,9 @@ pub fn to_status(error: EngineError) -> Status {
         EngineError::ResourceExhausted(_) => Status::resource_exhausted(message),
         EngineError::Unavailable(_) => Status::unavailable(message),
         EngineError::Device(
-            DeviceError::Shm(ShmError::NotSealed | ShmError::NotReadWrite | ShmError::Unsupported(_) | ShmError::TooSmall { .. })
+            DeviceError::Shm(
+                ShmError::NotSealed | ShmError::NotReadWrite | ShmError::Unsupported(_) | ShmError::TooSmall { .. },
+            )
             | DeviceError::Unsupported(_),
         ) => Status::invalid_argument(message),
         EngineError::Device(DeviceError::ShutDown(_)) => Status::unavailable(message),

@@ -121,7 +121,8 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         handshake: Duration::from_secs(config.handshake_timeout_s.max(1)),
         idle: (config.idle_timeout_s > 0).then(|| Duration::from_secs(config.idle_timeout_s)),
     };
-    let listening = Listening::new(max_connections, timeouts, Arc::clone(&listen_metrics), Arc::clone(&engine), stop_rx.clone());
+    let listening =
+        Listening::new(max_connections, timeouts, Arc::clone(&listen_metrics), Arc::clone(&engine), stop_rx.clone());
     let keepalive = (config.keepalive_interval_s > 0).then(|| Duration::from_secs(config.keepalive_interval_s));
     let builder = || {
         tonic::transport::Server::builder()
@@ -189,7 +190,8 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
 fn load_tls(config: &ServerConfig) -> Result<Option<ServerTlsConfig>, ServerError> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else { return Ok(None) };
     let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| ServerError::Io { what: format!("cannot read {}", path.display()), source })
+        std::fs::read(path)
+            .map_err(|source| ServerError::Io { what: format!("cannot read {}", path.display()), source })
     };
     Ok(Some(ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?))))
 }

@@ -1,8 +1,8 @@
 """PegaFlow: a KV-cache storage and transfer engine for LLM inference.
 
 ``EngineClient`` talks to a ``pegaflow-server``; ``LoadState`` is the shared-memory
-completion flag of a load; ``pegaflow.host`` creates shared-memory KV tensors for the
-host (CPU) backend.
+completion flag of a load; ``pegaflow.host`` creates shared-memory KV tensors (sealed
+memfds, handed to the server by descriptor) for the host (CPU) backend.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from pegaflow.errors import (
     PegaflowInvalidArgument,
     PegaflowLoadError,
     PegaflowNotFound,
+    PegaflowPermissionDenied,
     PegaflowResourceExhausted,
     PegaflowTimeout,
     PegaflowUnavailable,
@@ -37,6 +38,7 @@ __all__ = [
     "PegaflowInvalidArgument",
     "PegaflowLoadError",
     "PegaflowNotFound",
+    "PegaflowPermissionDenied",
     "PegaflowResourceExhausted",
     "PegaflowTimeout",
     "PegaflowUnavailable",

@@ -20,7 +20,7 @@ def run_server(argv: list[str]) -> int:
 
 @final
 class KvLayer:
-    """One KV layer: a strided tensor in a shared-memory file or a CUDA IPC allocation."""
+    """One KV layer: a strided tensor in a sealed memfd (``host_fd``) or a CUDA IPC allocation."""
 
     layer: int
     shape: list[int]
@@ -29,7 +29,7 @@ class KvLayer:
     block_dim: int
     kv_dim: int | None
     byte_offset: int
-    shm_name: str | None
+    host_fd: int | None
     cuda_ipc_handle: bytes | None
     device_uuid: bytes | None
     region_offset: int
@@ -44,7 +44,7 @@ class KvLayer:
         block_dim: int,
         kv_dim: int | None = None,
         byte_offset: int = 0,
-        shm_name: str | None = None,
+        host_fd: int | None = None,
         cuda_ipc_handle: bytes | None = None,
         device_uuid: bytes | None = None,
         region_offset: int = 0,
@@ -74,8 +74,6 @@ class LoadState:
 
     def __new__(cls) -> LoadState: ...
     @property
-    def name(self) -> str: ...
-    @property
     def error(self) -> str | None: ...
     def status(self) -> str: ...
     def is_done(self) -> bool: ...
@@ -86,7 +84,12 @@ class LoadState:
 class EngineClient:
     """Blocking client of one pegaflow-server; every call has a deadline."""
 
-    def __new__(cls, endpoint: str = "127.0.0.1:50055", timeout_s: float = 5.0) -> EngineClient: ...
+    def __new__(
+        cls,
+        endpoint: str = "127.0.0.1:50055",
+        timeout_s: float = 5.0,
+        auth_token_file: str | None = None,
+    ) -> EngineClient: ...
     @property
     def endpoint(self) -> str: ...
     def health(self) -> dict[str, str | int]: ...

@@ -1,76 +1,70 @@
 """Registering CPU torch KV tensors with the server (host backend).
 
-The host backend copies between the server's pool and a ``/dev/shm`` file the client
-computes in. vLLM on CPU allocates its KV cache as ordinary process memory, so
-:func:`share_storage` moves a tensor's storage into shared memory *in place*: torch
-copies the bytes into a new ``/dev/shm`` file and repoints the storage, so every
-existing tensor and view of it (vLLM's per-layer views, the attention layers' bound
-caches) keeps working on the same objects, now backed by memory the server can map.
+The host backend copies between the server's pool and memory the client computes in,
+which the server only accepts as a sealed memfd handed over by descriptor. vLLM on CPU
+allocates its KV cache as ordinary process memory, so :func:`share_storages` moves the
+tensors' storage into such a memfd *in place*: it copies the bytes into a new memfd-backed
+storage and repoints each tensor given (``Tensor.set_``), so the same tensor objects
+(vLLM's per-layer views, which its attention layers hold) keep working, now backed by
+memory the server can map.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-import secrets
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from pegaflow._native import KvLayer
-from pegaflow.host import SHM_DIR
+from pegaflow.host import sealed_memfd
 
 if TYPE_CHECKING:
     import torch
 
-# torch keeps a small header (a reference count) in front of the data of its
-# shared-memory files; the data offset is measured, never assumed.
-_MAX_HEADER = 4096
-_MARKER_BYTES = 16
+# Memfds backing moved storages, by the storage's data address. They live as long as the
+# process (a KV cache does too): the descriptor is what registrations hand over.
+_MEMFDS: dict[int, int] = {}
 
 
-def share_storage(tensor: torch.Tensor) -> tuple[str, int]:
-    """Moves ``tensor``'s storage into a ``/dev/shm`` file in place (idempotent).
+def share_storages(tensors: Iterable[torch.Tensor]) -> None:
+    """Moves the storages of ``tensors`` into sealed memfds, in place (idempotent).
 
-    Returns the file name (without directory) and the byte offset of the storage's first
-    byte inside that file. The file lives until the last tensor using it is freed.
+    Tensors that share a storage keep sharing it. Every tensor that uses a moved storage
+    must be passed: one left out keeps the old memory.
     """
-    if tensor.device.type != "cpu":
-        raise ValueError(f"tensor is on {tensor.device}, not the CPU")
-    storage = tensor.untyped_storage()
-    if storage.nbytes() == 0:
-        raise ValueError("tensor has an empty storage")
-    # The "file_system" sharing strategy names the file; the default "file_descriptor"
-    # strategy unlinks it at once, so the server could not open it by name.
-    fields = storage._share_filename_cpu_()
-    name = bytes(fields[1]).decode().lstrip("/")
-    path = os.path.join(SHM_DIR, name)
-    if os.sep in name or not os.path.exists(path):
-        raise RuntimeError(f"torch placed the shared storage outside {SHM_DIR}: {name!r}")
-    offset = os.stat(path).st_size - storage.nbytes()
-    if not 0 <= offset <= _MAX_HEADER:
-        raise RuntimeError(
-            f"{path}: {os.stat(path).st_size} B for a storage of {storage.nbytes()} B"
-        )
-    _check_data_offset(storage, path, offset)
-    return name, offset
-
-
-def _check_data_offset(storage: torch.UntypedStorage, path: str, offset: int) -> None:
-    """Writes a random marker through the tensor and reads it back through the file, so
-    a change in torch's file format fails here instead of corrupting blocks later."""
     import torch
 
-    n = min(_MARKER_BYTES, storage.nbytes())
-    view = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n,))
-    saved = bytes(view.tolist())
-    marker = secrets.token_bytes(n)
-    view.copy_(torch.frombuffer(bytearray(marker), dtype=torch.uint8))
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            seen = m[offset : offset + n]
-    finally:
-        view.copy_(torch.frombuffer(bytearray(saved), dtype=torch.uint8))
-    if seen != marker:
-        raise RuntimeError(f"{path}: storage bytes not found at offset {offset}")
+    groups: dict[int, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.device.type != "cpu":
+            raise ValueError(f"tensor is on {tensor.device}, not the CPU")
+        storage = tensor.untyped_storage()
+        if storage.nbytes() == 0:
+            raise ValueError("tensor has an empty storage")
+        if storage.data_ptr() not in _MEMFDS:
+            groups.setdefault(storage.data_ptr(), []).append(tensor)
+    for group in groups.values():
+        old = group[0].untyped_storage()
+        nbytes = old.nbytes()
+        fd = sealed_memfd(nbytes, "pegaflow-cpu-kv")
+        try:
+            new = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", shared=True, nbytes=nbytes)
+            new.copy_(old)
+            # vLLM allocates KV caches as inference tensors, which only change in this mode.
+            with torch.inference_mode():
+                for tensor in group:
+                    tensor.set_(new, tensor.storage_offset(), tensor.shape, tensor.stride())
+        except BaseException:
+            os.close(fd)
+            raise
+        _MEMFDS[new.data_ptr()] = fd
+
+
+def share_storage(tensor: torch.Tensor) -> tuple[int, int]:
+    """Moves ``tensor``'s storage into a sealed memfd in place (see
+    :func:`share_storages`); returns the memfd and the byte offset of the storage in it."""
+    share_storages([tensor])
+    return _MEMFDS[tensor.untyped_storage().data_ptr()], 0
 
 
 def cpu_layer_spec(
@@ -78,10 +72,10 @@ def cpu_layer_spec(
 ) -> KvLayer:
     """Shares ``tensor``'s storage (see :func:`share_storage`) and describes the tensor
     as a KV layer for registration."""
-    name, data_offset = share_storage(tensor)
+    fd, data_offset = share_storage(tensor)
     return KvLayer(
         layer,
-        shm_name=name,
+        host_fd=fd,
         shape=list(tensor.shape),
         stride=list(tensor.stride()),
         element_size=tensor.element_size(),
@@ -91,4 +85,4 @@ def cpu_layer_spec(
     )
 
 
-__all__ = ["cpu_layer_spec", "share_storage"]
+__all__ = ["cpu_layer_spec", "share_storage", "share_storages"]

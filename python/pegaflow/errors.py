@@ -32,14 +32,21 @@ class PegaflowAlreadyExists(PegaflowError):
     code = "ALREADY_EXISTS"
 
 
+class PegaflowPermissionDenied(PegaflowError, PermissionError):
+    """Another client's instance or memory, or a missing or wrong auth token."""
+
+    code = "PERMISSION_DENIED"
+
+
 class PegaflowResourceExhausted(PegaflowError):
-    """The cache pool cannot hold the request (too large, or everything is pinned)."""
+    """The cache pool cannot hold the request (too large, or everything is pinned), or a
+    server cap (leases, memory mappings) is reached."""
 
     code = "RESOURCE_EXHAUSTED"
 
 
 class PegaflowUnavailable(PegaflowError, ConnectionError):
-    """The server is unreachable or shutting down."""
+    """The server is unreachable, died mid-call, or is shutting down."""
 
     code = "UNAVAILABLE"
 
@@ -57,7 +64,8 @@ class PegaflowInternalError(PegaflowError):
 
 
 class PegaflowLoadError(PegaflowError):
-    """A load's copy failed; the destination blocks hold undefined bytes."""
+    """A load's copy failed, or the server went away before it completed; the destination
+    blocks hold undefined bytes."""
 
     code = "LOAD_FAILED"
 
@@ -69,6 +77,7 @@ __all__ = [
     "PegaflowInvalidArgument",
     "PegaflowLoadError",
     "PegaflowNotFound",
+    "PegaflowPermissionDenied",
     "PegaflowResourceExhausted",
     "PegaflowTimeout",
     "PegaflowUnavailable",

@@ -1,15 +1,18 @@
 """Shared-memory KV tensors for the host (CPU) backend.
 
-With the host backend the server maps the same ``/dev/shm`` file the client computes
-in, so "device" memory is shared memory. :class:`SharedMemoryRegion` creates such a file
-and hands out NumPy views of it; :func:`kv_layer_spec` describes a view as a
-:class:`~pegaflow.KvLayer` for registration; :class:`SharedKvCache` does both for a
-whole model (one file, one tensor per layer).
+With the host backend the server maps the same memory the client computes in, so
+"device" memory is shared memory: an anonymous ``memfd`` sealed against shrinking and
+growing, which the client hands to the server by descriptor over its Unix socket (the
+server never opens a path a client names, and a sealed file cannot be truncated under a
+copy). :class:`SharedMemoryRegion` creates such memory and hands out NumPy views of it;
+:func:`kv_layer_spec` describes a view as a :class:`~pegaflow.KvLayer` for registration;
+:class:`SharedKvCache` does both for a whole model (one memfd, one tensor per layer).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import uuid
@@ -25,8 +28,21 @@ from pegaflow._native import KvLayer
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-SHM_DIR = "/dev/shm"
 _ALIGN = 4096
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def sealed_memfd(size: int, name: str) -> int:
+    """A new memfd of ``size`` zero bytes, sealed against shrinking, growing and further
+    sealing: the descriptor the server accepts as host memory. The caller owns it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class _Closable:
@@ -48,27 +64,25 @@ class _Closable:
 
 
 class SharedMemoryRegion(_Closable):
-    """A new ``/dev/shm/<name>`` file of ``size`` bytes, mapped read-write.
+    """``size`` bytes of sealed shared memory (a memfd named ``name``, as
+    ``/memfd:<name>`` in ``/proc/<pid>/maps``), mapped read-write.
 
-    The file is removed by :meth:`close` (also on ``with`` exit). The server keeps its
-    own mapping, so closing here never invalidates memory the server is copying.
+    :attr:`fd` is the descriptor registrations hand to the server. :meth:`close` (also on
+    ``with`` exit) closes it and drops this mapping; the server keeps its own mapping
+    while the memory is registered, so closing here never invalidates a copy.
     """
 
     def __init__(self, size: int, name: str | None = None) -> None:
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
-        self.name = name or f"pegaflow-kv-{uuid.uuid4().hex}"
+        self.name = name or f"pegaflow-kv-{uuid.uuid4().hex[:12]}"
         self.size = size
-        self.path = os.path.join(SHM_DIR, self.name)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.fd = sealed_memfd(size, self.name)
         try:
-            os.ftruncate(fd, size)
-            self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
-            os.unlink(self.path)
+            os.close(self.fd)
             raise
-        finally:
-            os.close(fd)
         self._bytes = np.frombuffer(self._mmap, dtype=np.uint8)
         self._closed = False
 
@@ -87,14 +101,13 @@ class SharedMemoryRegion(_Closable):
             raise ValueError(f"{nbytes} bytes at offset {offset} exceed the region ({self.size} B)")
         return self._bytes[offset : offset + nbytes].view(dt).reshape(tuple(shape))
 
-    def close(self, unlink: bool = True) -> None:
-        """Unlinks the file (unless ``unlink`` is False) and drops this mapping."""
+    def close(self) -> None:
+        """Closes the descriptor and drops this mapping (the memory itself lives on while
+        the server or live views still map it)."""
         if self._closed:
             return
         self._closed = True
-        if unlink:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        os.close(self.fd)
         # BufferError: views are still alive; the mapping goes away with the last of them.
         with contextlib.suppress(BufferError):
             self._mmap.close()
@@ -121,7 +134,7 @@ def kv_layer_spec(
         raise ValueError(f"strides {array.strides} are not multiples of the item size {itemsize}")
     return KvLayer(
         layer,
-        shm_name=region.name,
+        host_fd=region.fd,
         shape=[int(d) for d in array.shape],
         stride=[int(s) // itemsize for s in array.strides],
         element_size=itemsize,
@@ -164,7 +177,7 @@ class SharedKvCache(_Closable):
 
     @property
     def name(self) -> str:
-        """Shared-memory file name."""
+        """Name of the memfd (``/memfd:<name>`` in ``/proc/<pid>/maps``)."""
         return self.region.name
 
     def layer_specs(self) -> list[KvLayer]:
@@ -175,6 +188,6 @@ class SharedKvCache(_Closable):
         ]
 
     def close(self) -> None:
-        """Drops the views and removes the file."""
+        """Drops the views and closes the memory."""
         self.layers = []
         self.region.close()

@@ -1,15 +1,71 @@
-//! The one mapping from gRPC statuses to the Python exceptions of `pegaflow.errors`.
+//! The one mapping from gRPC statuses (and hand-over failures) to the Python exceptions
+//! of `pegaflow.errors`.
 //!
 //! The classes are defined in Python so they can derive from both `PegaflowError` and
-//! a stdlib base (`except ValueError` works); Rust looks them up by name.
+//! a stdlib base (`except ValueError` works); [`ErrorClass`] names each one once.
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use tonic::{Code, Status};
 
-/// Builds `pegaflow.errors.<class_name>(message)`.
-pub fn pegaflow_error(py: Python<'_>, class_name: &str, message: String) -> PyErr {
-    let class = py.import("pegaflow.errors").and_then(|m| m.getattr(class_name));
+use crate::descriptors::HandOverError;
+
+/// The exception classes of `pegaflow.errors` the binding raises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// `PegaflowInvalidArgument` (ValueError).
+    InvalidArgument,
+    /// `PegaflowNotFound` (LookupError).
+    NotFound,
+    /// `PegaflowAlreadyExists`.
+    AlreadyExists,
+    /// `PegaflowPermissionDenied` (PermissionError).
+    PermissionDenied,
+    /// `PegaflowResourceExhausted`.
+    ResourceExhausted,
+    /// `PegaflowUnavailable` (ConnectionError).
+    Unavailable,
+    /// `PegaflowTimeout` (TimeoutError).
+    Timeout,
+    /// `PegaflowInternalError`.
+    Internal,
+    /// `PegaflowLoadError`.
+    LoadFailed,
+}
+
+impl ErrorClass {
+    fn name(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "PegaflowInvalidArgument",
+            Self::NotFound => "PegaflowNotFound",
+            Self::AlreadyExists => "PegaflowAlreadyExists",
+            Self::PermissionDenied => "PegaflowPermissionDenied",
+            Self::ResourceExhausted => "PegaflowResourceExhausted",
+            Self::Unavailable => "PegaflowUnavailable",
+            Self::Timeout => "PegaflowTimeout",
+            Self::Internal => "PegaflowInternalError",
+            Self::LoadFailed => "PegaflowLoadError",
+        }
+    }
+
+    /// The class of a gRPC status code.
+    fn of(code: Code) -> Self {
+        match code {
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => Self::InvalidArgument,
+            Code::NotFound => Self::NotFound,
+            Code::AlreadyExists => Self::AlreadyExists,
+            Code::PermissionDenied | Code::Unauthenticated => Self::PermissionDenied,
+            Code::ResourceExhausted => Self::ResourceExhausted,
+            Code::Unavailable | Code::Cancelled => Self::Unavailable,
+            Code::DeadlineExceeded => Self::Timeout,
+            _ => Self::Internal,
+        }
+    }
+}
+
+/// Builds `pegaflow.errors.<class>(message)`.
+pub fn pegaflow_error(py: Python<'_>, class: ErrorClass, message: String) -> PyErr {
+    let class = py.import("pegaflow.errors").and_then(|m| m.getattr(class.name()));
     match class {
         Ok(class) => match class.call1((message.clone(),)) {
             Ok(instance) => PyErr::from_value(instance),
@@ -19,18 +75,30 @@ pub fn pegaflow_error(py: Python<'_>, class_name: &str, message: String) -> PyEr
     }
 }
 
-/// Maps a gRPC status to the matching exception, keeping the server's message.
+/// Maps a gRPC status to the matching exception, keeping the server's message. A status
+/// made on this side from a broken connection (it carries the transport error as its
+/// source; the server's own statuses never do) means the server is unreachable or died
+/// mid-call: `PegaflowUnavailable`, whatever code tonic gave it.
 pub fn status_to_pyerr(py: Python<'_>, status: &Status) -> PyErr {
+    let local_failure = std::error::Error::source(status).is_some();
     let class = match status.code() {
-        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => "PegaflowInvalidArgument",
-        Code::NotFound => "PegaflowNotFound",
-        Code::AlreadyExists => "PegaflowAlreadyExists",
-        Code::ResourceExhausted => "PegaflowResourceExhausted",
-        Code::Unavailable | Code::Cancelled => "PegaflowUnavailable",
-        Code::DeadlineExceeded => "PegaflowTimeout",
-        _ => "PegaflowInternalError",
+        Code::Unknown | Code::Internal if local_failure => ErrorClass::Unavailable,
+        code => ErrorClass::of(code),
     };
-    let message =
+    let mut message =
         if status.message().is_empty() { format!("{:?}", status.code()) } else { status.message().to_owned() };
+    if let Some(source) = std::error::Error::source(status) {
+        message = format!("{message}: {source}");
+    }
     pegaflow_error(py, class, message)
+}
+
+/// Maps a failed memory hand-over to its exception.
+pub fn hand_over_error(py: Python<'_>, error: HandOverError) -> PyErr {
+    match error {
+        HandOverError::Unreachable(message) => pegaflow_error(py, ErrorClass::Unavailable, message),
+        HandOverError::Refused { code, message } => {
+            pegaflow_error(py, ErrorClass::of(Code::from_i32(code as i32)), message)
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //! errors; all logic lives in `pegaflow-core` and `pegaflow-server`.
 
 mod client;
+mod descriptors;
 mod errors;
 mod load_state;
 mod types;

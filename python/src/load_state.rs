@@ -1,30 +1,76 @@
 //! `LoadState`: the client end of the shared-memory load-completion flag.
 
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use pegaflow_core::load_state::{LoadState as CoreLoadState, LoadStatus};
 use pyo3::prelude::*;
 
-use crate::errors::pegaflow_error;
+use crate::client::lock;
+use crate::descriptors::{Descriptors, Token};
+use crate::errors::{ErrorClass, pegaflow_error};
 
 /// Completion flag of one load, polled without a round trip to the server.
 #[pyclass(module = "pegaflow._native", name = "LoadState", frozen)]
 pub struct PyLoadState {
-    pub(crate) inner: CoreLoadState,
+    inner: CoreLoadState,
+    /// The token the server knows this state by, and the connection that issued it.
+    registered: Mutex<Option<(Token, Weak<Mutex<Descriptors>>)>>,
+    /// Whether the session of the last load's instance is open (None: no session).
+    server_alive: Mutex<Option<Arc<AtomicBool>>>,
+}
+
+impl PyLoadState {
+    /// The memfd to hand to the server.
+    pub(crate) fn fd(&self) -> i32 {
+        self.inner.memory().fd().map_or(-1, |fd| fd.as_raw_fd())
+    }
+
+    /// The token valid on `descriptors`' live connection, if this state was handed over
+    /// on it.
+    pub(crate) fn token_on(&self, descriptors: &Arc<Mutex<Descriptors>>) -> Option<Token> {
+        let registered = lock(&self.registered);
+        let (token, owner) = registered.as_ref()?;
+        if !Weak::ptr_eq(owner, &Arc::downgrade(descriptors)) {
+            return None;
+        }
+        (lock(descriptors).live_connection() == Some(token.connection)).then_some(*token)
+    }
+
+    /// Records the token `descriptors` got for this state, releasing any previous one.
+    pub(crate) fn remember(&self, token: Token, descriptors: &Arc<Mutex<Descriptors>>) {
+        let previous = lock(&self.registered).replace((token, Arc::downgrade(descriptors)));
+        if let Some((old, owner)) = previous
+            && let Some(owner) = owner.upgrade()
+        {
+            lock(&owner).release(old);
+        }
+    }
+
+    /// Ties waits to the liveness of the session the load was sent under.
+    pub(crate) fn watch(&self, alive: Option<Arc<AtomicBool>>) {
+        *lock(&self.server_alive) = alive;
+    }
+}
+
+impl Drop for PyLoadState {
+    fn drop(&mut self) {
+        if let Some((token, owner)) = lock(&self.registered).take()
+            && let Some(owner) = owner.upgrade()
+        {
+            lock(&owner).release(token);
+        }
+    }
 }
 
 #[pymethods]
 impl PyLoadState {
     #[new]
     fn new(py: Python<'_>) -> PyResult<Self> {
-        let inner = CoreLoadState::create().map_err(|e| pegaflow_error(py, "PegaflowInternalError", e.to_string()))?;
-        Ok(Self { inner })
-    }
-
-    /// Shared-memory name to pass with a load.
-    #[getter]
-    fn name(&self) -> String {
-        self.inner.name().to_owned()
+        let inner = CoreLoadState::create().map_err(|e| pegaflow_error(py, ErrorClass::Internal, e.to_string()))?;
+        Ok(Self { inner, registered: Mutex::new(None), server_alive: Mutex::new(None) })
     }
 
     /// "pending", "done" or "failed".
@@ -56,16 +102,19 @@ impl PyLoadState {
     }
 
     /// Blocks (without the GIL) until the load is done. Raises `PegaflowLoadError` if it
-    /// failed and `PegaflowTimeout` after `timeout_s` seconds.
+    /// failed or the server went away (its session closed) before it completed, and
+    /// `PegaflowTimeout` after `timeout_s` seconds.
     #[pyo3(signature = (timeout_s = 30.0))]
     fn wait(&self, py: Python<'_>, timeout_s: f64) -> PyResult<()> {
         let timeout = Duration::try_from_secs_f64(timeout_s.max(0.0)).unwrap_or(Duration::MAX);
-        let status = py.detach(|| self.inner.wait(timeout, crate::client::caller_spin()));
+        let alive = lock(&self.server_alive).clone();
+        let server_alive = || alive.as_ref().is_none_or(|a| a.load(Ordering::Acquire));
+        let status = py.detach(|| self.inner.wait(timeout, crate::client::caller_spin(), &server_alive));
         match status {
             LoadStatus::Done => Ok(()),
-            LoadStatus::Failed(reason) => Err(pegaflow_error(py, "PegaflowLoadError", reason)),
+            LoadStatus::Failed(reason) => Err(pegaflow_error(py, ErrorClass::LoadFailed, reason)),
             LoadStatus::Pending => {
-                Err(pegaflow_error(py, "PegaflowTimeout", format!("load not done after {timeout_s} s")))
+                Err(pegaflow_error(py, ErrorClass::Timeout, format!("load not done after {timeout_s} s")))
             }
         }
     }

@@ -3,8 +3,9 @@
 use pegaflow_proto as pb;
 use pyo3::prelude::*;
 
-/// One KV layer, described as a strided tensor inside a memory region: a shared-memory
-/// file (host backend) or a CUDA allocation shared by IPC (CUDA backend).
+/// One KV layer, described as a strided tensor inside a memory region: a sealed memfd
+/// (host backend, handed to the server by descriptor) or a CUDA allocation shared by IPC
+/// (CUDA backend).
 #[pyclass(module = "pegaflow._native", frozen)]
 #[derive(Clone)]
 pub struct KvLayer {
@@ -29,9 +30,10 @@ pub struct KvLayer {
     /// Byte offset of the tensor inside its region.
     #[pyo3(get)]
     pub byte_offset: u64,
-    /// Shared-memory file name under /dev/shm (host backend).
+    /// Descriptor of the sealed memfd holding the tensor (host backend); it must stay open
+    /// until the layer is registered.
     #[pyo3(get)]
-    pub shm_name: Option<String>,
+    pub host_fd: Option<i32>,
     /// Raw 64-byte CUDA IPC handle of the allocation (CUDA backend).
     pub cuda_ipc_handle: Option<Vec<u8>>,
     /// 16-byte UUID of the GPU (CUDA backend).
@@ -49,7 +51,7 @@ impl KvLayer {
     #[new]
     #[pyo3(signature = (
         layer, *, shape, stride, element_size, block_dim, kv_dim = None, byte_offset = 0,
-        shm_name = None, cuda_ipc_handle = None, device_uuid = None, region_offset = 0, region_size = 0
+        host_fd = None, cuda_ipc_handle = None, device_uuid = None, region_offset = 0, region_size = 0
     ))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword constructor
     fn new(
@@ -61,18 +63,19 @@ impl KvLayer {
         block_dim: u32,
         kv_dim: Option<u32>,
         byte_offset: u64,
-        shm_name: Option<String>,
+        host_fd: Option<i32>,
         cuda_ipc_handle: Option<Vec<u8>>,
         device_uuid: Option<Vec<u8>>,
         region_offset: u64,
         region_size: u64,
     ) -> PyResult<Self> {
-        let invalid = |msg: &str| crate::errors::pegaflow_error(py, "PegaflowInvalidArgument", msg.to_owned());
-        match (&shm_name, &cuda_ipc_handle) {
+        let invalid =
+            |msg: &str| crate::errors::pegaflow_error(py, crate::errors::ErrorClass::InvalidArgument, msg.to_owned());
+        match (&host_fd, &cuda_ipc_handle) {
             (Some(_), None) => {}
             (None, Some(_)) if device_uuid.is_some() && region_size > 0 => {}
             (None, Some(_)) => return Err(invalid("a CUDA layer needs device_uuid and region_size > 0")),
-            _ => return Err(invalid("give exactly one of shm_name (host) or cuda_ipc_handle (CUDA)")),
+            _ => return Err(invalid("give exactly one of host_fd (host) or cuda_ipc_handle (CUDA)")),
         }
         Ok(Self {
             layer,
@@ -82,7 +85,7 @@ impl KvLayer {
             block_dim,
             kv_dim,
             byte_offset,
-            shm_name,
+            host_fd,
             cuda_ipc_handle,
             device_uuid,
             region_offset,
@@ -103,8 +106,8 @@ impl KvLayer {
     }
 
     fn __repr__(&self) -> String {
-        let region = match &self.shm_name {
-            Some(name) => format!("shm_name={name:?}"),
+        let region = match &self.host_fd {
+            Some(fd) => format!("host_fd={fd}"),
             None => format!("cuda_ipc (offset={}, size={})", self.region_offset, self.region_size),
         };
         format!(
@@ -115,9 +118,12 @@ impl KvLayer {
 }
 
 impl KvLayer {
-    pub fn to_proto(&self) -> pb::LayerRegistration {
-        let region = match (&self.shm_name, &self.cuda_ipc_handle) {
-            (Some(name), _) => pb::layer_registration::Region::HostShm(pb::HostShmRegion { name: name.clone() }),
+    /// The registration message; `token` names the host memory handed over for `host_fd`.
+    pub fn to_proto(&self, token: Option<&crate::descriptors::Token>) -> pb::LayerRegistration {
+        let region = match (&self.host_fd, &self.cuda_ipc_handle) {
+            (Some(_), _) => pb::layer_registration::Region::HostMemory(pb::HostMemoryRegion {
+                token: token.map(|t| t.bytes.to_vec()).unwrap_or_default(),
+            }),
             (None, handle) => pb::layer_registration::Region::CudaIpc(pb::CudaIpcRegion {
                 handle: handle.clone().unwrap_or_default(),
                 device_uuid: self.device_uuid.clone().unwrap_or_default(),

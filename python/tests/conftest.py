@@ -309,17 +309,6 @@ def kv_cache() -> Iterator[KvFactory]:
 
 
 @pytest.fixture
-def shm_cleanup() -> Iterator[list[str]]:
-    """Names appended to this list are unlinked from /dev/shm at teardown (files that
-    other processes created and may have left behind)."""
-    names: list[str] = []
-    yield names
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join("/dev/shm", name))
-
-
-@pytest.fixture
 def instance_id(request: pytest.FixtureRequest) -> str:
     """An instance id unique to the test."""
     return f"{request.node.name}-{os.getpid()}-{time.monotonic_ns()}"

@@ -20,6 +20,7 @@ from pegaflow import (
     PegaflowError,
     PegaflowInvalidArgument,
     PegaflowNotFound,
+    PegaflowPermissionDenied,
     PegaflowResourceExhausted,
     PegaflowTimeout,
     PegaflowUnavailable,
@@ -150,7 +151,7 @@ def _specs_with(kv: SharedKvCache, index: int, **changes: object) -> list[KvLaye
     base = specs[index]
     fields: dict[str, object] = {
         "layer": base.layer,
-        "shm_name": base.shm_name,
+        "host_fd": base.host_fd,
         "shape": list(base.shape),
         "stride": list(base.stride),
         "element_size": base.element_size,
@@ -292,45 +293,6 @@ def test_load_more_blocks_than_leased(setup: Setup) -> None:
     s.client.release_lease(lease_id)
 
 
-def test_missing_and_invalid_shm_names(setup: Setup, kv_cache: KvFactory) -> None:
-    s = setup
-    kv = kv_cache(num_blocks=NUM_BLOCKS, seed=None)
-    inst = f"{s.instance}-shm"
-    missing = f"pegaflow-kv-does-not-exist-{os.getpid()}"
-    with pytest.raises(PegaflowNotFound, match=missing):
-        s.client.register_kv_layers(inst, "bad-input", 0, 1, _specs_with(kv, 3, shm_name=missing))
-    for bad in ["../etc/passwd", "a/b", ".hidden", "", "x" * 201, "sp ace"]:
-        with pytest.raises(PegaflowInvalidArgument, match="invalid shared-memory name"):
-            s.client.register_kv_layers(inst, "bad-input", 0, 1, _specs_with(kv, 3, shm_name=bad))
-    assert inst not in [i["instance_id"] for i in s.client.list_instances()]
-
-
-def test_missing_load_state(setup: Setup) -> None:
-    s = setup
-    lease_id = lease(s)
-    state = LoadState()
-    os.unlink(os.path.join("/dev/shm", state.name))
-    with pytest.raises(PegaflowNotFound, match=state.name):
-        s.client.load(s.instance, 0, lease_id, [20], state)
-    # Nothing was consumed: the lease still loads with a good state.
-    good = LoadState()
-    s.client.load(s.instance, 0, lease_id, [20], good)
-    good.wait(10)
-
-
-def test_load_state_that_is_not_one(setup: Setup, kv_cache: KvFactory) -> None:
-    """A load state name pointing at some other shared-memory file is refused."""
-    s = setup
-    lease_id = lease(s)
-    state = LoadState()
-    path = os.path.join("/dev/shm", state.name)
-    with open(path, "r+b") as f:
-        f.write(b"XXXX")  # break the magic
-    with pytest.raises(PegaflowInvalidArgument, match="not a PegaFlow load state"):
-        s.client.load(s.instance, 0, lease_id, [20], state)
-    s.client.release_lease(lease_id)
-
-
 def test_save_larger_than_pool(start_server: StartServer, kv_cache: KvFactory) -> None:
     server = start_server(pool_size="8mb")
     client = server.client()
@@ -392,10 +354,12 @@ def test_error_classes_carry_codes() -> None:
     assert issubclass(PegaflowNotFound, LookupError)
     assert issubclass(PegaflowUnavailable, ConnectionError)
     assert issubclass(PegaflowTimeout, TimeoutError)
+    assert issubclass(PegaflowPermissionDenied, PermissionError)
     for cls, code in [
         (PegaflowInvalidArgument, "INVALID_ARGUMENT"),
         (PegaflowNotFound, "NOT_FOUND"),
         (PegaflowAlreadyExists, "ALREADY_EXISTS"),
+        (PegaflowPermissionDenied, "PERMISSION_DENIED"),
         (PegaflowResourceExhausted, "RESOURCE_EXHAUSTED"),
         (PegaflowUnavailable, "UNAVAILABLE"),
         (PegaflowTimeout, "DEADLINE_EXCEEDED"),
@@ -404,24 +368,41 @@ def test_error_classes_carry_codes() -> None:
         assert cls.code == code
 
 
-def test_truncated_shm_does_not_crash_server(
+def test_clients_cannot_resize_registered_memory(
     start_server: StartServer, kv_cache: KvFactory
 ) -> None:
-    """A client that shrinks its registered file must not take the server down (the
-    server's mapping would SIGBUS on the missing pages)."""
-    server = start_server(pool_size="64mb")
+    """Registered memory is sealed: a client can neither shrink (which would SIGBUS the
+    server's copies) nor grow it, even while a save copies from it; the server and its
+    other clients carry on."""
+    import threading
+
+    server = start_server(pool_size="512mb")
     client = server.client()
     survivor = kv_cache(num_layers=4, num_blocks=16, seed=71)
     client.register_kv_layers("survivor", "ns", 0, 1, survivor.layer_specs())
     kept = random_hashes(4)
     client.save("survivor", 0, [0, 1, 2, 3], kept)
 
-    kv = kv_cache(num_layers=4, num_blocks=16, seed=72)
+    kv = kv_cache(num_layers=32, num_blocks=512, seed=72)  # 64 MiB
     client.register_kv_layers("shrinker", "ns", 0, 1, kv.layer_specs())
-    os.truncate(kv.region.path, 0)
-    with pytest.raises(PegaflowError):
-        client.save("shrinker", 0, [0, 1], random_hashes(2))
-    time.sleep(0.2)
+    refused: list[int] = []
+    saving = threading.Event()
+
+    def resize() -> None:
+        saving.wait(5)
+        for size in (0, kv.region.size // 2, kv.region.size * 2) * 50:
+            try:
+                os.ftruncate(kv.region.fd, size)
+            except PermissionError:
+                refused.append(size)
+
+    resizer = threading.Thread(target=resize)
+    resizer.start()
+    saving.set()
+    for i in range(4):
+        client.save("shrinker", 0, list(range(512)), random_hashes(512))
+    resizer.join()
+    assert len(refused) == 150, "the kernel let a sealed memfd change size"
     assert server.is_running(), f"server died (exit code {server.proc.poll()})"
     assert client.health()["status"] == "ok"
     q = client.query("survivor", kept)

@@ -72,25 +72,31 @@ def finish_loads(worker: WorkerSide, timeout_s: float = 10.0) -> set[str]:
     return done
 
 
-def test_share_storage_moves_memory_in_place() -> None:
-    from pegaflow.cpu import share_storage
+def test_share_storages_moves_memory_in_place_into_a_sealed_memfd() -> None:
+    import fcntl
+
+    from pegaflow.cpu import share_storage, share_storages
 
     caches = vllm_like_caches()
     views = list(caches.values())
+    with torch.inference_mode():  # vLLM's KV caches are inference tensors
+        views.append(torch.zeros(8))
     before = [v.clone() for v in views]
-    ptr = views[0].data_ptr()
-    name, offset = share_storage(views[1])
-    assert views[0].data_ptr() != ptr  # every view of the storage moved with it
+    ptrs = [v.data_ptr() for v in views]
+    share_storages(views)
+    assert all(v.data_ptr() != p for v, p in zip(views, ptrs, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(before, views, strict=True))
-    assert os.path.exists(f"/dev/shm/{name}")
-    assert 0 <= offset <= 4096
-    # Idempotent: the same file for any view of the same storage.
-    assert share_storage(views[2]) == (name, offset)
-    # Writes through the tensor are visible in the file at the reported offset.
+    # The views of one allocation still share one storage, now a sealed memfd.
+    fd, offset = share_storage(views[1])
+    assert offset == 0 and views[0].untyped_storage().data_ptr() == views[1].untyped_storage().data_ptr()
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+    # Idempotent: the same memfd for any view of the same storage.
+    assert share_storage(views[2]) == (fd, 0)
+    # Writes through the tensor are visible in the memfd at the view's offset.
     views[0][0, 0, 0, 0] = 1234.5
-    with open(f"/dev/shm/{name}", "rb") as f:
-        f.seek(offset)
-        assert torch.frombuffer(bytearray(f.read(4)), dtype=torch.float32).item() == 1234.5
+    at = views[0].storage_offset() * views[0].element_size()
+    assert torch.frombuffer(bytearray(os.pread(fd, 4, at)), dtype=torch.float32).item() == 1234.5
 
 
 def test_share_storage_refuses_non_cpu_tensors() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 
 import pytest
 from conftest import KvFactory
@@ -12,32 +11,26 @@ from e2e_helpers import assert_blocks_equal, random_hashes, snapshot, zero_block
 from pegaflow import EngineClient, LoadState, PegaflowTimeout
 
 
-def shm_path(state: LoadState) -> str:
-    return os.path.join("/dev/shm", state.name)
+def load_state_mappings() -> int:
+    """Load-state memfds mapped by this process."""
+    with open("/proc/self/maps") as maps:
+        return sum("/memfd:pegaflow-load-state" in line for line in maps)
 
 
 def test_fresh_state() -> None:
     state = LoadState()
-    assert state.name.startswith("pegaflow-ls-")
     assert state.status() == "pending"
     assert not state.is_done()
     assert state.error is None
-    assert os.path.exists(shm_path(state))
-    assert os.path.getsize(shm_path(state)) == 512
 
 
-def test_names_are_unique() -> None:
+def test_memory_released_when_collected() -> None:
+    before = load_state_mappings()
     states = [LoadState() for _ in range(20)]
-    assert len({s.name for s in states}) == 20
-
-
-def test_file_removed_when_collected() -> None:
-    state = LoadState()
-    path = shm_path(state)
-    assert os.path.exists(path)
-    del state
+    assert load_state_mappings() == before + 20
+    del states
     gc.collect()
-    assert not os.path.exists(path)
+    assert load_state_mappings() == before
 
 
 def test_wait_times_out_while_pending() -> None:

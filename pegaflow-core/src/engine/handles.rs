@@ -177,7 +177,7 @@ mod tests {
         assert_ne!(kv_token, state_token);
 
         assert!(matches!(handles.kv_memory(&kv_token, Some(1000)), Ok(RegionSource::HostMemory(_))));
-        assert!(matches!(handles.kv_memory(&kv_token, None), Ok(_)), "over TCP the token is the proof");
+        assert!(handles.kv_memory(&kv_token, None).is_ok(), "over TCP the token is the proof");
         assert!(matches!(handles.kv_memory(&kv_token, Some(1001)), Err(EngineError::PermissionDenied(_))));
         assert!(matches!(handles.kv_memory(&state_token, Some(1000)), Err(EngineError::InvalidArgument(_))));
         assert!(handles.load_state(&state_token, Some(1000)).is_ok());

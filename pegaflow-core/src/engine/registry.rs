@@ -246,7 +246,6 @@ impl Registry {
         }
     }
 
-
     /// Maps the regions (each distinct source once) and validates every layout.
     fn bind(&self, req: &RegisterRequest) -> Result<RankBinding> {
         let mut by_layer: Vec<Option<&LayerRegistration>> = vec![None; req.num_layers as usize];
@@ -340,7 +339,10 @@ fn is_block_major(layers: &[LayerBinding]) -> bool {
 /// id is the proof) and so is the owner's.
 fn check_owner(instance: &Instance, instance_id: &str, caller_uid: Option<u32>) -> Result<()> {
     if instance.owner_uid != caller_uid {
-        return Err(EngineError::denied(format!("instance {} belongs to another user or connection", shown(instance_id))));
+        return Err(EngineError::denied(format!(
+            "instance {} belongs to another user or connection",
+            shown(instance_id)
+        )));
     }
     Ok(())
 }
@@ -382,7 +384,9 @@ fn check_matches(existing: &Instance, req: &RegisterRequest) -> Result<()> {
         return Err(EngineError::invalid(format!(
             "instance {} is registered with namespace {}, tp_size {}, num_layers {}",
             shown(&req.instance_id),
-            shown(&existing.namespace), existing.tp_size, existing.num_layers
+            shown(&existing.namespace),
+            existing.tp_size,
+            existing.num_layers
         )));
     }
     if existing.ranks.contains_key(&req.tp_rank) {

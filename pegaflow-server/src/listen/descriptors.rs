@@ -86,9 +86,8 @@ async fn read_request(stream: &UnixStream) -> std::io::Result<Option<([u8; REQUE
     let mut fds = Vec::new();
     let mut got = 0;
     while got < REQUEST_BYTES {
-        let n = stream
-            .async_io(Interest::READABLE, || receive(stream.as_raw_fd(), &mut bytes[got..], &mut fds))
-            .await?;
+        let n =
+            stream.async_io(Interest::READABLE, || receive(stream.as_raw_fd(), &mut bytes[got..], &mut fds)).await?;
         if n == 0 {
             return if got == 0 {
                 Ok(None)

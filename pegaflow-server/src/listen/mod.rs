@@ -50,7 +50,11 @@ impl ListenMetrics {
         r.register("connections", "Client connections open (gRPC and descriptor)", self.connections.clone());
         r.register("connections_refused", "Connections closed on arrival: every slot taken", self.refused.clone());
         r.register("connections_timed_out", "Connections closed by a timeout, by reason", self.timed_out.clone());
-        r.register("unauthenticated_requests", "Calls refused for a missing or wrong token", self.unauthenticated.clone());
+        r.register(
+            "unauthenticated_requests",
+            "Calls refused for a missing or wrong token",
+            self.unauthenticated.clone(),
+        );
         r.register("open_files_limit", "RLIMIT_NOFILE the server runs with", self.open_files_limit.clone());
     }
 

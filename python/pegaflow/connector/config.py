@@ -1,7 +1,7 @@
 """The connector's settings, from vLLM's ``kv_connector_extra_config`` and the environment.
 
 Precedence: extra config, then environment (``PEGAFLOW_ENGINE_ENDPOINT``,
-``PEGAFLOW_INSTANCE_ID``), then defaults. Unknown keys and bad values raise
+``PEGAFLOW_INSTANCE_ID``, ``PEGAFLOW_AUTH_TOKEN_FILE``), then defaults. Unknown keys and bad values raise
 ``ValueError`` naming the key, so a typo never silently falls back to a default.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 DEFAULT_ENDPOINT = "127.0.0.1:50055"
 ENV_ENDPOINT = "PEGAFLOW_ENGINE_ENDPOINT"
 ENV_INSTANCE_ID = "PEGAFLOW_INSTANCE_ID"
+ENV_AUTH_TOKEN_FILE = "PEGAFLOW_AUTH_TOKEN_FILE"
 MAX_LEASE_TTL_MS = 600_000  # the server's limit
 
 
@@ -26,8 +27,11 @@ class ConnectorConfig:
     """Server-side instance of this vLLM engine. Default: ``PEGAFLOW_INSTANCE_ID``, else
     vLLM's ``engine_id`` (the same in the scheduler and every worker)."""
     endpoint: str = DEFAULT_ENDPOINT
-    """``host:port`` of the pegaflow-server. Default: ``PEGAFLOW_ENGINE_ENDPOINT`` or
-    127.0.0.1:50055."""
+    """``host:port`` (or ``https://host:port``, ``unix:/path.sock``) of the pegaflow-server.
+    Default: ``PEGAFLOW_ENGINE_ENDPOINT`` or 127.0.0.1:50055."""
+    auth_token_file: str | None = None
+    """File holding the server's auth token (needed when the server was started with
+    ``--auth-token-file``). Default: ``PEGAFLOW_AUTH_TOKEN_FILE``, else none."""
     namespace: str | None = None
     """Overrides the namespace derived from the model and KV layout. Default: derived."""
     timeout_s: float = 5.0
@@ -93,6 +97,7 @@ class ConnectorConfig:
         for name, raw in extra.items():
             values[name] = _convert(name, raw, known[name].type)
         values.setdefault("endpoint", env.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT)
+        values.setdefault("auth_token_file", env.get(ENV_AUTH_TOKEN_FILE) or None)
         instance_id = values.get("instance_id") or env.get(ENV_INSTANCE_ID) or engine_id
         if not instance_id:
             raise ValueError(

@@ -71,8 +71,10 @@ class ServerLink:
         self._thread.start()
 
     def mark_lost(self) -> None:
-        """A call said the server forgot us (unknown instance): register again."""
+        """A call said the server forgot us (unknown instance): register again, under a
+        new session (closing ours makes the server drop whatever it still holds of it)."""
         self._registered.clear()
+        self.client.close_session(self.identity.instance_id)
 
     def _keep_alive(self) -> None:
         while not self._stop.wait(self._retry_interval_s):
@@ -94,8 +96,10 @@ class ServerLink:
                 return
             ident = self.identity
             try:
-                # A new session replaces the old one, whose ranks the server then drops.
-                self.client.open_session(ident.instance_id)
+                if not self.client.session_alive(ident.instance_id):
+                    # The old session ended with the server (or was never opened): a new one.
+                    self.client.close_session(ident.instance_id)
+                    self.client.open_session(ident.instance_id)
                 self.client.register_kv_layers(
                     ident.instance_id, ident.namespace, ident.rank, ident.world_size, self._layers
                 )

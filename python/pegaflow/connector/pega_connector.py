@@ -83,7 +83,11 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
             # The cache is best effort: a failed load is recomputed unless asked otherwise.
             vllm_config.kv_transfer_config.kv_load_failure_policy = self._config.load_failure_policy
             hash_block_size = getattr(kv_cache_config, "hash_block_size", None) or block_size
-            client = EngineClient(self._config.endpoint, self._config.query_timeout_s)
+            client = EngineClient(
+                self._config.endpoint,
+                self._config.query_timeout_s,
+                self._config.auth_token_file,
+            )
             transfer = vllm_config.kv_transfer_config
             self._scheduler = SchedulerSide(
                 self._config,

@@ -4,8 +4,8 @@ vLLM (0.32+) hands the connector one ``[num_blocks, heads, block_size, content]`
 per attention layer, all views of one allocation (layer after layer, or block after
 block with the cross-layer layout). Each block of a layer is one contiguous run, so a
 layer registers with ``block_dim=0`` and no separate K/V dimension. CPU tensors are
-moved into shared memory in place (:mod:`pegaflow.cpu`); CUDA tensors are shared by
-IPC handle (:mod:`pegaflow.cuda`).
+moved into a sealed memfd in place, all of them together (:mod:`pegaflow.cpu`); CUDA
+tensors are shared by IPC handle (:mod:`pegaflow.cuda`).
 """
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ def describe_kv_caches(kv_caches: Mapping[str, torch.Tensor], num_blocks: int) -
     device_type = devices.pop()
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"KV caches on {device_type!r}: only CPU and CUDA are supported")
+
+    if device_type == "cpu":
+        from pegaflow.cpu import share_storages
+
+        # Every view of an allocation moves with it, before any is described.
+        share_storages(kv_caches.values())
 
     names: list[str] = []
     layers: list[KvLayer] = []

@@ -110,7 +110,9 @@ class WorkerSide:
         self.registration = registration
         self._cuda = registration.device_type == "cuda"
         identity = RankIdentity(self.config.instance_id, namespace, self._rank, self._world_size)
-        client = EngineClient(self.config.endpoint, self.config.timeout_s)
+        client = EngineClient(
+            self.config.endpoint, self.config.timeout_s, self.config.auth_token_file
+        )
         self.link = ServerLink(client, identity, registration.layers, self.config.retry_interval_s)
         self.link.start()
 
