@@ -7,7 +7,6 @@ ports; teardown stops it with SIGTERM and requires exit code 0 within 10 s.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket

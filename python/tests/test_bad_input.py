@@ -399,7 +399,7 @@ def test_clients_cannot_resize_registered_memory(
     resizer = threading.Thread(target=resize)
     resizer.start()
     saving.set()
-    for i in range(4):
+    for _ in range(4):
         client.save("shrinker", 0, list(range(512)), random_hashes(512))
     resizer.join()
     assert len(refused) == 150, "the kernel let a sealed memfd change size"

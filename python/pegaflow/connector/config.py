@@ -1,8 +1,9 @@
 """The connector's settings, from vLLM's ``kv_connector_extra_config`` and the environment.
 
 Precedence: extra config, then environment (``PEGAFLOW_ENGINE_ENDPOINT``,
-``PEGAFLOW_INSTANCE_ID``, ``PEGAFLOW_AUTH_TOKEN_FILE``), then defaults. Unknown keys and bad values raise
-``ValueError`` naming the key, so a typo never silently falls back to a default.
+``PEGAFLOW_INSTANCE_ID``, ``PEGAFLOW_AUTH_TOKEN_FILE``), then defaults. Unknown keys and
+bad values raise ``ValueError`` naming the key, so a typo never silently falls back to a
+default.
 """
 
 from __future__ import annotations
