@@ -381,6 +381,7 @@ def test_no_descriptor_per_region(start_server: StartServer, kv_cache: KvFactory
     for i in range(30):
         client.unregister_instance(f"fd{i}")
     assert wait_until(lambda: not any(f"/memfd:{kv.name} " in server.maps() for kv in caches))
+    # The gauge is refreshed by the next engine event (at most the 0.5 s lease sweep).
     assert wait_until(lambda: server.metric("pegaflow_client_mappings") == 0, 2.0), (
         f"pegaflow_client_mappings = {server.metric('pegaflow_client_mappings')} "
         "after every region was unregistered and unmapped"
