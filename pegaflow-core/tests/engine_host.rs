@@ -76,6 +76,7 @@ impl ClientKv {
                 .collect(),
             session_id: "session".into(),
             owner_uid: Some(UID),
+            owner_pid: None,
         }
     }
 }
@@ -270,6 +271,7 @@ async fn cross_layer_layout_round_trips_byte_exact() {
         num_layers: LAYERS,
         session_id: "session".into(),
         owner_uid: Some(UID),
+        owner_pid: None,
         layers: (0..LAYERS)
             .map(|layer| LayerRegistration {
                 layer,

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::auth::{AuthToken, check_exposure, check_grpc};
 use crate::config::ServerConfig;
 use crate::error::ServerError;
-use crate::listen::{ListenMetrics, Listening, Timeouts, bind_unix, remove_socket};
+use crate::listen::{HttpListener, ListenMetrics, Listening, Timeouts, bind_unix, remove_socket};
 use crate::service::EngineService;
 use crate::session::Sessions;
 
@@ -43,6 +43,10 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let token = config.auth_token_file.as_deref().map(AuthToken::from_file).transpose()?;
     let tls = load_tls(&config)?;
     let listen_metrics = Arc::new(ListenMetrics::default());
+    let timeouts = Timeouts {
+        handshake: Duration::from_secs(config.handshake_timeout_s.max(1)),
+        idle: (config.idle_timeout_s > 0).then(|| Duration::from_secs(config.idle_timeout_s)),
+    };
     let max_connections = fit_connections(config.max_connections, &listen_metrics);
     let pool_size = config.effective_pool_size();
     let engine = Arc::new(Engine::new(EngineConfig {
@@ -77,10 +81,11 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
                 .await
                 .map_err(|source| ServerError::Io { what: format!("cannot listen on {addr} (metrics)"), source })?;
             let router = crate::http::router(Arc::clone(&registry), token.clone(), Arc::clone(&listen_metrics));
+            let metrics = Arc::clone(&listen_metrics);
             let mut stop = stop_rx.clone();
             info!(%addr, "HTTP /health and /metrics");
             Some(tokio::spawn(async move {
-                axum::serve(listener, router)
+                axum::serve(HttpListener::new(listener, timeouts, metrics), router)
                     .with_graceful_shutdown(async move {
                         let _ = stop.wait_for(|s| *s).await;
                     })
@@ -116,10 +121,6 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let service = {
         let metrics = Arc::clone(&listen_metrics);
         EngineServer::with_interceptor(service, move |request| check_grpc(&token, &metrics, request))
-    };
-    let timeouts = Timeouts {
-        handshake: Duration::from_secs(config.handshake_timeout_s.max(1)),
-        idle: (config.idle_timeout_s > 0).then(|| Duration::from_secs(config.idle_timeout_s)),
     };
     let listening =
         Listening::new(max_connections, timeouts, Arc::clone(&listen_metrics), Arc::clone(&engine), stop_rx.clone());

@@ -106,6 +106,7 @@ impl EngineApi for EngineService {
     ) -> Result<Response<pb::RegisterKvLayersResponse>, Status> {
         let _busy = busy(&request);
         let uid = caller_uid(&request);
+        let pid = peer_of(&request).and_then(|p| p.pid);
         let req = request.into_inner();
         self.sessions.check(&req.session_id, &req.instance_id, uid)?;
         if req.layers.len() != req.num_layers as usize {
@@ -126,6 +127,7 @@ impl EngineApi for EngineService {
             layers,
             session_id: req.session_id,
             owner_uid: uid,
+            owner_pid: pid,
         };
         let (instance, rank) = (register.instance_id.clone(), register.tp_rank);
         let block_bytes = self.engine.register(register).map_err(to_status)?;
@@ -223,6 +225,8 @@ impl EngineApi for EngineService {
                 num_layers: i.num_layers,
                 registered_ranks: i.registered_ranks,
                 open_regions: i.open_regions,
+                owner_uid: i.owner_uid,
+                owner_pid: i.owner_pid,
             })
             .collect();
         Ok(Response::new(pb::ListInstancesResponse { instances }))

@@ -207,3 +207,29 @@ async fn the_descriptor_protocol_refuses_bad_memory_and_forgets_tokens_with_thei
     let token = kv.hand_over(&mut d);
     c.register_kv_layers(kv.request(&token, "t", &session, 0, 1)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_registered_over_the_unix_socket_records_its_owner() {
+    let server = Server::start(&[]).await;
+    let mut unix = server.unix_client().await;
+    let mut d = server.descriptors();
+    let kv = ClientKv::new(4);
+    let token = kv.hand_over(&mut d);
+    let (session, _alive) = open_session(&mut unix, "mine").await;
+    unix.register_kv_layers(kv.request(&token, "mine", &session, 0, 2)).await.unwrap();
+    let info = unix.list_instances(pb::ListInstancesRequest {}).await.unwrap().into_inner().instances;
+    assert_eq!(info[0].owner_uid, Some(nix::unistd::getuid().as_raw()));
+    assert_eq!(info[0].owner_pid, Some(std::process::id() as i32));
+    // Over TCP nobody is known: the same session id is refused there (another identity),
+    // and a TCP session cannot add a rank to the uid-owned instance.
+    let mut tcp = server.client().await;
+    let (tcp_session, _tcp_alive) = open_session(&mut tcp, "mine").await;
+    let other = ClientKv::new(5);
+    let other_token = other.hand_over(&mut d);
+    let added = tcp.register_kv_layers(other.request(&other_token, "mine", &tcp_session, 1, 2)).await;
+    assert_eq!(code(&added), Code::PermissionDenied);
+    let removed = tcp
+        .unregister_instance(pb::UnregisterInstanceRequest { instance_id: "mine".into(), session_id: session.clone() })
+        .await;
+    assert_eq!(code(&removed), Code::PermissionDenied);
+}

@@ -442,6 +442,8 @@ impl PyEngineClient {
                 d.set_item("num_layers", i.num_layers)?;
                 d.set_item("registered_ranks", i.registered_ranks)?;
                 d.set_item("open_regions", i.open_regions)?;
+                d.set_item("owner_uid", i.owner_uid)?;
+                d.set_item("owner_pid", i.owner_pid)?;
                 Ok(d)
             })
             .collect()

@@ -50,6 +50,8 @@ pub struct RegisterRequest {
     /// Unix user of the caller, when known (Unix socket): a new instance belongs to it,
     /// and an existing one accepts ranks only from its owner.
     pub owner_uid: Option<u32>,
+    /// Process of the caller, when known (Unix socket), recorded on a new instance.
+    pub owner_pid: Option<i32>,
 }
 
 /// Admin view of an instance.
@@ -67,6 +69,10 @@ pub struct InstanceInfo {
     pub registered_ranks: Vec<u32>,
     /// Distinct memory regions its ranks mapped.
     pub open_regions: u32,
+    /// Unix user that registered it (Unix-socket clients only).
+    pub owner_uid: Option<u32>,
+    /// Process that registered it (Unix-socket clients only).
+    pub owner_pid: Option<i32>,
 }
 
 /// A mapped region that keeps the `open_regions` gauge honest: it counts until the last
@@ -122,6 +128,7 @@ pub(crate) struct RankBinding {
 struct Instance {
     namespace: Arc<str>,
     owner_uid: Option<u32>,
+    owner_pid: Option<i32>,
     tp_size: u32,
     num_layers: u32,
     ranks: HashMap<u32, Arc<RankBinding>>,
@@ -154,6 +161,7 @@ impl Registry {
         let instance = instances.entry(req.instance_id.clone()).or_insert_with(|| Instance {
             namespace: Arc::clone(&binding.namespace),
             owner_uid: req.owner_uid,
+            owner_pid: req.owner_pid,
             tp_size: req.tp_size,
             num_layers: req.num_layers,
             ranks: HashMap::new(),
@@ -232,6 +240,8 @@ impl Registry {
                     num_layers: i.num_layers,
                     registered_ranks: ranks,
                     open_regions: i.ranks.values().map(|r| r.regions).sum(),
+                    owner_uid: i.owner_uid,
+                    owner_pid: i.owner_pid,
                 }
             })
             .collect();

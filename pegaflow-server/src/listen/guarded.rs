@@ -19,6 +19,8 @@ use super::ListenMetrics;
 
 /// Length of the HTTP/2 client preface every gRPC connection starts with.
 pub const H2_PREFACE_BYTES: usize = 24;
+/// Bytes an HTTP/1 client must send within the handshake timeout (a request line).
+pub const HTTP1_FIRST_BYTES: usize = 16;
 
 /// How the peer reached the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +64,11 @@ impl Activity {
     pub fn busy(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Busy(Arc::clone(self))
+    }
+
+    /// Marks bytes received now (HTTP/1 connections, where reads are the only activity).
+    fn touch(&self) {
+        self.idle_since_ms.fetch_max(self.origin.elapsed().as_millis() as u64, Ordering::AcqRel);
     }
 
     /// When the connection became idle, or `None` while a call is in flight.
@@ -121,23 +128,43 @@ pub struct Guarded<IO> {
     preface_left: usize,
     handshake_deadline: Instant,
     idle: Option<Duration>,
+    /// HTTP/1: bytes received count as activity (there are no gRPC calls to track).
+    reads_are_activity: bool,
     timer: Pin<Box<Sleep>>,
     metrics: Arc<ListenMetrics>,
     _slot: Slot,
 }
 
 impl<IO> Guarded<IO> {
-    /// Wraps `io`, of which `preface_seen` preface bytes were already read (and are
-    /// replayed by `io` itself).
+    /// Wraps a gRPC connection `io`, of which `preface_seen` preface bytes were already
+    /// read (and are replayed by `io` itself).
     pub fn new(io: IO, peer: PeerInfo, timeouts: Timeouts, preface_seen: usize, slot: Slot) -> Self {
+        Self::with_rules(io, peer, timeouts, H2_PREFACE_BYTES.saturating_sub(preface_seen), false, slot)
+    }
+
+    /// Wraps an HTTP/1 connection: a request line within the handshake timeout, then
+    /// closed after the idle timeout without bytes received.
+    pub fn http1(io: IO, peer: PeerInfo, timeouts: Timeouts, slot: Slot) -> Self {
+        Self::with_rules(io, peer, timeouts, HTTP1_FIRST_BYTES, true, slot)
+    }
+
+    fn with_rules(
+        io: IO,
+        peer: PeerInfo,
+        timeouts: Timeouts,
+        preface_left: usize,
+        reads_are_activity: bool,
+        slot: Slot,
+    ) -> Self {
         let handshake_deadline = peer.activity.origin + timeouts.handshake;
         let metrics = Arc::clone(&slot.metrics);
         Self {
             io,
             peer,
-            preface_left: H2_PREFACE_BYTES.saturating_sub(preface_seen),
+            preface_left,
             handshake_deadline,
             idle: timeouts.idle,
+            reads_are_activity,
             timer: Box::pin(tokio::time::sleep_until(handshake_deadline)),
             metrics,
             _slot: slot,
@@ -184,7 +211,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.preface_left = this.preface_left.saturating_sub(buf.filled().len() - before);
+                let read = buf.filled().len() - before;
+                this.preface_left = this.preface_left.saturating_sub(read);
+                if this.reads_are_activity && read > 0 {
+                    this.peer.activity.touch();
+                }
                 // A client trickling bytes must still finish the preface in time.
                 if this.preface_left > 0 && Instant::now() >= this.handshake_deadline {
                     this.metrics.timed_out("handshake");

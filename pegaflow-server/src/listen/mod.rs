@@ -9,6 +9,7 @@ mod descriptors;
 mod guarded;
 mod uds;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -204,6 +205,54 @@ impl Listening {
         }
         let seen = first.len();
         let _ = grpc.send(Ok(Guarded::new(Replayed::new(first, stream), peer, self.timeouts, seen, slot))).await;
+    }
+}
+
+/// HTTP connections served at once (scrapes and health checks need few).
+const MAX_HTTP_CONNECTIONS: usize = 64;
+
+/// The HTTP (`/health`, `/metrics`) listener for axum: its own small connection cap, the
+/// handshake timeout for the request line, and the idle timeout counted from the last
+/// bytes received.
+pub struct HttpListener {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+    timeouts: Timeouts,
+    metrics: Arc<ListenMetrics>,
+}
+
+impl HttpListener {
+    /// Guards connections accepted on `listener`.
+    pub fn new(listener: TcpListener, timeouts: Timeouts, metrics: Arc<ListenMetrics>) -> Self {
+        Self { listener, slots: Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS)), timeouts, metrics }
+    }
+}
+
+impl axum::serve::Listener for HttpListener {
+    type Io = Guarded<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(&e).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+                self.metrics.refused.inc();
+                continue;
+            };
+            let peer = PeerInfo { transport: Transport::Tcp, uid: None, pid: None, activity: Default::default() };
+            let slot = Slot::new(permit, Arc::clone(&self.metrics));
+            return (Guarded::http1(stream, peer, self.timeouts, slot), addr);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
     }
 }
 
