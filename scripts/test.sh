@@ -21,6 +21,14 @@ fi
 cargo --version
 python3 --version
 
+step "system tools for the tests"
+# openssl makes the TLS test's certificate.
+if ! command -v openssl >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q && $sudo apt-get install -y -q openssl
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -151,19 +151,31 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     if let Some(tls) = tls {
         tcp_builder = tcp_builder.tls_config(tls).map_err(|e| ServerError::Tls(e.to_string()))?;
     }
-    let tcp = tcp_builder
-        .add_service(service.clone())
-        .serve_with_incoming_shutdown(listening.tcp(grpc_listener), stopped(stop_rx.clone()));
+    // Either listener ending (an error, or the stop signal) stops the other too.
+    let tcp_service = service.clone();
+    let tcp = async {
+        let served = tcp_builder
+            .add_service(tcp_service)
+            .serve_with_incoming_shutdown(listening.tcp(grpc_listener), stopped(stop_rx.clone()))
+            .await;
+        let _ = stop_tx.send(true);
+        served
+    };
     let unix = async {
-        match uds_listener {
+        let served = match uds_listener {
             Some(listener) => {
                 builder()
                     .add_service(service)
                     .serve_with_incoming_shutdown(listening.unix(listener), stopped(stop_rx.clone()))
                     .await
             }
-            None => Ok(()),
-        }
+            None => {
+                stopped(stop_rx.clone()).await;
+                Ok(())
+            }
+        };
+        let _ = stop_tx.send(true);
+        served
     };
     let result = match tokio::join!(tcp, unix) {
         (Err(e), _) | (_, Err(e)) => Err(e),

@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from conftest import KvFactory, ServerHandle, StartServer
@@ -190,7 +191,7 @@ def test_long_ids_are_cut_in_messages(
     q = client.query("real", hashes)
     assert q.lease_id is not None
     long_id = "long-" + "y" * 19_995
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "save": lambda: client.save(long_id, 0, [2], random_hashes(1)),
         "query": lambda: client.query(long_id, hashes),
         "load": lambda: client.load(long_id, 0, str(q.lease_id), [4, 5], LoadState()),

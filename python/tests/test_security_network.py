@@ -189,7 +189,7 @@ def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
     """A self-signed CA certificate and its key."""
     cert, key = directory / f"{name}.pem", directory / f"{name}.key"
     openssl(
-        *f"req -x509 -newkey rsa:2048 -nodes -subj /CN={name} -days 1".split(),
+        *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-days", "1"),
         *("-keyout", str(key), "-out", str(cert)),
     )
     return cert, key
@@ -200,8 +200,10 @@ def make_server_cert(directory: Path, ca: tuple[Path, Path]) -> tuple[Path, Path
     cert, key, csr = directory / "c.pem", directory / "k.pem", directory / "req.csr"
     ext = directory / "ext.cnf"
     ext.write_text("subjectAltName=DNS:localhost\nbasicConstraints=critical,CA:FALSE\n")
-    openssl(*"req -newkey rsa:2048 -nodes -subj /CN=localhost".split(), "-keyout", str(key),
-            "-out", str(csr))  # fmt: skip
+    openssl(
+        *("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost"),
+        *("-keyout", str(key), "-out", str(csr)),
+    )
     openssl(
         *("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1])),
         *("-set_serial", "1", "-days", "1", "-extfile", str(ext), "-out", str(cert)),
