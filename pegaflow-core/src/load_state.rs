@@ -28,6 +28,9 @@ const REASON_LEN_OFFSET: u64 = 8;
 const REASON_OFFSET: u64 = 16;
 const MAX_REASON: u64 = LOAD_STATE_BYTES - REASON_OFFSET;
 
+/// Why a pending load failed when its server went away.
+pub const SERVER_GONE: &str = "the server went away before the load completed";
+
 /// What a load has come to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoadStatus {

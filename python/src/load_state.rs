@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use pegaflow_core::load_state::{LoadState as CoreLoadState, LoadStatus};
+use pegaflow_core::load_state::{LoadState as CoreLoadState, LoadStatus, SERVER_GONE};
 use pyo3::prelude::*;
 
 use crate::client::lock;
@@ -23,6 +23,22 @@ pub struct PyLoadState {
 }
 
 impl PyLoadState {
+    /// The status, counting a pending load whose server went away as failed.
+    fn settled(&self) -> LoadStatus {
+        match self.inner.status() {
+            LoadStatus::Pending if !self.server_alive() => match self.inner.status() {
+                LoadStatus::Pending => LoadStatus::Failed(SERVER_GONE.into()),
+                settled => settled, // it finished just before its server went away
+            },
+            status => status,
+        }
+    }
+
+    /// Whether the session the last load was sent under is still open (true without one).
+    fn server_alive(&self) -> bool {
+        lock(&self.server_alive).as_ref().is_none_or(|alive| alive.load(Ordering::Acquire))
+    }
+
     /// The memfd to hand to the server.
     pub(crate) fn fd(&self) -> i32 {
         self.inner.memory().fd().map_or(-1, |fd| fd.as_raw_fd())
@@ -73,9 +89,10 @@ impl PyLoadState {
         Ok(Self { inner, registered: Mutex::new(None), server_alive: Mutex::new(None) })
     }
 
-    /// "pending", "done" or "failed".
+    /// "pending", "done" or "failed" (also once the server went away before the load
+    /// completed).
     fn status(&self) -> &'static str {
-        match self.inner.status() {
+        match self.settled() {
             LoadStatus::Pending => "pending",
             LoadStatus::Done => "done",
             LoadStatus::Failed(_) => "failed",
@@ -84,13 +101,13 @@ impl PyLoadState {
 
     /// True once every byte is in place.
     fn is_done(&self) -> bool {
-        self.inner.status() == LoadStatus::Done
+        self.settled() == LoadStatus::Done
     }
 
     /// The failure reason, or None.
     #[getter]
     fn error(&self) -> Option<String> {
-        match self.inner.status() {
+        match self.settled() {
             LoadStatus::Failed(reason) => Some(reason),
             _ => None,
         }
@@ -99,6 +116,7 @@ impl PyLoadState {
     /// Sets the state back to pending for another load.
     fn reset(&self) {
         self.inner.reset();
+        self.watch(None);
     }
 
     /// Blocks (without the GIL) until the load is done. Raises `PegaflowLoadError` if it
@@ -107,9 +125,7 @@ impl PyLoadState {
     #[pyo3(signature = (timeout_s = 30.0))]
     fn wait(&self, py: Python<'_>, timeout_s: f64) -> PyResult<()> {
         let timeout = Duration::try_from_secs_f64(timeout_s.max(0.0)).unwrap_or(Duration::MAX);
-        let alive = lock(&self.server_alive).clone();
-        let server_alive = || alive.as_ref().is_none_or(|a| a.load(Ordering::Acquire));
-        let status = py.detach(|| self.inner.wait(timeout, crate::client::caller_spin(), &server_alive));
+        let status = py.detach(|| self.inner.wait(timeout, crate::client::caller_spin(), &|| self.server_alive()));
         match status {
             LoadStatus::Done => Ok(()),
             LoadStatus::Failed(reason) => Err(pegaflow_error(py, ErrorClass::LoadFailed, reason)),

@@ -207,13 +207,17 @@ impl Engine {
     /// Drops the ranks of an instance that were registered under a client session (called
     /// when that session closes); returns how many.
     pub fn unregister_session(&self, instance_id: &str, session_id: &str) -> usize {
-        self.registry.unregister_session(instance_id, session_id)
+        let dropped = self.registry.unregister_session(instance_id, session_id);
+        self.metrics.observe_mappings();
+        dropped
     }
 
     /// Unregisters an instance (all ranks) on behalf of `session_id`, which must hold one
     /// of its ranks, called by user `caller_uid` (when known) who must own the instance.
     pub fn unregister(&self, instance_id: &str, session_id: &str, caller_uid: Option<u32>) -> Result<()> {
-        self.registry.unregister(instance_id, session_id, caller_uid)
+        let unregistered = self.registry.unregister(instance_id, session_id, caller_uid);
+        self.metrics.observe_mappings();
+        unregistered
     }
 
     fn check_request_size(&self, what: &str, count: usize) -> Result<()> {

@@ -32,7 +32,7 @@ pub use uds::{bind_unix, remove_socket};
 /// Connection metrics (`pegaflow_connections*`).
 #[derive(Debug, Default)]
 pub struct ListenMetrics {
-    /// Connections open now (gRPC and descriptor).
+    /// Connections open now (gRPC, descriptor and HTTP).
     pub connections: Gauge,
     /// Connections closed on arrival because every slot was taken.
     pub refused: Counter,
@@ -48,7 +48,7 @@ impl ListenMetrics {
     /// Adds the metrics to `registry` under the `pegaflow_` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("pegaflow");
-        r.register("connections", "Client connections open (gRPC and descriptor)", self.connections.clone());
+        r.register("connections", "Client connections open (gRPC, descriptor, HTTP)", self.connections.clone());
         r.register("connections_refused", "Connections closed on arrival: every slot taken", self.refused.clone());
         r.register("connections_timed_out", "Connections closed by a timeout, by reason", self.timed_out.clone());
         r.register(
