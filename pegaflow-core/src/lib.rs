@@ -12,7 +12,7 @@ pub mod shm;
 pub mod spin;
 
 pub use engine::{
-    Engine, EngineConfig, EngineInitError, EngineLimits, EngineMetrics, InstanceInfo, LayerRegistration, MAX_ID_LEN,
-    MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, RegisterRequest, SaveOutcome, TOKEN_BYTES,
+    Caller, Engine, EngineConfig, EngineInitError, EngineLimits, EngineMetrics, InstanceInfo, LayerRegistration,
+    MAX_ID_LEN, MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, RegisterRequest, SaveOutcome, TOKEN_BYTES,
 };
 pub use error::{EngineError, MAX_SHOWN_CHARS, Result, Shown, shown};

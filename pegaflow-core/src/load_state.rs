@@ -289,17 +289,17 @@ mod tests {
     fn rejects_foreign_memory() {
         let other = SharedMemory::create("other", LOAD_STATE_BYTES).unwrap();
         let fd = other.fd().unwrap().try_clone_to_owned().unwrap();
-        let mapped = Arc::new(SharedMemory::from_fd(fd, LOAD_STATE_BYTES).unwrap());
+        let mapped = Arc::new(SharedMemory::from_fd(fd, LOAD_STATE_BYTES, u64::MAX).unwrap());
         assert!(matches!(LoadState::open(mapped), Err(LoadStateError::BadMagic)));
         let small = SharedMemory::create("small", 64).unwrap();
         let fd = small.fd().unwrap().try_clone_to_owned().unwrap();
-        let mapped = Arc::new(SharedMemory::from_fd(fd, 1).unwrap());
+        let mapped = Arc::new(SharedMemory::from_fd(fd, 1, u64::MAX).unwrap());
         assert!(matches!(LoadState::open(mapped), Err(LoadStateError::Shm(ShmError::TooSmall { .. }))));
     }
 
     /// What the server maps from the client's descriptor.
     fn server_side(client: &LoadState) -> LoadState {
         let fd = client.memory().fd().unwrap().try_clone_to_owned().unwrap();
-        LoadState::open(Arc::new(SharedMemory::from_fd(fd, LOAD_STATE_BYTES).unwrap())).unwrap()
+        LoadState::open(Arc::new(SharedMemory::from_fd(fd, LOAD_STATE_BYTES, u64::MAX).unwrap())).unwrap()
     }
 }

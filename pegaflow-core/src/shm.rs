@@ -11,8 +11,9 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use memmap2::Advice;
 use memmap2::{MmapOptions, MmapRaw};
 use nix::fcntl::{FcntlArg, OFlag, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
@@ -40,6 +41,17 @@ pub enum ShmError {
         /// The size required.
         min: u64,
     },
+    /// The memory is larger than the server may still map.
+    #[error("memory has {len} bytes; the server may map at most {max} more client bytes")]
+    TooLarge {
+        /// Its size.
+        len: u64,
+        /// What is left of the server's budget.
+        max: u64,
+    },
+    /// The memory's pages could not all be allocated and mapped.
+    #[error("cannot fault in the memory's pages: {0}")]
+    Populate(#[source] std::io::Error),
     /// Any other OS failure.
     #[error("{what}: {source}")]
     Os {
@@ -58,10 +70,17 @@ fn os(what: &'static str) -> impl FnOnce(nix::Error) -> ShmError {
 /// Live server-side mappings of client memory, for the `pegaflow_client_mappings` gauge
 /// and its cap.
 static MAPPED: AtomicI64 = AtomicI64::new(0);
+/// Their bytes, for the `--max-client-memory` cap.
+static MAPPED_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Client memory mapped by this process through [`SharedMemory::from_fd`] and still alive.
 pub fn client_mappings() -> i64 {
     MAPPED.load(Ordering::Relaxed)
+}
+
+/// Bytes of those mappings.
+pub fn client_mapped_bytes() -> u64 {
+    MAPPED_BYTES.load(Ordering::Relaxed)
 }
 
 /// A read-write `MAP_SHARED` mapping of a sealed memory file.
@@ -82,8 +101,8 @@ unsafe impl Sync for SharedMemory {}
 
 impl SharedMemory {
     /// Creates `len` bytes of zeroed memory as a memfd named `name` (shown in
-    /// `/proc/<pid>/maps` as `/memfd:<name>`), sealed against shrinking, growing and
-    /// further sealing, and maps it (client side).
+    /// `/proc/<pid>/maps` as `/memfd:<name>`), allocated up front, sealed against
+    /// shrinking, growing and further sealing, and maps it (client side).
     pub fn create(name: &str, len: u64) -> Result<Self, ShmError> {
         if len == 0 {
             return Err(ShmError::TooSmall { len, min: 1 });
@@ -93,6 +112,7 @@ impl SharedMemory {
             .map_err(os("memfd_create"))?;
         let size = libc::off_t::try_from(len).map_err(|_| ShmError::TooSmall { len: 0, min: len })?;
         nix::unistd::ftruncate(&fd, size).map_err(os("ftruncate"))?;
+        nix::fcntl::fallocate(&fd, nix::fcntl::FallocateFlags::empty(), 0, size).map_err(os("fallocate"))?;
         let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
         fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).map_err(os("sealing the memfd"))?;
         let map = MmapOptions::new()
@@ -102,9 +122,10 @@ impl SharedMemory {
         Self::wrap(map, len, Some(fd), false)
     }
 
-    /// Maps client memory received as `fd` after checking that the server can never fault
-    /// on it (see the module docs); `fd` is closed before this returns.
-    pub fn from_fd(fd: OwnedFd, min_len: u64) -> Result<Self, ShmError> {
+    /// Maps client memory received as `fd`, of `min_len..=max_len` bytes, after checking
+    /// that the server can never fault on it (see the module docs); `fd` is closed before
+    /// this returns.
+    pub fn from_fd(fd: OwnedFd, min_len: u64, max_len: u64) -> Result<Self, ShmError> {
         let stat = fstat(fd.as_fd()).map_err(os("fstat"))?;
         if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
             return Err(ShmError::Unsupported("the descriptor is not a memory file (memfd)".into()));
@@ -125,10 +146,14 @@ impl SharedMemory {
         if seals.intersects(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_FUTURE_WRITE) {
             return Err(ShmError::Unsupported("the memory is sealed against writing".into()));
         }
-        // Sealed against shrinking: this size can only grow from now on.
-        let len = u64::try_from(stat.st_size).unwrap_or(0);
+        // Sealed against shrinking: from now on the size can only grow, so it is read after
+        // the seals (a size read before could be shrunk and sealed in between).
+        let len = u64::try_from(fstat(fd.as_fd()).map_err(os("fstat"))?.st_size).unwrap_or(0);
         if len < min_len.max(1) {
             return Err(ShmError::TooSmall { len, min: min_len.max(1) });
+        }
+        if len > max_len {
+            return Err(ShmError::TooLarge { len, max: max_len });
         }
         let map_len =
             usize::try_from(len).map_err(|_| ShmError::Unsupported(format!("{len} bytes cannot be mapped")))?;
@@ -137,7 +162,14 @@ impl SharedMemory {
             .map_raw(fd.as_raw_fd())
             .map_err(|source| ShmError::Os { what: "mmap", source })?;
         drop(fd);
+        match map.advise(Advice::PopulateWrite) {
+            Ok(()) => {}
+            // Before Linux 5.14: nothing to populate with; pages fault in on first copy.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(ShmError::Populate(e)),
+        }
         MAPPED.fetch_add(1, Ordering::Relaxed);
+        MAPPED_BYTES.fetch_add(len, Ordering::Relaxed);
         Self::wrap(map, len, None, true)
     }
 
@@ -145,6 +177,7 @@ impl SharedMemory {
         let Some(base) = NonNull::new(map.as_mut_ptr()) else {
             if counted {
                 MAPPED.fetch_sub(1, Ordering::Relaxed);
+                MAPPED_BYTES.fetch_sub(len, Ordering::Relaxed);
             }
             return Err(ShmError::Os { what: "mmap", source: std::io::Error::other("null mapping") });
         };
@@ -181,6 +214,7 @@ impl Drop for SharedMemory {
     fn drop(&mut self) {
         if self.counted {
             MAPPED.fetch_sub(1, Ordering::Relaxed);
+            MAPPED_BYTES.fetch_sub(self.len, Ordering::Relaxed);
         }
     }
 }
@@ -203,7 +237,7 @@ mod tests {
     fn creator_and_server_share_bytes() {
         let created = SharedMemory::create("pegaflow-test", 4096).unwrap();
         let before = client_mappings();
-        let server = SharedMemory::from_fd(dup(created.fd().unwrap()), 4096).unwrap();
+        let server = SharedMemory::from_fd(dup(created.fd().unwrap()), 4096, u64::MAX).unwrap();
         assert_eq!(client_mappings(), before + 1);
         assert_eq!(server.len(), 4096);
         assert!(server.fd().is_none(), "the server keeps no descriptor");
@@ -212,7 +246,14 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { server.ptr_at(10, 1).unwrap().read() }, 42);
         assert!(server.ptr_at(4096, 1).is_none());
-        assert!(matches!(SharedMemory::from_fd(dup(created.fd().unwrap()), 4097), Err(ShmError::TooSmall { .. })));
+        assert!(matches!(
+            SharedMemory::from_fd(dup(created.fd().unwrap()), 4097, u64::MAX),
+            Err(ShmError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            SharedMemory::from_fd(dup(created.fd().unwrap()), 1, 4095),
+            Err(ShmError::TooLarge { len: 4096, max: 4095 })
+        ));
         // Sealed: the creator itself can no longer shrink it.
         let fd = created.fd().unwrap();
         assert!(nix::unistd::ftruncate(fd, 100).is_err());
@@ -224,7 +265,13 @@ mod tests {
     fn unsealed_read_only_and_non_tmpfs_memory_is_refused() {
         let unsealed = memfd_create("unsealed", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
         nix::unistd::ftruncate(&unsealed, 4096).unwrap();
-        assert!(matches!(SharedMemory::from_fd(unsealed, 1), Err(ShmError::NotSealed)));
+        let sparse = unsealed.try_clone().unwrap();
+        assert!(matches!(SharedMemory::from_fd(unsealed, 1, u64::MAX), Err(ShmError::NotSealed)));
+        // Sealed but never allocated: mapping it allocates (and accounts) every page now.
+        fcntl(&sparse, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)).unwrap();
+        let mapped = SharedMemory::from_fd(sparse, 1, u64::MAX).unwrap();
+        // SAFETY: byte 4095 is inside the 4096-byte mapping and nothing else touches it.
+        assert_eq!(unsafe { mapped.ptr_at(4095, 1).unwrap().read() }, 0);
 
         // A regular file on disk (or /dev/shm via open(2)) cannot carry seals at all.
         let dir = std::env::temp_dir().join(format!("pegaflow-shm-test-{}", std::process::id()));
@@ -232,7 +279,7 @@ mod tests {
         let path = dir.join("file");
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         file.set_len(4096).unwrap();
-        let err = SharedMemory::from_fd(OwnedFd::from(file), 1).unwrap_err();
+        let err = SharedMemory::from_fd(OwnedFd::from(file), 1, u64::MAX).unwrap_err();
         assert!(matches!(err, ShmError::Unsupported(_) | ShmError::NotSealed), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
 
@@ -243,10 +290,10 @@ mod tests {
             nix::sys::stat::Mode::empty(),
         )
         .unwrap();
-        assert!(matches!(SharedMemory::from_fd(ro, 1), Err(ShmError::NotReadWrite)));
+        assert!(matches!(SharedMemory::from_fd(ro, 1, u64::MAX), Err(ShmError::NotReadWrite)));
 
         // A pipe is not a memory file.
         let (r, _w) = nix::unistd::pipe().unwrap();
-        assert!(matches!(SharedMemory::from_fd(r, 1), Err(ShmError::Unsupported(_))));
+        assert!(matches!(SharedMemory::from_fd(r, 1, u64::MAX), Err(ShmError::Unsupported(_))));
     }
 }

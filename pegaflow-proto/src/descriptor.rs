@@ -1,8 +1,9 @@
 //! The descriptor protocol: how a client hands memory to the server by file descriptor.
 //!
 //! It runs on the server's Unix socket beside gRPC: a connection whose first bytes are
-//! [`HELLO`] speaks it, any other is gRPC (HTTP/2). After the hello the client sends
-//! fixed-size requests ([`REQUEST_BYTES`]):
+//! [`HELLO`] speaks it, any other is gRPC (HTTP/2). The server answers the hello with its
+//! 16-byte server id (the one Health reports), so a client can tell it reached the server
+//! it meant. Then the client sends fixed-size requests ([`REQUEST_BYTES`]):
 //!
 //! ```text
 //! 0      op: 1 register (exactly one descriptor attached, SCM_RIGHTS), 2 release
@@ -151,10 +152,14 @@ pub enum DescriptorError {
     },
 }
 
+/// Bytes of the server id answered to the hello.
+pub const SERVER_ID_BYTES: usize = 16;
+
 /// The client end: one connection, blocking calls.
 #[derive(Debug)]
 pub struct DescriptorClient {
     stream: UnixStream,
+    server_id: [u8; SERVER_ID_BYTES],
 }
 
 impl DescriptorClient {
@@ -165,7 +170,14 @@ impl DescriptorClient {
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.write_all(&HELLO)?;
-        Ok(Self { stream })
+        let mut server_id = [0u8; SERVER_ID_BYTES];
+        stream.read_exact(&mut server_id)?;
+        Ok(Self { stream, server_id })
+    }
+
+    /// The id of the server on the other end (as its Health reports it).
+    pub fn server_id(&self) -> [u8; SERVER_ID_BYTES] {
+        self.server_id
     }
 
     /// Hands `fd` over as `kind` memory of at least `min_len` bytes; returns its token.

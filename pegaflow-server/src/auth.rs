@@ -129,6 +129,11 @@ pub fn check_exposure(config: &ServerConfig, metrics_addr: Option<std::net::Sock
              (or --tls-cert/--tls-key for gRPC), bind a loopback address, or pass --insecure"
         )));
     }
+    if grpc_exposed && tls && !token && !config.insecure {
+        warn!(
+            "TLS proves the server to its clients, not the clients to the server: anyone who reaches the port may call; add --auth-token-file to admit only token holders"
+        );
+    }
     warn!(
         grpc = %config.addr,
         http = ?metrics_addr,

@@ -114,6 +114,11 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = 16384)]
     pub max_client_mappings: usize,
 
+    /// Bytes of client memory mapped at once (registered regions and memory handed over);
+    /// a hand-over past it fails RESOURCE_EXHAUSTED. Default: 16tb.
+    #[arg(long, value_parser = parse_size)]
+    pub max_client_memory: Option<u64>,
+
     /// Live leases one instance may hold; a query past it fails RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
     pub max_leases_per_instance: usize,
@@ -150,6 +155,9 @@ impl ServerConfig {
             },
             max_hashes_per_request: self.max_hashes_per_request,
             max_client_mappings: self.max_client_mappings,
+            max_client_memory: self
+                .max_client_memory
+                .unwrap_or(pegaflow_core::EngineLimits::default().max_client_memory),
         }
     }
 

@@ -112,18 +112,26 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             let _ = stop_tx.send(true);
         })
     };
+    let server_id = *uuid::Uuid::new_v4().as_bytes();
     let service = EngineService::new(
         Arc::clone(&engine),
         Arc::new(Sessions::new(stop_rx.clone())),
         KeepWarm::new(config.spin_window()),
         uds_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        server_id,
     );
     let service = {
         let metrics = Arc::clone(&listen_metrics);
         EngineServer::with_interceptor(service, move |request| check_grpc(&token, &metrics, request))
     };
-    let listening =
-        Listening::new(max_connections, timeouts, Arc::clone(&listen_metrics), Arc::clone(&engine), stop_rx.clone());
+    let listening = Listening::new(
+        server_id,
+        max_connections,
+        timeouts,
+        Arc::clone(&listen_metrics),
+        Arc::clone(&engine),
+        stop_rx.clone(),
+    );
     let keepalive = (config.keepalive_interval_s > 0).then(|| Duration::from_secs(config.keepalive_interval_s));
     let builder = || {
         tonic::transport::Server::builder()

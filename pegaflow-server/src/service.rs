@@ -6,7 +6,7 @@ use std::time::Duration;
 use pegaflow_core::device::RegionSource;
 use pegaflow_core::layout::TensorSpec;
 use pegaflow_core::spin::KeepWarm;
-use pegaflow_core::{Engine, LayerRegistration, MemoryToken, RegisterRequest, shown};
+use pegaflow_core::{Caller, Engine, LayerRegistration, MemoryToken, RegisterRequest, shown};
 use pegaflow_proto as pb;
 use pegaflow_proto::engine_server::Engine as EngineApi;
 use tonic::{Request, Response, Status};
@@ -23,14 +23,21 @@ pub struct EngineService {
     sessions: Arc<Sessions>,
     warm: KeepWarm,
     uds_path: String,
+    server_id: [u8; 16],
 }
 
 impl EngineService {
     /// A service over `engine`; closed sessions unregister through `sessions`; `warm`
-    /// keeps a thread polling after each hot-path request; `uds_path` is reported by
-    /// Health so TCP clients find the socket that takes memory by descriptor.
-    pub fn new(engine: Arc<Engine>, sessions: Arc<Sessions>, warm: KeepWarm, uds_path: String) -> Self {
-        Self { engine, sessions, warm, uds_path }
+    /// keeps a thread polling after each hot-path request; `uds_path` and `server_id` are
+    /// reported by Health so TCP clients find (and recognise) the Unix socket.
+    pub fn new(
+        engine: Arc<Engine>,
+        sessions: Arc<Sessions>,
+        warm: KeepWarm,
+        uds_path: String,
+        server_id: [u8; 16],
+    ) -> Self {
+        Self { engine, sessions, warm, uds_path, server_id }
     }
 
     fn touch(&self) {
@@ -129,8 +136,14 @@ impl EngineApi for EngineService {
             owner_uid: uid,
             owner_pid: pid,
         };
-        let (instance, rank) = (register.instance_id.clone(), register.tp_rank);
+        let (instance, rank, session) = (register.instance_id.clone(), register.tp_rank, register.session_id.clone());
         let block_bytes = self.engine.register(register).map_err(to_status)?;
+        // The session may have closed since it was checked, its guard dropping its ranks
+        // before this one was in: drop it now rather than leave it without an owner.
+        if self.sessions.check(&session, &instance, uid).is_err() {
+            self.engine.unregister_session(&instance, &session);
+            return Err(Status::not_found(format!("session {} closed during the registration", shown(&session))));
+        }
         info!(instance = %shown(&instance), rank, block_bytes, uid, "registered KV layers");
         Ok(Response::new(pb::RegisterKvLayersResponse { block_bytes }))
     }
@@ -150,9 +163,13 @@ impl EngineApi for EngineService {
     async fn save(&self, request: Request<pb::SaveRequest>) -> Result<Response<pb::SaveResponse>, Status> {
         let _busy = busy(&request);
         self.touch();
+        let uid = caller_uid(&request);
         let req = request.into_inner();
-        let outcome =
-            self.engine.save(&req.instance_id, req.tp_rank, &req.layers, &req.block_ids, &req.block_hashes).await;
+        let caller = Caller { session_id: &req.session_id, uid };
+        let outcome = self
+            .engine
+            .save(&req.instance_id, req.tp_rank, caller, &req.layers, &req.block_ids, &req.block_hashes)
+            .await;
         self.touch(); // a long copy outlasts the window: the reply opens a new one
         let outcome = outcome.map_err(to_status)?;
         Ok(Response::new(pb::SaveResponse {
@@ -180,9 +197,10 @@ impl EngineApi for EngineService {
         let uid = caller_uid(&request);
         let req = request.into_inner();
         let state = token(&req.load_state_token)?;
+        let caller = Caller { session_id: &req.session_id, uid };
         let blocks = self
             .engine
-            .load(&req.instance_id, req.tp_rank, &req.lease_id, &req.block_ids, &req.layers, &state, uid)
+            .load(&req.instance_id, req.tp_rank, caller, &req.lease_id, &req.block_ids, &req.layers, &state)
             .map_err(to_status)?;
         Ok(Response::new(pb::LoadResponse { blocks }))
     }
@@ -206,6 +224,7 @@ impl EngineApi for EngineService {
             pool_capacity_bytes: stats.capacity_bytes,
             cache_bytes: stats.used_bytes,
             uds_path: self.uds_path.clone(),
+            server_id: self.server_id.to_vec(),
         }))
     }
 

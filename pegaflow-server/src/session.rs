@@ -53,7 +53,8 @@ impl Sessions {
         let session_id = uuid::Uuid::new_v4().simple().to_string();
         let uid = peer.and_then(|p| p.uid);
         self.open.lock().insert(session_id.clone(), SessionInfo { instance_id: instance_id.clone(), uid });
-        info!(instance = %shown(&instance_id), session = %session_id, uid, pid = peer.and_then(|p| p.pid), "session opened");
+        // Only a prefix of the id is logged: over TCP the id is the session's only proof.
+        info!(instance = %shown(&instance_id), session = %&session_id[..8], uid, pid = peer.and_then(|p| p.pid), "session opened");
         let mut shutdown = self.shutdown.clone();
         SessionStream {
             shutdown: Box::pin(async move {
@@ -109,7 +110,7 @@ impl Drop for SessionGuard {
         let dropped = self.engine.unregister_session(&self.instance_id, &self.session_id);
         info!(
             instance = %shown(&self.instance_id),
-            session = %self.session_id,
+            session = %&self.session_id[..8],
             ranks = dropped,
             "session closed: its ranks unregistered"
         );

@@ -48,14 +48,19 @@ async fn every_rpc_answers_its_documented_codes() {
 
     // Save.
     let h = hashes(1, 4);
-    let save = |instance: &str, hashes: Vec<Vec<u8>>| pb::SaveRequest {
+    let save_as = |session: &str, instance: &str, hashes: Vec<Vec<u8>>| pb::SaveRequest {
         instance_id: instance.into(),
+        session_id: session.into(),
         tp_rank: 0,
         layers: vec![],
         block_ids: (0..hashes.len() as u64).collect(),
         block_hashes: hashes,
     };
+    let save = |instance: &str, hashes: Vec<Vec<u8>>| save_as(&session, instance, hashes);
     assert_eq!(code(&c.save(save("nope", h.clone())).await), Code::NotFound);
+    // Only the session that registered the rank copies from its memory.
+    assert_eq!(code(&c.save(save_as(&other_session, "a", h.clone())).await), Code::PermissionDenied);
+    assert_eq!(code(&c.save(save_as("", "a", h.clone())).await), Code::PermissionDenied);
     assert_eq!(code(&c.save(save("a", vec![vec![1; 31]])).await), Code::InvalidArgument);
     let too_many: Vec<Vec<u8>> = hashes(2, 65);
     assert_eq!(code(&c.save(save("a", too_many.clone())).await), Code::InvalidArgument);
@@ -80,15 +85,20 @@ async fn every_rpc_answers_its_documented_codes() {
 
     // Load.
     let (state, state_token) = load_state(&mut d);
-    let load = |lease: &str, token: &[u8], ids: Vec<u64>| pb::LoadRequest {
+    let load_as = |session: &str, lease: &str, token: &[u8], ids: Vec<u64>| pb::LoadRequest {
         instance_id: "a".into(),
+        session_id: session.into(),
         tp_rank: 0,
         lease_id: lease.into(),
         block_ids: ids,
         layers: vec![],
         load_state_token: token.to_vec(),
     };
+    let load = |lease: &str, token: &[u8], ids: Vec<u64>| load_as(&session, lease, token, ids);
     assert_eq!(code(&c.load(load("nope", &state_token, vec![9])).await), Code::NotFound);
+    // Only the session that registered the rank copies into its memory.
+    let foreign = load_as(&other_session, &hit.lease_id, &state_token, vec![9]);
+    assert_eq!(code(&c.load(foreign).await), Code::PermissionDenied);
     assert_eq!(code(&c.load(load(&hit.lease_id, &[1; 5], vec![9])).await), Code::InvalidArgument);
     assert_eq!(code(&c.load(load(&hit.lease_id, &[1; 16], vec![9])).await), Code::NotFound);
     assert_eq!(
@@ -176,6 +186,10 @@ async fn the_descriptor_protocol_refuses_bad_memory_and_forgets_tokens_with_thei
     // Garbage and a register without a descriptor: INVALID_ARGUMENT, connection stays usable.
     let mut raw = std::os::unix::net::UnixStream::connect(&server.uds).unwrap();
     raw.write_all(&HELLO).unwrap();
+    let mut server_id = [0u8; 16];
+    raw.read_exact(&mut server_id).unwrap();
+    let health = server.client().await.health(pb::HealthRequest {}).await.unwrap().into_inner();
+    assert_eq!(health.server_id, server_id, "the hello is answered with the server's id");
     let mut garbage = [0u8; REQUEST_BYTES];
     garbage[0] = 9;
     assert_eq!(raw_answer(&mut raw, &garbage), Code::InvalidArgument as u32);

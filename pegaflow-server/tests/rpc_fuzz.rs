@@ -23,6 +23,7 @@ const SEED: u64 = 0x5eed_f00d;
 /// What the generator may reuse: real ids and tokens, so requests get past the first checks.
 struct Known {
     instance: String,
+    session: String,
     kv_token: Vec<u8>,
     state_token: Vec<u8>,
 }
@@ -85,6 +86,7 @@ fn random_message(rng: &mut Rng, method: &str, known: &Known) -> Vec<u8> {
             let block_hashes = random_hashes(rng);
             pb::SaveRequest {
                 instance_id: instance,
+                session_id: random_id(rng, &known.session),
                 tp_rank: small(rng),
                 layers: (0..rng.below(3)).map(|_| rng.below(6) as u32).collect(),
                 block_ids: (0..block_hashes.len() + rng.below(2) as usize).map(|_| rng.below(BLOCKS + 8)).collect(),
@@ -100,6 +102,8 @@ fn random_message(rng: &mut Rng, method: &str, known: &Known) -> Vec<u8> {
         .encode_to_vec(),
         "Load" => pb::LoadRequest {
             instance_id: instance,
+            // Never the real session: a load with it could write into the known blocks.
+            session_id: random_id(rng, "no-such-session"),
             tp_rank: small(rng),
             lease_id: random_id(rng, "no-such-lease"),
             block_ids: (0..rng.below(9)).map(|_| rng.below(BLOCKS + 8)).collect(),
@@ -148,6 +152,7 @@ async fn fuzzed_requests_never_crash_corrupt_or_answer_internal() {
     let saved = hashes(1, 16);
     c.save(pb::SaveRequest {
         instance_id: "known".into(),
+        session_id: session.clone(),
         tp_rank: 0,
         layers: vec![],
         block_ids: (0..16).collect(),
@@ -158,7 +163,8 @@ async fn fuzzed_requests_never_crash_corrupt_or_answer_internal() {
     let expected: Vec<Vec<u8>> =
         (0..LAYERS).flat_map(|l| (0..16).map(move |b| (l, b))).map(|(l, b)| kv.segment(l, 0, b)).collect();
     let (state, state_token) = load_state(&mut d);
-    let known = Known { instance: "known".into(), kv_token, state_token: state_token.clone() };
+    let known =
+        Known { instance: "known".into(), session: session.clone(), kv_token, state_token: state_token.clone() };
 
     let mut grpc = tonic::client::Grpc::new(server.channel().await);
     let mut rng = Rng::new(SEED);
@@ -205,6 +211,7 @@ async fn fuzzed_requests_never_crash_corrupt_or_answer_internal() {
     let dst: Vec<u64> = (40..56).collect();
     c.load(pb::LoadRequest {
         instance_id: "known".into(),
+        session_id: session.clone(),
         tp_rank: 0,
         lease_id: hit.lease_id,
         block_ids: dst.clone(),

@@ -21,9 +21,10 @@ from pegaflow.host import sealed_memfd
 if TYPE_CHECKING:
     import torch
 
-# Memfds backing moved storages, by the storage's data address. They live as long as the
-# process (a KV cache does too): the descriptor is what registrations hand over.
-_MEMFDS: dict[int, int] = {}
+# Memfds backing moved storages, by the storage's data address, with the storage itself:
+# kept alive as long as the process (a KV cache lives that long too), so an address is
+# never reused by other memory while it names a memfd here.
+_MEMFDS: dict[int, tuple[int, torch.UntypedStorage]] = {}
 
 
 def share_storages(tensors: Iterable[torch.Tensor]) -> None:
@@ -57,14 +58,14 @@ def share_storages(tensors: Iterable[torch.Tensor]) -> None:
         except BaseException:
             os.close(fd)
             raise
-        _MEMFDS[new.data_ptr()] = fd
+        _MEMFDS[new.data_ptr()] = (fd, new)
 
 
 def share_storage(tensor: torch.Tensor) -> tuple[int, int]:
     """Moves ``tensor``'s storage into a sealed memfd in place (see
     :func:`share_storages`); returns the memfd and the byte offset of the storage in it."""
     share_storages([tensor])
-    return _MEMFDS[tensor.untyped_storage().data_ptr()], 0
+    return _MEMFDS[tensor.untyped_storage().data_ptr()][0], 0
 
 
 def cpu_layer_spec(

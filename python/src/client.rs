@@ -7,7 +7,7 @@ use std::future::Future;
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
 
 use pegaflow_core::spin;
@@ -18,31 +18,13 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
 use tonic::{Response, Status};
 
-use crate::descriptors::{Descriptors, Token};
+use crate::descriptors::{Descriptors, HandOverError, Token};
 use crate::errors::{ErrorClass, hand_over_error, pegaflow_error, status_to_pyerr};
 use crate::load_state::PyLoadState;
+use crate::transport::{Auth, Grpc, auth_header, channel, unix_channel};
 use crate::types::{KvLayer, QueryResult, SaveResult};
-
-type Grpc = GrpcClient<InterceptedService<Channel, Auth>>;
-
-/// Adds `authorization: Bearer <token>` to every call when a token is configured.
-#[derive(Clone)]
-struct Auth(Option<AsciiMetadataValue>);
-
-impl Interceptor for Auth {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
 
 /// An open session: the stream task, the server's session id, and whether it still runs.
 struct Session {
@@ -57,7 +39,15 @@ pub struct PyEngineClient {
     runtime: Runtime,
     /// Keeps the runtime's I/O thread polling between the calls of a burst.
     warm: spin::KeepWarm,
-    client: Grpc,
+    /// The route of every call: the endpoint's channel, or the server's Unix socket once
+    /// found (see [`PyEngineClient::settle_route`]).
+    client: RwLock<Grpc>,
+    /// The endpoint's own channel: what the route is checked against.
+    endpoint_client: Grpc,
+    auth: Auth,
+    /// Whether the route is final (a Health answer said where the server's socket is).
+    route_settled: AtomicBool,
+    settling: Mutex<()>,
     endpoint: String,
     timeout: Duration,
     /// Open sessions by instance id.
@@ -80,7 +70,10 @@ impl PyEngineClient {
         F: FnOnce(Grpc) -> Fut + Send,
         Fut: Future<Output = Result<Response<T>, Status>> + Send,
     {
-        let client = self.client.clone();
+        if !self.route_settled.load(Ordering::Acquire) {
+            self.settle_route(py);
+        }
+        let client = self.grpc();
         let timeout = self.timeout;
         let result = py.detach(|| {
             let call = async move {
@@ -121,6 +114,44 @@ fn client_warm_window() -> Duration {
 }
 
 impl PyEngineClient {
+    fn grpc(&self) -> Grpc {
+        self.client.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Finds out, once, where the server's Unix socket is (Health) and, when this client
+    /// can reach it and the same server answers there (same server id: another host's
+    /// server may use the same path here), sends every later call over it. A server that
+    /// does not answer leaves the route open for the next call to settle.
+    fn settle_route(&self, py: Python<'_>) {
+        let _settling = lock(&self.settling);
+        if self.route_settled.load(Ordering::Acquire) {
+            return;
+        }
+        let timeout = self.timeout;
+        let tcp = self.endpoint_client.clone();
+        let ask = |mut client: Grpc| async move {
+            match tokio::time::timeout(timeout, client.health(pb::HealthRequest {})).await {
+                Ok(Ok(answer)) => Some(answer.into_inner()),
+                _ => None,
+            }
+        };
+        let Some(health) = py.detach(|| self.runtime.block_on(ask(tcp))) else { return };
+        self.route_settled.store(true, Ordering::Release);
+        if health.uds_path.is_empty() {
+            return;
+        }
+        let path = PathBuf::from(&health.uds_path);
+        lock(&self.descriptors).set_server(path.clone(), health.server_id.clone());
+        let unix = {
+            let _context = self.runtime.enter();
+            GrpcClient::with_interceptor(unix_channel(&path, timeout), self.auth.clone())
+        };
+        let local = py.detach(|| self.runtime.block_on(ask(unix.clone())));
+        if local.is_some_and(|h| h.server_id == health.server_id) {
+            *self.client.write().unwrap_or_else(std::sync::PoisonError::into_inner) = unix;
+        }
+    }
+
     /// The session id and liveness flag of `instance_id`'s open session.
     fn session(&self, instance_id: &str) -> Option<(String, Arc<AtomicBool>)> {
         lock(&self.sessions)
@@ -135,16 +166,18 @@ impl PyEngineClient {
         if lock(&self.descriptors).path().is_some() {
             return Ok(());
         }
-        let health = self.call(py, |mut c| async move { c.health(pb::HealthRequest {}).await })?;
-        if health.uds_path.is_empty() {
-            return Err(pegaflow_error(
-                py,
-                ErrorClass::Unavailable,
-                "the server has no Unix socket (started with --uds ''): host memory cannot be registered".into(),
-            ));
+        if !self.route_settled.load(Ordering::Acquire) {
+            self.settle_route(py);
         }
-        lock(&self.descriptors).set_path(PathBuf::from(health.uds_path));
-        Ok(())
+        if lock(&self.descriptors).path().is_some() {
+            return Ok(());
+        }
+        let message = if self.route_settled.load(Ordering::Acquire) {
+            "the server has no Unix socket (started with --uds ''): host memory cannot be registered"
+        } else {
+            "the server does not answer: cannot find its Unix socket to hand host memory over"
+        };
+        Err(pegaflow_error(py, ErrorClass::Unavailable, message.into()))
     }
 
     /// Hands the memory behind `fd` to the server; returns its token.
@@ -157,16 +190,33 @@ impl PyEngineClient {
                 format!("host_fd {fd} is not an open descriptor"),
             ));
         }
-        self.resolve_socket(py)?;
-        let timeout = self.timeout;
-        let descriptors = Arc::clone(&self.descriptors);
-        py.detach(move || {
-            // SAFETY: `fd` was checked open above and is only read by sendmsg during this
-            // call; the caller keeps it open (it belongs to a live KvLayer's memory).
-            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-            lock(&descriptors).register(borrowed, kind, 0, timeout)
-        })
-        .map_err(|e| hand_over_error(py, e))
+        // The caller keeps `fd` open across the call: it is a live KvLayer's memory.
+        self.register_memory(py, fd, kind)
+    }
+
+    /// Sends `fd` on the descriptor connection; when the socket turns out to belong to
+    /// another server than the one last described (the server restarted), asks Health
+    /// again and retries once.
+    fn register_memory(&self, py: Python<'_>, fd: i32, kind: MemoryKind) -> PyResult<Token> {
+        for attempt in 0..2 {
+            self.resolve_socket(py)?;
+            let timeout = self.timeout;
+            let descriptors = Arc::clone(&self.descriptors);
+            let sent = py.detach(move || {
+                // SAFETY: `fd` is an open descriptor its owner keeps open across this call
+                // (checked by `hand_over`; a load state's memfd lives as long as the state).
+                let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+                lock(&descriptors).register(borrowed, kind, 0, timeout)
+            });
+            match sent {
+                Err(HandOverError::ServerChanged) if attempt == 0 => {
+                    self.route_settled.store(false, Ordering::Release);
+                    self.settle_route(py);
+                }
+                other => return other.map_err(|e| hand_over_error(py, e)),
+            }
+        }
+        Err(hand_over_error(py, HandOverError::ServerChanged))
     }
 
     /// The load state's token on this client's descriptor connection, handing it over first
@@ -175,74 +225,10 @@ impl PyEngineClient {
         if let Some(token) = state.token_on(&self.descriptors) {
             return Ok(token);
         }
-        self.resolve_socket(py)?;
-        let timeout = self.timeout;
-        let descriptors = Arc::clone(&self.descriptors);
-        let fd = state.fd();
-        let token = py
-            .detach(move || {
-                // SAFETY: the load state's memfd lives as long as `state`, which the caller
-                // holds across this call.
-                let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-                lock(&descriptors).register(borrowed, MemoryKind::LoadState, 0, timeout)
-            })
-            .map_err(|e| hand_over_error(py, e))?;
+        let token = self.register_memory(py, state.fd(), MemoryKind::LoadState)?;
         state.remember(token, &self.descriptors);
         Ok(token)
     }
-}
-
-/// Reads the auth token: `auth_token_file`, else `PEGAFLOW_AUTH_TOKEN_FILE`, else none.
-fn auth_header(py: Python<'_>, auth_token_file: Option<&str>) -> PyResult<Option<AsciiMetadataValue>> {
-    let path = match auth_token_file {
-        Some(path) => path.to_owned(),
-        None => match std::env::var("PEGAFLOW_AUTH_TOKEN_FILE") {
-            Ok(path) if !path.trim().is_empty() => path,
-            _ => return Ok(None),
-        },
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        pegaflow_error(py, ErrorClass::InvalidArgument, format!("cannot read the auth token file {path:?}: {e}"))
-    })?;
-    MetadataValue::try_from(format!("Bearer {}", text.trim())).map(Some).map_err(|_| {
-        pegaflow_error(py, ErrorClass::InvalidArgument, format!("the auth token in {path:?} is not printable ASCII"))
-    })
-}
-
-/// The channel to `endpoint`: `host:port`, `http://…`, `https://…` (TLS; CA from
-/// `PEGAFLOW_TLS_CA_FILE`, else the system's roots) or `unix:PATH`.
-fn channel(endpoint: &str, timeout: Duration) -> Result<(Channel, Option<PathBuf>), String> {
-    if let Some(path) = endpoint.strip_prefix("unix:") {
-        let path = PathBuf::from(path.strip_prefix("//").unwrap_or(path));
-        let target = path.clone();
-        let channel = Endpoint::from_static("http://localhost")
-            .connect_timeout(timeout)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                let target = target.clone();
-                async move { tokio::net::UnixStream::connect(target).await.map(hyper_util::rt::TokioIo::new) }
-            }));
-        return Ok((channel, Some(path)));
-    }
-    let uri = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
-    let mut builder = Endpoint::from_shared(uri)
-        .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    if endpoint.starts_with("https://") {
-        let tls = match std::env::var("PEGAFLOW_TLS_CA_FILE") {
-            Ok(ca) if !ca.trim().is_empty() => {
-                let pem = std::fs::read(&ca).map_err(|e| format!("cannot read PEGAFLOW_TLS_CA_FILE {ca:?}: {e}"))?;
-                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
-            }
-            _ => ClientTlsConfig::new().with_native_roots(),
-        };
-        builder = builder.tls_config(tls).map_err(|e| format!("TLS setup for {endpoint:?}: {e}"))?;
-    }
-    Ok((builder.connect_lazy(), None))
 }
 
 #[pymethods]
@@ -268,13 +254,19 @@ impl PyEngineClient {
             channel(endpoint, timeout).map_err(|e| pegaflow_error(py, ErrorClass::InvalidArgument, e))?
         };
         let mut descriptors = Descriptors::default();
+        // A `unix:` endpoint is the socket already: nothing to find out.
+        let settled = socket.is_some();
         if let Some(path) = socket {
             descriptors.set_path(path);
         }
         Ok(Self {
             runtime,
             warm: spin::KeepWarm::new(client_warm_window()),
-            client: GrpcClient::with_interceptor(channel, auth),
+            client: RwLock::new(GrpcClient::with_interceptor(channel.clone(), auth.clone())),
+            endpoint_client: GrpcClient::with_interceptor(channel, auth.clone()),
+            auth,
+            route_settled: AtomicBool::new(settled),
+            settling: Mutex::new(()),
             endpoint: endpoint.to_owned(),
             timeout,
             sessions: Mutex::new(HashMap::new()),
@@ -367,7 +359,15 @@ impl PyEngineClient {
         block_hashes: Vec<Vec<u8>>,
         layers: Option<Vec<u32>>,
     ) -> PyResult<SaveResult> {
-        let req = pb::SaveRequest { instance_id, tp_rank, layers: layers.unwrap_or_default(), block_ids, block_hashes };
+        let session_id = self.session(&instance_id).map(|(id, _)| id).unwrap_or_default();
+        let req = pb::SaveRequest {
+            session_id,
+            instance_id,
+            tp_rank,
+            layers: layers.unwrap_or_default(),
+            block_ids,
+            block_hashes,
+        };
         let r = self.call(py, |mut c| async move { c.save(req).await })?;
         Ok(SaveResult {
             saved_blocks: r.saved_blocks,
@@ -410,9 +410,11 @@ impl PyEngineClient {
         layers: Option<Vec<u32>>,
     ) -> PyResult<u32> {
         let token = self.load_state_token(py, &load_state)?;
+        let session = self.session(&instance_id);
         // A wait on this state fails at once if the session (the server) goes away.
-        load_state.watch(self.session(&instance_id).map(|(_, alive)| alive));
+        load_state.watch(session.as_ref().map(|(_, alive)| Arc::clone(alive)));
         let req = pb::LoadRequest {
+            session_id: session.map(|(id, _)| id).unwrap_or_default(),
             instance_id,
             tp_rank,
             lease_id,

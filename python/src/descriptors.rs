@@ -26,6 +26,9 @@ pub struct Token {
 pub enum HandOverError {
     /// The server's socket is unknown or unreachable (class `PegaflowUnavailable`).
     Unreachable(String),
+    /// Another server than the one Health described answers on the socket (a restart, or
+    /// another host's server at the same path): ask Health again.
+    ServerChanged,
     /// The server refused the memory; a gRPC code and its reason.
     Refused {
         /// gRPC status code.
@@ -39,6 +42,8 @@ pub enum HandOverError {
 #[derive(Debug, Default)]
 pub struct Descriptors {
     path: Option<PathBuf>,
+    /// The id the server behind `path` must answer (known when the path came from Health).
+    server_id: Option<Vec<u8>>,
     conn: Option<(u64, DescriptorClient)>,
 }
 
@@ -50,12 +55,18 @@ impl Descriptors {
         self.path.as_ref()
     }
 
-    /// Sets the server's socket (from the endpoint or the server's Health answer).
+    /// Sets the server's socket (a `unix:` endpoint).
     pub fn set_path(&mut self, path: PathBuf) {
         if self.path.as_ref() != Some(&path) {
             self.conn = None;
             self.path = Some(path);
         }
+    }
+
+    /// Sets the server's socket and the id its server must answer (from Health).
+    pub fn set_server(&mut self, path: PathBuf, server_id: Vec<u8>) {
+        self.set_path(path);
+        self.server_id = Some(server_id);
     }
 
     /// The id of the live connection, if any (a connection the server closed is dropped).
@@ -79,6 +90,9 @@ impl Descriptors {
                     path.display()
                 ))
             })?;
+            if self.server_id.as_deref().is_some_and(|id| id != client.server_id()) {
+                return Err(HandOverError::ServerChanged);
+            }
             self.conn = Some((NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed), client));
         }
         self.conn.as_mut().ok_or_else(|| HandOverError::Unreachable("no connection".into()))

@@ -97,6 +97,13 @@ pub fn status_to_pyerr(py: Python<'_>, status: &Status) -> PyErr {
 pub fn hand_over_error(py: Python<'_>, error: HandOverError) -> PyErr {
     match error {
         HandOverError::Unreachable(message) => pegaflow_error(py, ErrorClass::Unavailable, message),
+        HandOverError::ServerChanged => pegaflow_error(
+            py,
+            ErrorClass::Unavailable,
+            "the server's Unix socket belongs to another server than the endpoint's: host memory can only be \
+             handed over on the server's host"
+                .into(),
+        ),
         HandOverError::Refused { code, message } => {
             pegaflow_error(py, ErrorClass::of(Code::from_i32(code as i32)), message)
         }

@@ -7,6 +7,7 @@ mod client;
 mod descriptors;
 mod errors;
 mod load_state;
+mod transport;
 mod types;
 
 use pyo3::prelude::*;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use pegaflow_core::load_state::{LoadState as CoreLoadState, LoadStatus, SERVER_GONE};
+use pegaflow_core::load_state::{LoadState as CoreLoadState, LoadStatus};
 use pyo3::prelude::*;
 
 use crate::client::lock;
@@ -23,17 +23,6 @@ pub struct PyLoadState {
 }
 
 impl PyLoadState {
-    /// The status, counting a pending load whose server went away as failed.
-    fn settled(&self) -> LoadStatus {
-        match self.inner.status() {
-            LoadStatus::Pending if !self.server_alive() => match self.inner.status() {
-                LoadStatus::Pending => LoadStatus::Failed(SERVER_GONE.into()),
-                settled => settled, // it finished just before its server went away
-            },
-            status => status,
-        }
-    }
-
     /// Whether the session the last load was sent under is still open (true without one).
     fn server_alive(&self) -> bool {
         lock(&self.server_alive).as_ref().is_none_or(|alive| alive.load(Ordering::Acquire))
@@ -89,10 +78,12 @@ impl PyLoadState {
         Ok(Self { inner, registered: Mutex::new(None), server_alive: Mutex::new(None) })
     }
 
-    /// "pending", "done" or "failed" (also once the server went away before the load
-    /// completed).
+    /// "pending", "done" or "failed", as the server wrote it. A load whose server went
+    /// away stays "pending" here (a poller checks `EngineClient.session_alive`, and must
+    /// not reuse this state: a server that is alive after all may still write it);
+    /// `wait` raises for it.
     fn status(&self) -> &'static str {
-        match self.settled() {
+        match self.inner.status() {
             LoadStatus::Pending => "pending",
             LoadStatus::Done => "done",
             LoadStatus::Failed(_) => "failed",
@@ -101,13 +92,13 @@ impl PyLoadState {
 
     /// True once every byte is in place.
     fn is_done(&self) -> bool {
-        self.settled() == LoadStatus::Done
+        self.inner.status() == LoadStatus::Done
     }
 
     /// The failure reason, or None.
     #[getter]
     fn error(&self) -> Option<String> {
-        match self.settled() {
+        match self.inner.status() {
             LoadStatus::Failed(reason) => Some(reason),
             _ => None,
         }

@@ -411,3 +411,36 @@ def test_open_files_limit_raised(start_server: StartServer) -> None:
     if server_hard != "unlimited":
         assert int(server_soft) > low
         assert server.metric("pegaflow_open_files_limit") == int(server_soft)
+
+
+def test_only_the_registering_session_moves_a_ranks_bytes(
+    server: ServerHandle, kv_cache: KvFactory, instance_id: str
+) -> None:
+    """Another client, with a session of its own for the instance or with none, can neither
+    save from the owner's KV memory (reading it) nor load into it (writing it); a local
+    client talks over the Unix socket, so the instance records its uid and pid."""
+    owner, stranger = server.client(), server.client()
+    kv = kv_cache(num_layers=4, num_blocks=32, seed=81)
+    owner.register_kv_layers(instance_id, "ns", 0, 1, kv.layer_specs())
+    (info,) = [i for i in owner.list_instances() if i["instance_id"] == instance_id]
+    assert (info["owner_uid"], info["owner_pid"]) == (os.getuid(), os.getpid())
+    hashes = random_hashes(4)
+    owner.save(instance_id, 0, [0, 1, 2, 3], hashes)
+    q = owner.query(instance_id, hashes)
+    assert q.lease_id is not None
+    before = [layer.view(np.uint8).copy() for layer in kv.layers]
+    for with_session in (False, True):
+        if with_session:
+            stranger.open_session(instance_id)
+        with pytest.raises(PegaflowPermissionDenied):
+            stranger.save(instance_id, 0, [5, 6], random_hashes(2))
+        with pytest.raises(PegaflowPermissionDenied):
+            stranger.load(instance_id, 0, q.lease_id, [10, 11, 12, 13], LoadState())
+    after = [layer.view(np.uint8) for layer in kv.layers]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    # The owner still loads with the same lease: the refused loads consumed nothing.
+    state = LoadState()
+    owner.load(instance_id, 0, q.lease_id, [10, 11, 12, 13], state)
+    state.wait(10)
+    raw = [layer.view(np.uint8) for layer in kv.layers]
+    assert all(np.array_equal(r[:, 10:14], r[:, 0:4]) for r in raw)

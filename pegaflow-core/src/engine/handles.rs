@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use crate::device::{HostMemory, RegionSource};
 use crate::error::{EngineError, Result};
 use crate::load_state::{LOAD_STATE_BYTES, LoadState, LoadStateError};
-use crate::shm::{SharedMemory, ShmError, client_mappings};
+use crate::shm::{SharedMemory, ShmError, client_mapped_bytes, client_mappings};
 
 /// Bytes of a memory token.
 pub const TOKEN_BYTES: usize = 16;
@@ -62,11 +62,14 @@ struct Entry {
 pub(crate) struct MemoryHandles {
     entries: Mutex<HashMap<MemoryToken, Entry>>,
     max_mappings: usize,
+    max_bytes: u64,
 }
 
 impl MemoryHandles {
-    pub fn new(max_mappings: usize) -> Self {
-        Self { entries: Mutex::new(HashMap::new()), max_mappings }
+    /// A table under caps of `max_mappings` client mappings and `max_bytes` mapped client
+    /// bytes (both counted over everything mapped, registered regions included).
+    pub fn new(max_mappings: usize, max_bytes: u64) -> Self {
+        Self { entries: Mutex::new(HashMap::new()), max_mappings, max_bytes }
     }
 
     /// Maps `fd` (checks in [`SharedMemory::from_fd`]) and files it under a new token owned
@@ -84,10 +87,11 @@ impl MemoryHandles {
                 "this connection holds {held_by_connection} memory tokens, the most allowed: release some first"
             )));
         }
+        let room = self.max_bytes.saturating_sub(client_mapped_bytes());
         let held = match kind {
-            MemoryKind::KvMemory => Held::Kv(Arc::new(SharedMemory::from_fd(fd, min_len).map_err(memory_error)?)),
+            MemoryKind::KvMemory => Held::Kv(Arc::new(SharedMemory::from_fd(fd, min_len, room).map_err(memory_error)?)),
             MemoryKind::LoadState => {
-                let memory = SharedMemory::from_fd(fd, LOAD_STATE_BYTES).map_err(memory_error)?;
+                let memory = SharedMemory::from_fd(fd, LOAD_STATE_BYTES, room).map_err(memory_error)?;
                 Held::LoadState(Arc::new(LoadState::open(Arc::new(memory)).map_err(|e| match e {
                     LoadStateError::Shm(e) => memory_error(e),
                     LoadStateError::BadMagic => EngineError::invalid("the memory is not a PegaFlow load state"),
@@ -154,7 +158,14 @@ fn unknown_token(what: &str) -> EngineError {
 
 fn memory_error(e: ShmError) -> EngineError {
     match e {
-        ShmError::Os { .. } => EngineError::Device(e.into()),
+        ShmError::TooLarge { .. } => EngineError::ResourceExhausted(e.to_string()),
+        ShmError::Os { ref source, .. } | ShmError::Populate(ref source)
+            if matches!(source.raw_os_error(), Some(libc::ENOMEM | libc::ENOSPC | libc::EFAULT)) =>
+        {
+            EngineError::ResourceExhausted(e.to_string())
+        }
+        // Whatever else the checks or the mapping of a client's descriptor fail on comes
+        // from that descriptor.
         other => EngineError::invalid(other.to_string()),
     }
 }
@@ -169,7 +180,7 @@ mod tests {
 
     #[test]
     fn tokens_resolve_by_kind_and_owner_and_end_with_their_connection() {
-        let handles = MemoryHandles::new(1 << 20);
+        let handles = MemoryHandles::new(1 << 20, u64::MAX);
         let kv = SharedMemory::create("kv", 8192).unwrap();
         let state = LoadState::create().unwrap();
         let kv_token = handles.add(fd_of(&kv), MemoryKind::KvMemory, 4096, 1000, 7).unwrap();
@@ -193,15 +204,18 @@ mod tests {
 
     #[test]
     fn bad_memory_is_refused_with_a_clear_error() {
-        let handles = MemoryHandles::new(1 << 20);
+        let handles = MemoryHandles::new(1 << 20, u64::MAX);
         let small = SharedMemory::create("small", 100).unwrap();
         let err = handles.add(fd_of(&small), MemoryKind::KvMemory, 4096, 0, 1).unwrap_err();
         assert!(matches!(err, EngineError::InvalidArgument(ref m) if m.contains("need at least 4096")), "{err}");
         let not_a_state = SharedMemory::create("x", LOAD_STATE_BYTES).unwrap();
         let err = handles.add(fd_of(&not_a_state), MemoryKind::LoadState, 0, 0, 1).unwrap_err();
         assert!(matches!(err, EngineError::InvalidArgument(_)), "{err}");
-        let none = MemoryHandles::new(0);
+        let none = MemoryHandles::new(0, u64::MAX);
         let err = none.add(fd_of(&small), MemoryKind::KvMemory, 1, 0, 1).unwrap_err();
         assert!(matches!(err, EngineError::ResourceExhausted(_)), "{err}");
+        let no_bytes = MemoryHandles::new(1 << 20, 0);
+        let err = no_bytes.add(fd_of(&small), MemoryKind::KvMemory, 1, 0, 1).unwrap_err();
+        assert!(matches!(err, EngineError::ResourceExhausted(ref m) if m.contains("at most")), "{err}");
     }
 }

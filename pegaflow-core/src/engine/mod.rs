@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 pub use handles::{MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, TOKEN_BYTES};
 pub use metrics::EngineMetrics;
-pub use registry::{InstanceInfo, LayerRegistration, MAX_ID_LEN, RegisterRequest};
+pub use registry::{Caller, InstanceInfo, LayerRegistration, MAX_ID_LEN, RegisterRequest};
 
 use crate::cache::{BlockCache, BlockHash, CacheStats, HASH_BYTES, LeaseLimits};
 use crate::device::{CudaDevice, DeviceBackend, DeviceError, HostDevice, HostDeviceOptions, RegionSource};
@@ -38,11 +38,19 @@ pub struct EngineLimits {
     /// Client memory the server maps at once (KV regions and load states; each is one
     /// kernel mapping, of which a process may have about 65,000). Default: 16,384.
     pub max_client_mappings: usize,
+    /// Bytes of client memory the server maps at once (address space is 128 TiB).
+    /// Default: 16 TiB.
+    pub max_client_memory: u64,
 }
 
 impl Default for EngineLimits {
     fn default() -> Self {
-        Self { leases: LeaseLimits::default(), max_hashes_per_request: 1 << 16, max_client_mappings: 1 << 14 }
+        Self {
+            leases: LeaseLimits::default(),
+            max_hashes_per_request: 1 << 16,
+            max_client_mappings: 1 << 14,
+            max_client_memory: 16 << 40,
+        }
     }
 }
 
@@ -129,7 +137,7 @@ impl Engine {
             preparing: std::sync::Once::new(),
             cache: Arc::new(Mutex::new(cache)),
             registry,
-            handles: MemoryHandles::new(config.limits.max_client_mappings),
+            handles: MemoryHandles::new(config.limits.max_client_mappings, config.limits.max_client_memory),
             max_hashes: config.limits.max_hashes_per_request,
             metrics,
             save_spin: config.spin.min(crate::spin::SPIN),
@@ -237,18 +245,20 @@ impl Engine {
     }
 
     /// Copies `block_ids` of `tp_rank` (all layers, or `layers`) into the cache under
-    /// `block_hashes`. When this returns, the blocks it completed are visible to queries.
+    /// `block_hashes`, for `caller` (the session that registered the rank). When this
+    /// returns, the blocks it completed are visible to queries.
     pub async fn save(
         &self,
         instance_id: &str,
         tp_rank: u32,
+        caller: Caller<'_>,
         layers: &[u32],
         block_ids: &[u64],
         block_hashes: &[Vec<u8>],
     ) -> Result<SaveOutcome> {
         let started = Instant::now();
         self.check_request_size("block hashes", block_hashes.len().max(block_ids.len()))?;
-        let rank = self.registry.rank(instance_id, tp_rank)?;
+        let rank = self.registry.rank(instance_id, tp_rank, caller)?;
         if block_ids.len() != block_hashes.len() {
             return Err(EngineError::invalid(format!(
                 "{} block ids but {} block hashes",
@@ -385,27 +395,28 @@ impl Engine {
     }
 
     /// Starts copying the first `block_ids.len()` blocks of a lease into `block_ids` of
-    /// `tp_rank` (all layers, or `layers`). Returns once the copy is queued; the outcome is
-    /// written to the client's load state named by `load_state` (see [`Engine::add_memory`]),
-    /// which `caller_uid` (when known) must have handed over.
+    /// `tp_rank` (all layers, or `layers`), for `caller` (the session that registered the
+    /// rank). Returns once the copy is queued; the outcome is written to the client's load
+    /// state named by `load_state` (see [`Engine::add_memory`]), which the caller's user
+    /// (when known) must have handed over.
     #[allow(clippy::too_many_arguments)] // one per field of the Load request
     pub fn load(
         &self,
         instance_id: &str,
         tp_rank: u32,
+        caller: Caller<'_>,
         lease_id: &str,
         block_ids: &[u64],
         layers: &[u32],
         load_state: &MemoryToken,
-        caller_uid: Option<u32>,
     ) -> Result<u32> {
         let started = Instant::now();
         self.check_request_size("block ids", block_ids.len())?;
-        let rank = self.registry.rank(instance_id, tp_rank)?;
+        let rank = self.registry.rank(instance_id, tp_rank, caller)?;
         let layers = select_layers(&rank, layers)?;
         check_block_ids(&rank, &layers, block_ids)?;
         let order = destination_order(block_ids)?;
-        let state = self.handles.load_state(load_state, caller_uid)?;
+        let state = self.handles.load_state(load_state, caller.uid)?;
         let ticket = self.cache.lock().prepare_load(
             Instant::now(),
             &rank.namespace,

@@ -54,6 +54,16 @@ pub struct RegisterRequest {
     pub owner_pid: Option<i32>,
 }
 
+/// Who copies to or from a rank: the session that registered the rank, and the caller's
+/// Unix user when known (Unix socket). Only they may move the rank's bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    /// The caller's session id.
+    pub session_id: &'a str,
+    /// The caller's Unix user, when known.
+    pub uid: Option<u32>,
+}
+
 /// Admin view of an instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceInfo {
@@ -206,15 +216,25 @@ impl Registry {
         Ok(())
     }
 
-    /// The binding of a registered rank.
-    pub fn rank(&self, instance_id: &str, tp_rank: u32) -> Result<Arc<RankBinding>> {
+    /// The binding of a registered rank, for `caller`, which must be the session that
+    /// registered it (and of the instance's owner).
+    pub fn rank(&self, instance_id: &str, tp_rank: u32, caller: Caller<'_>) -> Result<Arc<RankBinding>> {
         let instances = self.instances.lock();
         let instance = instances
             .get(instance_id)
             .ok_or_else(|| EngineError::not_found(format!("unknown instance {}", shown(instance_id))))?;
-        instance.ranks.get(&tp_rank).cloned().ok_or_else(|| {
+        let rank = instance.ranks.get(&tp_rank).ok_or_else(|| {
             EngineError::not_found(format!("rank {tp_rank} of instance {} is not registered", shown(instance_id)))
-        })
+        })?;
+        check_owner(instance, instance_id, caller.uid)?;
+        if rank.session_id != caller.session_id {
+            return Err(EngineError::denied(format!(
+                "rank {tp_rank} of instance {} belongs to another session: only the session that registered it \
+                 may save or load it",
+                shown(instance_id)
+            )));
+        }
+        Ok(Arc::clone(rank))
     }
 
     /// Namespace of a registered instance.

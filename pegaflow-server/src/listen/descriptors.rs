@@ -5,6 +5,7 @@
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use pegaflow_core::{Engine, EngineError, MemoryKind, MemoryToken};
@@ -16,20 +17,23 @@ use tracing::{debug, info};
 
 use crate::error::to_status;
 
-/// Descriptors accepted with one request; more are closed and the request refused.
+/// Room for descriptors in one `recvmsg`; a request may carry one, more end the
+/// connection (the kernel closes what does not fit).
 const MAX_FDS: usize = 4;
 
-/// Serves one descriptor connection of user `uid` until it closes or the server stops.
+/// Serves one descriptor connection of user `uid` until it closes or the server stops. A
+/// request begun must be complete within `request_timeout`.
 pub async fn serve(
     mut stream: UnixStream,
     uid: u32,
     connection: u64,
     engine: &Arc<Engine>,
+    request_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         let request = tokio::select! {
-            request = read_request(&stream) => request,
+            request = read_request(&stream, request_timeout) => request,
             _ = shutdown.wait_for(|s| *s) => break,
         };
         let (bytes, mut fds) = match request {
@@ -47,7 +51,14 @@ pub async fn serve(
                 None
             }
             Ok(Request::Register { kind, min_len }) => Some(match (fds.pop(), fds.is_empty()) {
-                (Some(fd), true) => engine.add_memory(fd, kind_of(kind), min_len, uid, connection),
+                (Some(fd), true) => {
+                    // Mapping faults every page in: seconds for a large region, off the
+                    // async workers.
+                    let engine = Arc::clone(engine);
+                    tokio::task::spawn_blocking(move || engine.add_memory(fd, kind_of(kind), min_len, uid, connection))
+                        .await
+                        .unwrap_or_else(|e| Err(EngineError::Unavailable(format!("memory hand-over stopped: {e}"))))
+                }
                 (None, _) => Err(EngineError::InvalidArgument("a register request needs one descriptor".into())),
                 (Some(_), false) => {
                     Err(EngineError::InvalidArgument("a register request takes exactly one descriptor".into()))
@@ -81,13 +92,28 @@ fn kind_of(kind: wire::MemoryKind) -> MemoryKind {
 }
 
 /// Reads one request and the descriptors that came with it; `None` at end of stream.
-async fn read_request(stream: &UnixStream) -> std::io::Result<Option<([u8; REQUEST_BYTES], Vec<OwnedFd>)>> {
+/// Once its first bytes arrived, the rest must follow within `timeout`, and a request
+/// carrying more than one descriptor ends the connection at once (a client must not make
+/// the server hold descriptors).
+async fn read_request(
+    stream: &UnixStream,
+    timeout: Duration,
+) -> std::io::Result<Option<([u8; REQUEST_BYTES], Vec<OwnedFd>)>> {
     let mut bytes = [0u8; REQUEST_BYTES];
     let mut fds = Vec::new();
     let mut got = 0;
+    let mut deadline = None;
     while got < REQUEST_BYTES {
-        let n =
-            stream.async_io(Interest::READABLE, || receive(stream.as_raw_fd(), &mut bytes[got..], &mut fds)).await?;
+        let read = stream.async_io(Interest::READABLE, || receive(stream.as_raw_fd(), &mut bytes[got..], &mut fds));
+        let n = match deadline {
+            None => read.await?,
+            Some(deadline) => tokio::time::timeout_at(deadline, read)
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request not completed in time"))??,
+        };
+        if fds.len() > 1 {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "more than one descriptor in a request"));
+        }
         if n == 0 {
             return if got == 0 {
                 Ok(None)
@@ -96,9 +122,7 @@ async fn read_request(stream: &UnixStream) -> std::io::Result<Option<([u8; REQUE
             };
         }
         got += n;
-    }
-    if fds.len() > MAX_FDS {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "too many descriptors"));
+        deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
     }
     Ok(Some((bytes, fds)))
 }

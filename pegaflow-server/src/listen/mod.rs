@@ -9,6 +9,7 @@ mod descriptors;
 mod guarded;
 mod uds;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -71,6 +72,8 @@ impl ListenMetrics {
 
 /// What every accept loop shares.
 pub struct Listening {
+    /// Answered to a descriptor connection's hello (Health reports it too).
+    server_id: [u8; 16],
     slots: Arc<Semaphore>,
     timeouts: Timeouts,
     metrics: Arc<ListenMetrics>,
@@ -80,8 +83,10 @@ pub struct Listening {
 }
 
 impl Listening {
-    /// Accept loops over at most `max_connections` connections at once.
+    /// Accept loops over at most `max_connections` connections at once, of the server
+    /// `server_id`.
     pub fn new(
+        server_id: [u8; 16],
         max_connections: usize,
         timeouts: Timeouts,
         metrics: Arc<ListenMetrics>,
@@ -89,6 +94,7 @@ impl Listening {
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            server_id,
             slots: Arc::new(Semaphore::new(max_connections)),
             timeouts,
             metrics,
@@ -108,25 +114,36 @@ impl Listening {
         }
     }
 
+    /// Waits for the next connection that gets a slot (others are closed on arrival);
+    /// `None` once the server stops.
+    async fn next<S, Fut>(&self, stop: &mut watch::Receiver<bool>, mut accept: impl FnMut() -> Fut) -> Option<(S, Slot)>
+    where
+        Fut: Future<Output = std::io::Result<S>>,
+    {
+        loop {
+            let accepted = tokio::select! {
+                accepted = accept() => accepted,
+                _ = stop.wait_for(|s| *s) => return None,
+            };
+            match accepted {
+                Ok(stream) => {
+                    if let Some(slot) = self.slot() {
+                        return Some((stream, slot));
+                    }
+                }
+                Err(e) => accept_failed(&e).await,
+            }
+        }
+    }
+
     /// gRPC connections accepted on `listener`, for tonic.
     pub fn tcp(self: &Arc<Self>, listener: TcpListener) -> ReceiverStream<std::io::Result<Guarded<TcpStream>>> {
         let (tx, rx) = mpsc::channel(64);
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let mut stop = this.shutdown.clone();
-            loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    _ = stop.wait_for(|s| *s) => break,
-                };
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        accept_failed(&e).await;
-                        continue;
-                    }
-                };
-                let Some(slot) = this.slot() else { continue };
+            let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
+            while let Some((stream, slot)) = this.next(&mut stop, accept).await {
                 // No Nagle: a small reply held for a delayed ACK costs ~40 ms when calls overlap.
                 let _ = stream.set_nodelay(true);
                 let peer = PeerInfo { transport: Transport::Tcp, uid: None, pid: None, activity: Default::default() };
@@ -148,19 +165,8 @@ impl Listening {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let mut stop = this.shutdown.clone();
-            loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    _ = stop.wait_for(|s| *s) => break,
-                };
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        accept_failed(&e).await;
-                        continue;
-                    }
-                };
-                let Some(slot) = this.slot() else { continue };
+            let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
+            while let Some((stream, slot)) = this.next(&mut stop, accept).await {
                 let (this, tx) = (Arc::clone(&this), tx.clone());
                 tokio::spawn(async move { this.classify(stream, slot, tx).await });
             }
@@ -198,8 +204,12 @@ impl Listening {
             activity: Default::default(),
         };
         if first == HELLO {
+            if stream.write_all(&self.server_id).await.is_err() {
+                return;
+            }
             let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
-            descriptors::serve(stream, cred.uid(), connection, &self.engine, self.shutdown.clone()).await;
+            let timeout = self.timeouts.handshake;
+            descriptors::serve(stream, cred.uid(), connection, &self.engine, timeout, self.shutdown.clone()).await;
             drop(slot);
             return;
         }
