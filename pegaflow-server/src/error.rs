@@ -38,6 +38,23 @@ pub fn to_status(error: EngineError) -> Status {
     }
 }
 
+/// Rewrites tonic's `INTERNAL` for a request frame it could not read (a message flagged
+/// compressed without an encoding, a bad flag, a body that ends inside a message or holds
+/// no message) to
+/// `INVALID_ARGUMENT`: the frame is the client's fault. Those statuses come before any
+/// handler, as trailers-only responses, so the header is all there is to change.
+pub fn client_faults_are_invalid<B>(mut response: http::Response<B>) -> http::Response<B> {
+    // The start of tonic's messages, percent-encoded as they travel in the header.
+    const FRAMING: [&[u8]; 3] =
+        [b"protocol%20error", b"Unexpected%20EOF%20decoding%20stream", b"Missing%20request%20message"];
+    let headers = response.headers_mut();
+    let framing = headers.get("grpc-message").is_some_and(|m| FRAMING.iter().any(|p| m.as_bytes().starts_with(p)));
+    if framing && headers.get("grpc-status").is_some_and(|s| s == "13") {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+    response
+}
+
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -85,5 +102,23 @@ mod tests {
         }
         let status = to_status(EngineError::InvalidArgument("é".repeat(100_000)));
         assert!(status.message().len() <= MAX_STATUS_MESSAGE + 3);
+    }
+
+    #[test]
+    fn framing_errors_become_invalid_argument_and_nothing_else_changes() {
+        let rewrite = |status: &str, message: &str| {
+            let response = http::Response::builder()
+                .header("grpc-status", status)
+                .header("grpc-message", message)
+                .body(())
+                .unwrap();
+            client_faults_are_invalid(response).headers()["grpc-status"].to_str().unwrap().to_owned()
+        };
+        let flag = "protocol%20error:%20received%20message%20with%20compressed-flag%20but%20no%20grpc-encoding";
+        assert_eq!(rewrite("13", flag), "3");
+        assert_eq!(rewrite("13", "Unexpected%20EOF%20decoding%20stream."), "3");
+        assert_eq!(rewrite("13", "Missing%20request%20message."), "3");
+        assert_eq!(rewrite("13", "CUDA%20error"), "13", "a real internal error stays");
+        assert_eq!(rewrite("5", flag), "5");
     }
 }

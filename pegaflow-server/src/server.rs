@@ -138,6 +138,7 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(Duration::from_secs(config.keepalive_timeout_s.max(1))))
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .layer(tower::util::MapResponseLayer::new(crate::error::client_faults_are_invalid))
     };
     // Listeners are bound: pool population, CUDA start-up and pinning may now compete for
     // the machine without delaying the first answer.

@@ -247,3 +247,24 @@ async fn an_instance_registered_over_the_unix_socket_records_its_owner() {
         .await;
     assert_eq!(code(&removed), Code::PermissionDenied);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_request_frames_are_invalid_argument() {
+    use tower::{Service, ServiceExt};
+    let server = Server::start(&[]).await;
+    let mut channel = server.channel().await;
+    // A message flagged compressed without an encoding; one that ends inside its body;
+    // a flag that is neither 0 nor 1.
+    for frame in [vec![1u8, 0, 0, 0, 0], vec![0u8, 0, 0, 0, 9, 1, 2], vec![7u8, 0, 0, 0, 0]] {
+        let request = tonic::codegen::http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}/pegaflow.v1.Engine/Health", server.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(frame.clone()))))
+            .unwrap();
+        let response = channel.ready().await.unwrap().call(request).await.unwrap();
+        let status = response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(status.as_deref(), Some("3"), "{frame:?}: {:?}", response.headers());
+    }
+}

@@ -18,6 +18,8 @@ use tonic::codegen::http::uri::PathAndQuery;
 
 /// Requests per RPC (9 RPCs).
 const ROUNDS: usize = 1000;
+/// Raw request frames (random flag, declared length and body) over all RPCs.
+const FRAME_ROUNDS: usize = 1800;
 const SEED: u64 = 0x5eed_f00d;
 
 /// What the generator may reuse: real ids and tokens, so requests get past the first checks.
@@ -196,6 +198,37 @@ async fn fuzzed_requests_never_crash_corrupt_or_answer_internal() {
         *outcomes.entry((method.rsplit('/').next().unwrap_or(method), format!("{code:?}"))).or_default() += 1;
     }
     println!("{} requests in {:?}: {outcomes:?}", ROUNDS * METHODS.len(), started.elapsed());
+
+    // Then whole request bodies at the gRPC framing level: random flags and lengths.
+    let mut channel = server.channel().await;
+    let mut frames: BTreeMap<String, usize> = BTreeMap::new();
+    for round in 0..FRAME_ROUNDS {
+        use tower::{Service, ServiceExt};
+        let method = METHODS[round % METHODS.len()];
+        let mut body = body(&mut rng, method, &known);
+        let declared = match rng.below(3) {
+            0 => body.len() as u32,
+            1 => rng.next() as u32,
+            _ => body.len() as u32 + rng.below(8) as u32,
+        };
+        let mut frame = vec![rng.below(3) as u8];
+        frame.extend_from_slice(&declared.to_be_bytes());
+        frame.append(&mut body);
+        let request = tonic::codegen::http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}{method}", server.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(frame))))
+            .unwrap();
+        let response = channel.ready().await.unwrap().call(request).await.unwrap();
+        let status = response.headers().get("grpc-status").map(|v| v.to_str().unwrap_or("?").to_owned());
+        // Without a status in the headers the call went through to the handler.
+        let status = status.unwrap_or_else(|| "handled".into());
+        assert!(status != "13" && status != "2", "{method}: {:?}", response.headers());
+        *frames.entry(status).or_default() += 1;
+    }
+    println!("{FRAME_ROUNDS} raw frames: {frames:?}");
 
     // Alive, and what was saved before still hits and loads byte for byte.
     assert!(server.alive(), "the server died");
