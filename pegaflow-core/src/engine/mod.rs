@@ -9,6 +9,7 @@ mod handles;
 mod metrics;
 mod registry;
 mod transfer;
+mod validate;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,12 +21,13 @@ pub use handles::{MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, TOKEN_BYTE
 pub use metrics::EngineMetrics;
 pub use registry::{Caller, InstanceInfo, LayerRegistration, MAX_ID_LEN, RegisterRequest};
 
-use crate::cache::{BlockCache, BlockHash, CacheStats, HASH_BYTES, LeaseLimits};
+use crate::cache::{BlockCache, BlockHash, CacheStats, LeaseLimits};
 use crate::device::{CudaDevice, DeviceBackend, DeviceError, HostDevice, HostDeviceOptions, RegionSource};
 use crate::error::{EngineError, Result};
 use crate::memory::{HostPool, PoolAllocator, PoolError, PoolOptions};
 use handles::MemoryHandles;
 use registry::{RankBinding, Registry};
+use validate::{check_block_ids, destination_order, parse_hashes, select_layers};
 
 /// Caps on what clients can make the engine hold or do in one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -549,55 +551,6 @@ fn save_chunks(n: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
             range
         })
     })
-}
-
-fn parse_hashes(raw: &[Vec<u8>]) -> Result<Vec<BlockHash>> {
-    raw.iter()
-        .enumerate()
-        .map(|(i, h)| {
-            BlockHash::try_from(h.as_slice()).map_err(|_| {
-                EngineError::invalid(format!("block hash {i} has {} bytes, expected {HASH_BYTES}", h.len()))
-            })
-        })
-        .collect()
-}
-
-/// The layers a request names (empty: all), checked and deduplicated.
-fn select_layers(rank: &RankBinding, layers: &[u32]) -> Result<Vec<u32>> {
-    let num_layers = rank.layers.len() as u32;
-    if layers.is_empty() {
-        return Ok((0..num_layers).collect());
-    }
-    let mut seen = vec![false; num_layers as usize];
-    for &layer in layers {
-        let slot = seen
-            .get_mut(layer as usize)
-            .ok_or_else(|| EngineError::invalid(format!("layer {layer} is outside 0..{num_layers}")))?;
-        if std::mem::replace(slot, true) {
-            return Err(EngineError::invalid(format!("layer {layer} is listed twice")));
-        }
-    }
-    Ok(layers.to_vec())
-}
-
-/// `(block id, position in the request)` sorted by block id, the order copies are
-/// emitted in. Destination blocks of one load must differ: two copies into the same
-/// bytes race.
-fn destination_order(block_ids: &[u64]) -> Result<Vec<(u64, usize)>> {
-    let mut order: Vec<(u64, usize)> = block_ids.iter().copied().zip(0..).collect();
-    order.sort_unstable();
-    match order.windows(2).find(|w| w[0].0 == w[1].0) {
-        Some(w) => Err(EngineError::invalid(format!("destination block id {} is listed twice", w[0].0))),
-        None => Ok(order),
-    }
-}
-
-fn check_block_ids(rank: &RankBinding, layers: &[u32], block_ids: &[u64]) -> Result<()> {
-    let limit = layers.iter().map(|&l| rank.layers[l as usize].layout.num_blocks()).min().unwrap_or(0);
-    if let Some((i, id)) = block_ids.iter().enumerate().find(|(_, id)| **id >= limit) {
-        return Err(EngineError::invalid(format!("block id {id} (position {i}) is out of range 0..{limit}")));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
