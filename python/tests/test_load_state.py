@@ -25,6 +25,7 @@ def test_fresh_state() -> None:
 
 
 def test_memory_released_when_collected() -> None:
+    gc.collect()  # earlier tests' states must not go away while this one counts
     before = load_state_mappings()
     states = [LoadState() for _ in range(20)]
     assert load_state_mappings() == before + 20
