@@ -6,10 +6,7 @@ pub mod device;
 mod engine;
 mod error;
 pub mod layout;
-pub mod load_state;
 pub mod memory;
-pub mod shm;
-pub mod spin;
 
 pub use engine::{
     Caller, Engine, EngineConfig, EngineInitError, EngineLimits, EngineMetrics, InstanceInfo, LayerRegistration,

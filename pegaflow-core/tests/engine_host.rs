@@ -6,10 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pegaflow_common::load_state::{LoadState, LoadStatus};
+use pegaflow_common::shm::SharedMemory;
 use pegaflow_core::device::RegionSource;
 use pegaflow_core::layout::TensorSpec;
-use pegaflow_core::load_state::{LoadState, LoadStatus};
-use pegaflow_core::shm::SharedMemory;
 use pegaflow_core::{
     Caller, Engine, EngineConfig, EngineError, LayerRegistration, MemoryKind, MemoryToken, RegisterRequest,
 };

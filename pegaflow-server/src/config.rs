@@ -142,7 +142,7 @@ impl ServerConfig {
     pub fn spin_window(&self) -> Duration {
         match self.spin_us {
             Some(us) => Duration::from_micros(us),
-            None => pegaflow_core::spin::default_warm_window(Duration::from_millis(2)),
+            None => pegaflow_common::spin::default_warm_window(Duration::from_millis(2)),
         }
     }
 

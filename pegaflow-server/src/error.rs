@@ -1,8 +1,8 @@
 //! The one mapping from engine errors to gRPC statuses, and the server's own errors.
 
+use pegaflow_common::shm::ShmError;
 use pegaflow_core::EngineError;
 use pegaflow_core::device::DeviceError;
-use pegaflow_core::shm::ShmError;
 use tonic::Status;
 
 /// Longest message a status carries, in bytes: gRPC sends it in an HTTP/2 header, and a

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pegaflow_core::spin::KeepWarm;
+use pegaflow_common::spin::KeepWarm;
 use pegaflow_core::{Engine, EngineConfig};
 use pegaflow_proto::engine_server::EngineServer;
 use prometheus_client::registry::Registry;

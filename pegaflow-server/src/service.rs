@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pegaflow_common::spin::KeepWarm;
 use pegaflow_core::device::RegionSource;
 use pegaflow_core::layout::TensorSpec;
-use pegaflow_core::spin::KeepWarm;
 use pegaflow_core::{Caller, Engine, LayerRegistration, MemoryToken, RegisterRequest, shown};
 use pegaflow_proto as pb;
 use pegaflow_proto::engine_server::Engine as EngineApi;

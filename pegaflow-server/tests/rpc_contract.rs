@@ -8,7 +8,7 @@ mod common;
 use std::io::{Read, Write};
 
 use common::{ClientKv, RawCodec, Server, code, hashes, load_state, open_session, settle};
-use pegaflow_core::load_state::LoadStatus;
+use pegaflow_common::load_state::LoadStatus;
 use pegaflow_proto as pb;
 use pegaflow_proto::descriptor::{HELLO, MemoryKind, REQUEST_BYTES, RESPONSE_HEADER_BYTES, Request};
 use tonic::Code;

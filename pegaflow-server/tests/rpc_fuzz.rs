@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{BLOCKS, ClientKv, LAYERS, METHODS, RawCodec, Rng, Server, hashes, load_state, open_session, settle};
-use pegaflow_core::load_state::LoadStatus;
+use pegaflow_common::load_state::LoadStatus;
 use pegaflow_proto as pb;
 use prost::Message;
 use tonic::Code;

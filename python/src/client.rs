@@ -7,10 +7,10 @@ use std::future::Future;
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use pegaflow_core::spin;
+use pegaflow_common::spin;
 use pegaflow_proto as pb;
 use pegaflow_proto::descriptor::MemoryKind;
 use pegaflow_proto::engine_client::EngineClient as GrpcClient;
@@ -25,6 +25,7 @@ use crate::errors::{ErrorClass, hand_over_error, pegaflow_error, status_to_pyerr
 use crate::load_state::PyLoadState;
 use crate::transport::{Auth, Grpc, auth_header, channel, unix_channel};
 use crate::types::{KvLayer, QueryResult, SaveResult};
+use crate::waiting::{caller_spin, client_warm_window, lock};
 
 /// An open session: the stream task, the server's session id, and whether it still runs.
 struct Session {
@@ -56,12 +57,6 @@ pub struct PyEngineClient {
     pub(crate) descriptors: Arc<Mutex<Descriptors>>,
 }
 
-/// Locks `mutex`, also after a panic elsewhere (the data stays consistent: every critical
-/// section here is a single map or connection update).
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl PyEngineClient {
     /// Runs one call with the client's deadline, GIL released.
     fn call<T, F, Fut>(&self, py: Python<'_>, f: F) -> PyResult<T>
@@ -90,27 +85,6 @@ impl PyEngineClient {
         });
         result.map_err(|status| status_to_pyerr(py, &status))
     }
-}
-
-/// `PEGAFLOW_CLIENT_SPIN_US`, read once: how long client threads spin instead of
-/// sleeping (0 turns every client-side spin off).
-fn spin_override() -> Option<Duration> {
-    static VALUE: OnceLock<Option<Duration>> = OnceLock::new();
-    *VALUE.get_or_init(|| {
-        std::env::var("PEGAFLOW_CLIENT_SPIN_US").ok().and_then(|v| v.trim().parse().ok()).map(Duration::from_micros)
-    })
-}
-
-/// How long a caller (a call, `LoadState.wait`) yields the CPU before it sleeps: 1 ms
-/// unless `PEGAFLOW_CLIENT_SPIN_US` says otherwise.
-pub(crate) fn caller_spin() -> Duration {
-    spin_override().unwrap_or(spin::SPIN)
-}
-
-/// How long the runtime's I/O thread keeps polling after a call: 2 ms on machines with
-/// enough CPUs (see `pegaflow_core::spin`) unless `PEGAFLOW_CLIENT_SPIN_US` says otherwise.
-fn client_warm_window() -> Duration {
-    spin_override().unwrap_or_else(|| spin::default_warm_window(Duration::from_millis(2)))
 }
 
 impl PyEngineClient {

@@ -9,6 +9,7 @@ mod errors;
 mod load_state;
 mod transport;
 mod types;
+mod waiting;
 
 use pyo3::prelude::*;
 

@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use pegaflow_core::load_state::{LoadState as CoreLoadState, LoadStatus};
+use pegaflow_common::load_state::{LoadState as CoreLoadState, LoadStatus};
 use pyo3::prelude::*;
 
-use crate::client::lock;
 use crate::descriptors::{Descriptors, Token};
 use crate::errors::{ErrorClass, pegaflow_error};
+use crate::waiting::{caller_spin, lock};
 
 /// Completion flag of one load, polled without a round trip to the server.
 #[pyclass(module = "pegaflow._native", name = "LoadState", frozen)]
@@ -116,7 +116,7 @@ impl PyLoadState {
     #[pyo3(signature = (timeout_s = 30.0))]
     fn wait(&self, py: Python<'_>, timeout_s: f64) -> PyResult<()> {
         let timeout = Duration::try_from_secs_f64(timeout_s.max(0.0)).unwrap_or(Duration::MAX);
-        let status = py.detach(|| self.inner.wait(timeout, crate::client::caller_spin(), &|| self.server_alive()));
+        let status = py.detach(|| self.inner.wait(timeout, caller_spin(), &|| self.server_alive()));
         match status {
             LoadStatus::Done => Ok(()),
             LoadStatus::Failed(reason) => Err(pegaflow_error(py, ErrorClass::LoadFailed, reason)),

@@ -12,7 +12,7 @@ use tracing::debug;
 
 use super::{CopyDone, CopyJob, CopyOp, DeviceBackend, DeviceError, DeviceRegion, Direction, RegionSource};
 use crate::memory::HostPool;
-use crate::shm::SharedMemory;
+use pegaflow_common::shm::SharedMemory;
 
 /// Jobs smaller than this run on one thread (splitting costs more than it saves).
 const SPLIT_THRESHOLD: u64 = 4 << 20;

@@ -17,7 +17,7 @@ pub use host::{HostDevice, HostDeviceOptions};
 pub use plan::{CopyOp, coalesce};
 
 use crate::memory::HostPool;
-use crate::shm::{SharedMemory, ShmError};
+use pegaflow_common::shm::{SharedMemory, ShmError};
 
 /// Why a device could not map memory or move bytes.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,7 @@ impl std::hash::Hash for HostMemory {
 /// Where a client's KV tensor memory comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RegionSource {
-    /// Host memory the client handed over by descriptor (see [`crate::shm`]).
+    /// Host memory the client handed over by descriptor (see [`pegaflow_common::shm`]).
     HostMemory(HostMemory),
     /// A CUDA allocation exported by the client with `cudaIpcGetMemHandle`.
     CudaIpc {

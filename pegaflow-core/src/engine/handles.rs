@@ -15,8 +15,8 @@ use parking_lot::Mutex;
 
 use crate::device::{HostMemory, RegionSource};
 use crate::error::{EngineError, Result};
-use crate::load_state::{LOAD_STATE_BYTES, LoadState, LoadStateError};
-use crate::shm::{SharedMemory, ShmError, client_mapped_bytes, client_mappings};
+use pegaflow_common::load_state::{LOAD_STATE_BYTES, LoadState, LoadStateError};
+use pegaflow_common::shm::{SharedMemory, ShmError, client_mapped_bytes, client_mappings};
 
 /// Bytes of a memory token.
 pub const TOKEN_BYTES: usize = 16;
@@ -42,7 +42,7 @@ impl MemoryToken {
 pub enum MemoryKind {
     /// KV tensors to register.
     KvMemory,
-    /// A load-completion flag (see [`crate::load_state`]).
+    /// A load-completion flag (see [`pegaflow_common::load_state`]).
     LoadState,
 }
 

@@ -85,7 +85,7 @@ impl EngineMetrics {
     }
 
     pub(crate) fn observe_mappings(&self) {
-        self.client_mappings.set(crate::shm::client_mappings());
+        self.client_mappings.set(pegaflow_common::shm::client_mappings());
     }
 
     pub(crate) fn observe_cache(&self, stats: &CacheStats) {

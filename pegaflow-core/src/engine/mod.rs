@@ -71,7 +71,7 @@ pub struct EngineConfig {
     pub cuda_devices: Vec<u32>,
     /// How long engine threads poll (yielding the CPU) instead of sleeping: CUDA copy
     /// workers after each job, and a save waiting for its last chunk (at most
-    /// [`crate::spin::SPIN`] of it). Each avoided sleep saves an idle-thread wake-up
+    /// [`pegaflow_common::spin::SPIN`] of it). Each avoided sleep saves an idle-thread wake-up
     /// (0.05–0.15 ms on some hosts). Zero always sleeps.
     pub spin: Duration,
     /// Resource caps.
@@ -142,7 +142,7 @@ impl Engine {
             handles: MemoryHandles::new(config.limits.max_client_mappings, config.limits.max_client_memory),
             max_hashes: config.limits.max_hashes_per_request,
             metrics,
-            save_spin: config.spin.min(crate::spin::SPIN),
+            save_spin: config.spin.min(pegaflow_common::spin::SPIN),
         })
     }
 

@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut};
-use pegaflow_core::load_state::LoadState;
-use pegaflow_core::shm::SharedMemory;
+use pegaflow_common::load_state::LoadState;
+use pegaflow_common::shm::SharedMemory;
 use pegaflow_proto as pb;
 use pegaflow_proto::descriptor::{DescriptorClient, MemoryKind};
 use pegaflow_proto::engine_client::EngineClient;
@@ -241,11 +241,11 @@ pub fn hashes(tag: u8, n: u64) -> Vec<Vec<u8>> {
 }
 
 /// Waits for a load state to settle (at most 10 s).
-pub async fn settle(state: &LoadState) -> pegaflow_core::load_state::LoadStatus {
+pub async fn settle(state: &LoadState) -> pegaflow_common::load_state::LoadStatus {
     let t0 = Instant::now();
     loop {
         let s = state.status();
-        if s != pegaflow_core::load_state::LoadStatus::Pending || t0.elapsed() > Duration::from_secs(10) {
+        if s != pegaflow_common::load_state::LoadStatus::Pending || t0.elapsed() > Duration::from_secs(10) {
             return s;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -17,7 +17,7 @@ use super::lanes::{BatchArrays, Lanes};
 use super::plan::{Chunk, Segment, Strategy, choose, plan_staged};
 use crate::device::{CopyDone, DeviceError, DeviceRegion, Direction};
 use crate::memory::HostPool;
-use crate::spin::recv_spinning;
+use pegaflow_common::spin::recv_spinning;
 
 /// Kernel table entries per chunk.
 const MAX_TABLE: usize = 8192;
