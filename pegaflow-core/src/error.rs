@@ -4,6 +4,26 @@
 use crate::device::DeviceError;
 use crate::layout::LayoutError;
 
+/// What a caller can do about an error. Each edge (gRPC, the descriptor protocol) maps
+/// categories, never variants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCategory {
+    /// Fix the request (permanent).
+    Invalid,
+    /// The named thing does not exist (or no longer).
+    NotFound,
+    /// The thing to create exists already.
+    AlreadyExists,
+    /// Someone else's instance, rank or memory (permanent).
+    PermissionDenied,
+    /// A capacity or cap is reached (transient unless the request is larger than it).
+    Exhausted,
+    /// The server is stopping or a worker is gone (transient).
+    Unavailable,
+    /// A device or OS failure, or a bug.
+    Internal,
+}
+
 /// Result alias for engine operations.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -45,6 +65,19 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// What the caller can do about it.
+    pub fn category(&self) -> ErrorCategory {
+        match self {
+            Self::InvalidArgument(_) | Self::InvalidLayout { .. } => ErrorCategory::Invalid,
+            Self::NotFound(_) => ErrorCategory::NotFound,
+            Self::AlreadyExists(_) => ErrorCategory::AlreadyExists,
+            Self::PermissionDenied(_) => ErrorCategory::PermissionDenied,
+            Self::ResourceExhausted(_) => ErrorCategory::Exhausted,
+            Self::Unavailable(_) => ErrorCategory::Unavailable,
+            Self::Device(e) => e.category(),
+        }
+    }
+
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         Self::InvalidArgument(msg.into())
     }

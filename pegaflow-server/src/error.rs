@@ -1,8 +1,6 @@
 //! The one mapping from engine errors to gRPC statuses, and the server's own errors.
 
-use pegaflow_common::shm::ShmError;
-use pegaflow_core::EngineError;
-use pegaflow_core::device::DeviceError;
+use pegaflow_core::{EngineError, ErrorCategory};
 use tonic::Status;
 
 /// Longest message a status carries, in bytes: gRPC sends it in an HTTP/2 header, and a
@@ -20,21 +18,14 @@ pub fn to_status(error: EngineError) -> Status {
         message.truncate(end);
         message.push('…');
     }
-    match error {
-        EngineError::InvalidArgument(_) | EngineError::InvalidLayout { .. } => Status::invalid_argument(message),
-        EngineError::NotFound(_) => Status::not_found(message),
-        EngineError::AlreadyExists(_) => Status::already_exists(message),
-        EngineError::PermissionDenied(_) => Status::permission_denied(message),
-        EngineError::ResourceExhausted(_) => Status::resource_exhausted(message),
-        EngineError::Unavailable(_) => Status::unavailable(message),
-        EngineError::Device(
-            DeviceError::Shm(
-                ShmError::NotSealed | ShmError::NotReadWrite | ShmError::Unsupported(_) | ShmError::TooSmall { .. },
-            )
-            | DeviceError::Unsupported(_),
-        ) => Status::invalid_argument(message),
-        EngineError::Device(DeviceError::ShutDown(_)) => Status::unavailable(message),
-        EngineError::Device(_) => Status::internal(message),
+    match error.category() {
+        ErrorCategory::Invalid => Status::invalid_argument(message),
+        ErrorCategory::NotFound => Status::not_found(message),
+        ErrorCategory::AlreadyExists => Status::already_exists(message),
+        ErrorCategory::PermissionDenied => Status::permission_denied(message),
+        ErrorCategory::Exhausted => Status::resource_exhausted(message),
+        ErrorCategory::Unavailable => Status::unavailable(message),
+        ErrorCategory::Internal => Status::internal(message),
     }
 }
 
@@ -84,6 +75,8 @@ pub enum ServerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pegaflow_common::shm::ShmError;
+    use pegaflow_core::device::DeviceError;
 
     #[test]
     fn every_category_has_its_code_and_messages_stay_small() {
@@ -95,6 +88,11 @@ mod tests {
             (EngineError::ResourceExhausted("x".into()), tonic::Code::ResourceExhausted),
             (EngineError::Unavailable("x".into()), tonic::Code::Unavailable),
             (EngineError::Device(DeviceError::Shm(ShmError::NotSealed)), tonic::Code::InvalidArgument),
+            (
+                EngineError::Device(DeviceError::Shm(ShmError::TooLarge { len: 2, max: 1 })),
+                tonic::Code::ResourceExhausted,
+            ),
+            (EngineError::Device(DeviceError::ShutDown("host")), tonic::Code::Unavailable),
             (EngineError::Device(DeviceError::Cuda("x".into())), tonic::Code::Internal),
         ];
         for (error, code) in cases {

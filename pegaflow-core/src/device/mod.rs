@@ -58,6 +58,21 @@ impl std::hash::Hash for HostMemory {
     }
 }
 
+impl DeviceError {
+    /// What the caller can do about it: bad client memory is the request's fault, a
+    /// stopped backend is transient, anything else is internal.
+    pub fn category(&self) -> crate::error::ErrorCategory {
+        use crate::error::ErrorCategory;
+        match self {
+            Self::Shm(ShmError::TooLarge { .. }) => ErrorCategory::Exhausted,
+            Self::Shm(ShmError::Os { .. } | ShmError::Populate(_)) => ErrorCategory::Internal,
+            Self::Shm(_) | Self::Unsupported(_) => ErrorCategory::Invalid,
+            Self::ShutDown(_) => ErrorCategory::Unavailable,
+            Self::OutOfBounds(_) | Self::Cuda(_) => ErrorCategory::Internal,
+        }
+    }
+}
+
 /// Where a client's KV tensor memory comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RegionSource {
