@@ -2,10 +2,13 @@
 //! of `pegaflow.errors`.
 //!
 //! The classes are defined in Python so they can derive from both `PegaflowError` and
-//! a stdlib base (`except ValueError` works); [`ErrorClass`] names each one once.
+//! a stdlib base (`except ValueError` works); [`ErrorClass`] names each one once, and each
+//! class object is looked up once per process and kept.
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyType;
 use tonic::{Code, Status};
 
 use crate::descriptors::HandOverError;
@@ -32,6 +35,9 @@ pub enum ErrorClass {
     /// `PegaflowLoadError`.
     LoadFailed,
 }
+
+/// The class objects, by [`ErrorClass`] discriminant.
+static CLASSES: [PyOnceLock<Py<PyType>>; 9] = [const { PyOnceLock::new() }; 9];
 
 impl ErrorClass {
     fn name(self) -> &'static str {
@@ -65,7 +71,7 @@ impl ErrorClass {
 
 /// Builds `pegaflow.errors.<class>(message)`.
 pub fn pegaflow_error(py: Python<'_>, class: ErrorClass, message: String) -> PyErr {
-    let class = py.import("pegaflow.errors").and_then(|m| m.getattr(class.name()));
+    let class = CLASSES[class as usize].import(py, "pegaflow.errors", class.name());
     match class {
         Ok(class) => match class.call1((message.clone(),)) {
             Ok(instance) => PyErr::from_value(instance),
