@@ -119,6 +119,7 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         KeepWarm::new(config.spin_window()),
         uds_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         server_id,
+        token.is_some(),
     );
     let service = {
         let metrics = Arc::clone(&listen_metrics);

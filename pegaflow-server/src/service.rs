@@ -24,6 +24,8 @@ pub struct EngineService {
     warm: KeepWarm,
     uds_path: String,
     server_id: [u8; 16],
+    /// TCP callers passed the token check (the server requires one): they may use admin calls.
+    tcp_is_trusted: bool,
 }
 
 impl EngineService {
@@ -36,8 +38,20 @@ impl EngineService {
         warm: KeepWarm,
         uds_path: String,
         server_id: [u8; 16],
+        tcp_is_trusted: bool,
     ) -> Self {
-        Self { engine, sessions, warm, uds_path, server_id }
+        Self { engine, sessions, warm, uds_path, server_id, tcp_is_trusted }
+    }
+
+    /// Whether the caller may use admin calls: root or the server's own user over the
+    /// Unix socket, or a token holder over TCP.
+    fn is_admin<T>(&self, request: &Request<T>) -> bool {
+        match peer_of(request) {
+            Some(peer) if peer.transport == crate::listen::Transport::Unix => {
+                peer.uid.is_some_and(|uid| uid == 0 || uid == nix::unistd::geteuid().as_raw())
+            }
+            _ => self.tcp_is_trusted,
+        }
     }
 
     fn touch(&self) {
@@ -249,6 +263,21 @@ impl EngineApi for EngineService {
             })
             .collect();
         Ok(Response::new(pb::ListInstancesResponse { instances }))
+    }
+
+    async fn drop_cache(
+        &self,
+        request: Request<pb::DropCacheRequest>,
+    ) -> Result<Response<pb::DropCacheResponse>, Status> {
+        let _busy = busy(&request);
+        if !self.is_admin(&request) {
+            return Err(Status::permission_denied(
+                "dropping the cache is for root or the server's user on the Unix socket, or token holders over TCP",
+            ));
+        }
+        let (dropped_blocks, kept_blocks) = self.engine.drop_cache();
+        info!(dropped_blocks, kept_blocks, uid = caller_uid(&request), "cache dropped");
+        Ok(Response::new(pb::DropCacheResponse { dropped_blocks, kept_blocks }))
     }
 
     type OpenSessionStream = SessionStream;

@@ -282,3 +282,38 @@ async fn unreadable_request_frames_are_invalid_argument() {
         assert_eq!(status.as_deref(), Some("3"), "{frame:?}: {:?}", response.headers());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_admin_drops_the_cache_and_leased_blocks_stay() {
+    let server = Server::start(&[]).await;
+    let mut unix = server.unix_client().await;
+    let mut d = server.descriptors();
+    let kv = ClientKv::new(6);
+    let token = kv.hand_over(&mut d);
+    let (session, _alive) = open_session(&mut unix, "drop").await;
+    unix.register_kv_layers(kv.request(&token, "drop", &session, 0, 1)).await.unwrap();
+    let h = hashes(6, 4);
+    let save = pb::SaveRequest {
+        instance_id: "drop".into(),
+        session_id: session.clone(),
+        tp_rank: 0,
+        layers: vec![],
+        block_ids: (0..4).collect(),
+        block_hashes: h.clone(),
+    };
+    unix.save(save).await.unwrap();
+    let query =
+        |hashes: Vec<Vec<u8>>| pb::QueryRequest { instance_id: "drop".into(), block_hashes: hashes, lease_ttl_ms: 0 };
+    let leased = unix.query(query(h[..1].to_vec())).await.unwrap().into_inner();
+    assert_eq!(leased.hit_blocks, 1);
+    // Over TCP without a token nobody is trusted with it.
+    let mut tcp = server.client().await;
+    assert_eq!(code(&tcp.drop_cache(pb::DropCacheRequest {}).await), Code::PermissionDenied);
+    // This test runs as the server's own user: allowed on the Unix socket.
+    let dropped = unix.drop_cache(pb::DropCacheRequest {}).await.unwrap().into_inner();
+    assert_eq!((dropped.dropped_blocks, dropped.kept_blocks), (3, 1));
+    assert_eq!(unix.query(query(h[1..].to_vec())).await.unwrap().into_inner().hit_blocks, 0);
+    let release = pb::ReleaseLeaseRequest { lease_id: leased.lease_id };
+    unix.release_lease(release).await.unwrap();
+    assert_eq!(unix.query(query(h[..1].to_vec())).await.unwrap().into_inner().hit_blocks, 1, "the leased block stayed");
+}

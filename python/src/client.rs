@@ -405,6 +405,17 @@ impl PyEngineClient {
         Ok(())
     }
 
+    /// Admin: drops every cached block that is neither leased nor being copied; returns
+    /// {"dropped_blocks", "kept_blocks"}. Allowed on the server's Unix socket to root and
+    /// the server's user, over TCP to holders of the server's token.
+    fn drop_cache<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = self.call(py, |mut c| async move { c.drop_cache(pb::DropCacheRequest {}).await })?;
+        let d = PyDict::new(py);
+        d.set_item("dropped_blocks", r.dropped_blocks)?;
+        d.set_item("kept_blocks", r.kept_blocks)?;
+        Ok(d)
+    }
+
     /// Admin: registered instances as dicts.
     fn list_instances<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let r = self.call(py, |mut c| async move { c.list_instances(pb::ListInstancesRequest {}).await })?;

@@ -449,3 +449,20 @@ def test_only_the_registering_session_moves_a_ranks_bytes(
     state.wait(10)
     raw = [layer.view(np.uint8) for layer in kv.layers]
     assert all(np.array_equal(r[:, 10:14], r[:, 0:4]) for r in raw)
+
+
+def test_drop_cache_keeps_leased_blocks(
+    server: ServerHandle, client: EngineClient, kv_cache: KvFactory, instance_id: str
+) -> None:
+    """The admin call drops every unleased block; this test's client runs as the server's
+    user on its Unix socket, so it may."""
+    kv = kv_cache(num_layers=4, num_blocks=32, seed=91)
+    client.register_kv_layers(instance_id, "ns", 0, 1, kv.layer_specs())
+    hashes = random_hashes(4)
+    client.save(instance_id, 0, [0, 1, 2, 3], hashes)
+    leased = client.query(instance_id, hashes[:1])
+    assert leased.lease_id is not None
+    assert client.drop_cache() == {"dropped_blocks": 3, "kept_blocks": 1}
+    assert client.query(instance_id, hashes[1:]).hit_blocks == 0
+    client.release_lease(leased.lease_id)
+    assert server.metric("pegaflow_cache_blocks") == 1

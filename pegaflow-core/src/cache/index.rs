@@ -537,6 +537,17 @@ impl BlockCache {
         }
     }
 
+    /// Drops every block that is neither leased nor being copied (admin); returns how many.
+    pub fn drop_unpinned(&mut self) -> u64 {
+        let mut dropped = 0;
+        // Pinned blocks are off the queue, so this never touches them.
+        while let Some(key) = self.lru.pop_oldest() {
+            self.remove(&key);
+            dropped += 1;
+        }
+        dropped
+    }
+
     /// A pool range of `len` bytes, evicting unpinned blocks (oldest first) as needed.
     fn allocate(&mut self, len: u64, evicted: &mut u32) -> Option<PoolSlice> {
         loop {

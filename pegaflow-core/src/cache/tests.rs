@@ -315,3 +315,21 @@ fn lease_caps_refuse_a_query_without_pinning_and_free_up_on_release() {
     // Every block is unpinned again: all three can be evicted by new saves.
     assert_eq!(save_all(&mut c, &n, &[h(10), h(11), h(12), h(13), h(14), h(15), h(16), h(17)], 0, 1, &g), 8);
 }
+
+#[test]
+fn dropping_the_cache_keeps_exactly_the_leased_blocks() {
+    // Scenario: three sealed blocks, one of them leased; an admin drops the cache.
+    let mut c = cache(4);
+    let n = ns("m");
+    let g = geometry(1);
+    save_all(&mut c, &n, &[h(1), h(2), h(3)], 0, 1, &g);
+    let (_, lease) = c.query(Instant::now(), &n, "inst", &[h(2)], None).unwrap();
+    assert_eq!(c.drop_unpinned(), 2);
+    assert_eq!(c.stats().blocks, 1);
+    assert_eq!(c.stats().used_bytes, UNIT);
+    c.release_lease(&lease.unwrap()).unwrap();
+    assert_eq!(hits(&mut c, &n, &[h(2)]), 1, "the leased block survived");
+    assert_eq!(hits(&mut c, &n, &[h(1)]), 0);
+    assert_eq!(c.drop_unpinned(), 1);
+    assert_eq!(c.stats().used_bytes, 0);
+}

@@ -465,6 +465,16 @@ impl Engine {
         Ok(())
     }
 
+    /// Drops every cached block that is neither leased nor being copied (admin). Returns
+    /// how many blocks went and how many stayed.
+    pub fn drop_cache(&self) -> (u64, u64) {
+        let mut cache = self.cache.lock();
+        let dropped = cache.drop_unpinned();
+        let stats = cache.stats();
+        self.metrics.observe_cache(&stats);
+        (dropped, stats.blocks)
+    }
+
     /// Drops expired leases; the server calls this periodically. Returns how many.
     pub fn expire_leases(&self) -> usize {
         let mut cache = self.cache.lock();

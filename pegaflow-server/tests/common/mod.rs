@@ -18,7 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 /// Every RPC of `pegaflow.v1.Engine`.
-pub const METHODS: [&str; 9] = [
+pub const METHODS: [&str; 10] = [
     "/pegaflow.v1.Engine/RegisterKvLayers",
     "/pegaflow.v1.Engine/UnregisterInstance",
     "/pegaflow.v1.Engine/Save",
@@ -27,6 +27,7 @@ pub const METHODS: [&str; 9] = [
     "/pegaflow.v1.Engine/ReleaseLease",
     "/pegaflow.v1.Engine/Health",
     "/pegaflow.v1.Engine/ListInstances",
+    "/pegaflow.v1.Engine/DropCache",
     "/pegaflow.v1.Engine/OpenSession",
 ];
 
