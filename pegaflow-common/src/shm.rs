@@ -101,7 +101,7 @@ unsafe impl Sync for SharedMemory {}
 
 impl SharedMemory {
     /// Creates `len` bytes of zeroed memory as a memfd named `name` (shown in
-    /// `/proc/<pid>/maps` as `/memfd:<name>`), allocated up front, sealed against
+    /// `/proc/<pid>/maps` as `/memfd:<name>`), sealed against
     /// shrinking, growing and further sealing, and maps it (client side).
     pub fn create(name: &str, len: u64) -> Result<Self, ShmError> {
         if len == 0 {
@@ -112,7 +112,6 @@ impl SharedMemory {
             .map_err(os("memfd_create"))?;
         let size = libc::off_t::try_from(len).map_err(|_| ShmError::TooSmall { len: 0, min: len })?;
         nix::unistd::ftruncate(&fd, size).map_err(os("ftruncate"))?;
-        nix::fcntl::fallocate(&fd, nix::fcntl::FallocateFlags::empty(), 0, size).map_err(os("fallocate"))?;
         let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
         fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).map_err(os("sealing the memfd"))?;
         let map = MmapOptions::new()

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::Connected;
 
@@ -104,6 +104,17 @@ impl Slot {
         metrics.connections.inc();
         Self { _permit: permit, metrics }
     }
+
+    /// One of `slots`, or `None` (counted as a refused connection) when all are taken.
+    pub(super) fn take(slots: &Arc<Semaphore>, metrics: &Arc<ListenMetrics>) -> Option<Self> {
+        match Arc::clone(slots).try_acquire_owned() {
+            Ok(permit) => Some(Self::new(permit, Arc::clone(metrics))),
+            Err(_) => {
+                metrics.refused.inc();
+                None
+            }
+        }
+    }
 }
 
 impl Drop for Slot {
@@ -124,6 +135,10 @@ pub struct Timeouts {
 /// A connection served by tonic under the server's rules.
 pub struct Guarded<IO> {
     io: IO,
+    /// Bytes already read from `io` (to tell gRPC from the descriptor protocol), handed
+    /// out again before `io`'s own.
+    replay: Vec<u8>,
+    replayed: usize,
     peer: PeerInfo,
     preface_left: usize,
     handshake_deadline: Instant,
@@ -136,20 +151,21 @@ pub struct Guarded<IO> {
 }
 
 impl<IO> Guarded<IO> {
-    /// Wraps a gRPC connection `io`, of which `preface_seen` preface bytes were already
-    /// read (and are replayed by `io` itself).
-    pub fn new(io: IO, peer: PeerInfo, timeouts: Timeouts, preface_seen: usize, slot: Slot) -> Self {
-        Self::with_rules(io, peer, timeouts, H2_PREFACE_BYTES.saturating_sub(preface_seen), false, slot)
+    /// Wraps a gRPC connection `io` from which `replay` (the start of the HTTP/2 preface)
+    /// was already read: those bytes are read again first.
+    pub fn new(io: IO, peer: PeerInfo, timeouts: Timeouts, replay: Vec<u8>, slot: Slot) -> Self {
+        Self::with_rules(io, replay, peer, timeouts, H2_PREFACE_BYTES, false, slot)
     }
 
     /// Wraps an HTTP/1 connection: a request line within the handshake timeout, then
     /// closed after the idle timeout without bytes received.
     pub fn http1(io: IO, peer: PeerInfo, timeouts: Timeouts, slot: Slot) -> Self {
-        Self::with_rules(io, peer, timeouts, HTTP1_FIRST_BYTES, true, slot)
+        Self::with_rules(io, Vec::new(), peer, timeouts, HTTP1_FIRST_BYTES, true, slot)
     }
 
     fn with_rules(
         io: IO,
+        replay: Vec<u8>,
         peer: PeerInfo,
         timeouts: Timeouts,
         preface_left: usize,
@@ -160,8 +176,10 @@ impl<IO> Guarded<IO> {
         let metrics = Arc::clone(&slot.metrics);
         Self {
             io,
+            preface_left: preface_left.saturating_sub(replay.len()),
+            replay,
+            replayed: 0,
             peer,
-            preface_left,
             handshake_deadline,
             idle: timeouts.idle,
             reads_are_activity,
@@ -208,6 +226,12 @@ fn timed_out(what: &str) -> std::io::Error {
 impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if this.replayed < this.replay.len() {
+            let n = (this.replay.len() - this.replayed).min(buf.remaining());
+            buf.put_slice(&this.replay[this.replayed..this.replayed + n]);
+            this.replayed += n;
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -266,60 +290,17 @@ impl<IO> Connected for Guarded<IO> {
     }
 }
 
-/// A stream whose first bytes were already read (to tell gRPC from the descriptor
-/// protocol) and are handed back first.
-pub struct Replayed<IO> {
-    prefix: Vec<u8>,
-    at: usize,
-    io: IO,
-}
-
-impl<IO> Replayed<IO> {
-    /// `io` after `prefix` was read from it.
-    pub fn new(prefix: Vec<u8>, io: IO) -> Self {
-        Self { prefix, at: 0, io }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Replayed<IO> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if this.at < this.prefix.len() {
-            let n = (this.prefix.len() - this.at).min(buf.remaining());
-            buf.put_slice(&this.prefix[this.at..this.at + n]);
-            this.at += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Replayed<IO> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::sync::Semaphore;
 
     fn guarded(io: tokio::io::DuplexStream, timeouts: Timeouts) -> (Guarded<tokio::io::DuplexStream>, Arc<Activity>) {
         let metrics = Arc::new(ListenMetrics::default());
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
         let activity = Arc::new(Activity::default());
         let peer = PeerInfo { transport: Transport::Tcp, uid: None, pid: None, activity: Arc::clone(&activity) };
-        (Guarded::new(io, peer, timeouts, 0, Slot::new(permit, metrics)), activity)
+        (Guarded::new(io, peer, timeouts, Vec::new(), Slot::new(permit, metrics)), activity)
     }
 
     #[tokio::test(start_paused = true)]
@@ -354,13 +335,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn replayed_bytes_come_first() {
+    async fn replayed_bytes_come_first_and_count_toward_the_preface() {
         let (mut client, server) = tokio::io::duplex(64);
-        client.write_all(b"world").await.unwrap();
+        client.write_all(&[b'x'; H2_PREFACE_BYTES - 8]).await.unwrap();
         drop(client);
-        let mut r = Replayed::new(b"hello ".to_vec(), server);
-        let mut out = String::new();
-        r.read_to_string(&mut out).await.unwrap();
-        assert_eq!(out, "hello world");
+        let metrics = Arc::new(ListenMetrics::default());
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let peer = PeerInfo { transport: Transport::Unix, uid: Some(0), pid: None, activity: Default::default() };
+        let timeouts = Timeouts { handshake: Duration::from_secs(10), idle: None };
+        let mut g = Guarded::new(server, peer, timeouts, b"PRI * HT".to_vec(), Slot::new(permit, metrics));
+        let mut out = Vec::new();
+        g.read_to_end(&mut out).await.unwrap();
+        assert!(out.starts_with(b"PRI * HT") && out.len() == H2_PREFACE_BYTES);
+        assert_eq!(g.preface_left, 0);
     }
 }

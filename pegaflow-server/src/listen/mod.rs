@@ -27,7 +27,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, warn};
 
-pub use guarded::{Busy, Guarded, PeerInfo, Replayed, Slot, Timeouts, Transport};
+pub use guarded::{Busy, Guarded, PeerInfo, Slot, Timeouts, Transport};
 pub use uds::{bind_unix, remove_socket};
 
 /// Connection metrics (`pegaflow_connections*`).
@@ -105,13 +105,7 @@ impl Listening {
     }
 
     fn slot(&self) -> Option<Slot> {
-        match Arc::clone(&self.slots).try_acquire_owned() {
-            Ok(permit) => Some(Slot::new(permit, Arc::clone(&self.metrics))),
-            Err(_) => {
-                self.metrics.refused.inc();
-                None
-            }
-        }
+        Slot::take(&self.slots, &self.metrics)
     }
 
     /// Waits for the next connection that gets a slot (others are closed on arrival);
@@ -147,7 +141,7 @@ impl Listening {
                 // No Nagle: a small reply held for a delayed ACK costs ~40 ms when calls overlap.
                 let _ = stream.set_nodelay(true);
                 let peer = PeerInfo { transport: Transport::Tcp, uid: None, pid: None, activity: Default::default() };
-                if tx.send(Ok(Guarded::new(stream, peer, this.timeouts, 0, slot))).await.is_err() {
+                if tx.send(Ok(Guarded::new(stream, peer, this.timeouts, Vec::new(), slot))).await.is_err() {
                     break;
                 }
             }
@@ -157,10 +151,7 @@ impl Listening {
 
     /// gRPC connections accepted on the Unix socket, for tonic; descriptor connections are
     /// served here.
-    pub fn unix(
-        self: &Arc<Self>,
-        listener: UnixListener,
-    ) -> ReceiverStream<std::io::Result<Guarded<Replayed<UnixStream>>>> {
+    pub fn unix(self: &Arc<Self>, listener: UnixListener) -> ReceiverStream<std::io::Result<Guarded<UnixStream>>> {
         let (tx, rx) = mpsc::channel(64);
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -180,7 +171,7 @@ impl Listening {
         self: Arc<Self>,
         mut stream: UnixStream,
         slot: Slot,
-        grpc: mpsc::Sender<std::io::Result<Guarded<Replayed<UnixStream>>>>,
+        grpc: mpsc::Sender<std::io::Result<Guarded<UnixStream>>>,
     ) {
         let cred = match stream.peer_cred() {
             Ok(cred) => cred,
@@ -213,8 +204,7 @@ impl Listening {
             drop(slot);
             return;
         }
-        let seen = first.len();
-        let _ = grpc.send(Ok(Guarded::new(Replayed::new(first, stream), peer, self.timeouts, seen, slot))).await;
+        let _ = grpc.send(Ok(Guarded::new(stream, peer, self.timeouts, first, slot))).await;
     }
 }
 
@@ -251,12 +241,8 @@ impl axum::serve::Listener for HttpListener {
                     continue;
                 }
             };
-            let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
-                self.metrics.refused.inc();
-                continue;
-            };
+            let Some(slot) = Slot::take(&self.slots, &self.metrics) else { continue };
             let peer = PeerInfo { transport: Transport::Tcp, uid: None, pid: None, activity: Default::default() };
-            let slot = Slot::new(permit, Arc::clone(&self.metrics));
             return (Guarded::http1(stream, peer, self.timeouts, slot), addr);
         }
     }
