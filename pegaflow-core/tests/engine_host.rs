@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use pegaflow_common::load_state::{LoadState, LoadStatus};
 use pegaflow_common::shm::SharedMemory;
+use pegaflow_core::cache::BlockHash;
 use pegaflow_core::device::RegionSource;
 use pegaflow_core::layout::TensorSpec;
 use pegaflow_core::{
-    Caller, Engine, EngineConfig, EngineError, LayerRegistration, MemoryKind, MemoryToken, RegisterRequest,
+    Caller, Engine, EngineConfig, EngineError, LayerRegistration, MemoryKind, MemoryToken, RankRef, RegisterRequest,
+    SaveBlocks, SaveOutcome,
 };
 
 /// The descriptor connection and Unix user these tests hand memory over as.
@@ -106,6 +108,7 @@ fn engine(pool: u64) -> Arc<Engine> {
             pool_size: pool,
             use_hugepages: false,
             hint_value_size: None,
+            policy: Default::default(),
             copy_threads: Some(2),
             cuda_devices: Vec::new(),
             spin: Duration::from_millis(1),
@@ -115,8 +118,54 @@ fn engine(pool: u64) -> Arc<Engine> {
     )
 }
 
-fn hashes(tag: u8, n: u64) -> Vec<Vec<u8>> {
-    (0..n).map(|i| [[tag; 8], i.to_le_bytes(), [0; 8], [0; 8]].concat()).collect()
+fn hashes(tag: u8, n: u64) -> Vec<BlockHash> {
+    (0..n)
+        .map(|i| {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&[tag; 8]);
+            h[8..16].copy_from_slice(&i.to_le_bytes());
+            h
+        })
+        .collect()
+}
+
+/// A save of one chain-less batch, in the argument order the tests read best.
+async fn save(
+    e: &Engine,
+    instance_id: &str,
+    tp_rank: u32,
+    caller: Caller<'_>,
+    layers: &[u32],
+    block_ids: &[u64],
+    hashes: &[BlockHash],
+) -> pegaflow_core::Result<SaveOutcome> {
+    let target = RankRef { instance_id, tp_rank, caller };
+    e.save(target, SaveBlocks { hashes, parents: &[] }, block_ids, layers).await
+}
+
+/// A query as (hits, lease id).
+fn query(
+    e: &Engine,
+    instance_id: &str,
+    hashes: &[BlockHash],
+    ttl: Option<Duration>,
+) -> pegaflow_core::Result<(u32, Option<String>)> {
+    let outcome = e.query(instance_id, hashes, ttl)?;
+    Ok((outcome.hits(), outcome.lease_id().map(str::to_owned)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn load(
+    e: &Engine,
+    instance_id: &str,
+    tp_rank: u32,
+    caller: Caller<'_>,
+    lease_id: &str,
+    block_ids: &[u64],
+    layers: &[u32],
+    state: &MemoryToken,
+) -> pegaflow_core::Result<u32> {
+    e.load(RankRef { instance_id, tp_rank, caller }, lease_id, block_ids, layers, state)
 }
 
 async fn wait(state: &LoadState) -> LoadStatus {
@@ -137,14 +186,14 @@ async fn save_query_load_round_trip_is_byte_exact() {
     e.register(kv.request(&e, "a", "ns", 0, 1)).unwrap();
     let h = hashes(1, 16);
     let ids: Vec<u64> = (0..16).collect();
-    let out = e.save("a", 0, ME, &[], &ids, &h).await.unwrap();
+    let out = save(&e, "a", 0, ME, &[], &ids, &h).await.unwrap();
     assert_eq!((out.saved_blocks, out.sealed_blocks), (16, 16));
     // Read-your-writes: visible right after save returns.
-    let (hits, lease) = e.query("a", &h, None).unwrap();
+    let (hits, lease) = query(&e, "a", &h, None).unwrap();
     assert_eq!(hits, 16);
     let dst: Vec<u64> = (40..56).rev().collect();
     let (state, state_token) = load_state(&e);
-    assert_eq!(e.load("a", 0, ME, &lease.unwrap(), &dst, &[], &state_token).unwrap(), 16);
+    assert_eq!(load(&e, "a", 0, ME, &lease.unwrap(), &dst, &[], &state_token).unwrap(), 16);
     assert_eq!(wait(&state).await, LoadStatus::Done);
     for layer in 0..LAYERS {
         for (src, dst) in ids.iter().zip(&dst) {
@@ -162,7 +211,7 @@ async fn concurrent_saves_and_loads_on_disjoint_blocks() {
     let kv = ClientKv::new(2);
     e.register(kv.request(&e, "c", "ns", 0, 1)).unwrap();
     let first = hashes(2, 8);
-    e.save("c", 0, ME, &[], &(0..8).collect::<Vec<_>>(), &first).await.unwrap();
+    save(&e, "c", 0, ME, &[], &(0..8).collect::<Vec<_>>(), &first).await.unwrap();
     let mut tasks = Vec::new();
     for round in 0..8u64 {
         let e = Arc::clone(&e);
@@ -170,11 +219,11 @@ async fn concurrent_saves_and_loads_on_disjoint_blocks() {
         tasks.push(tokio::spawn(async move {
             // Saves read blocks 8..24 while loads write blocks 32.., so they are disjoint.
             let h = hashes(10 + round as u8, 2);
-            e.save("c", 0, ME, &[], &[8 + 2 * round, 9 + 2 * round], &h).await.unwrap();
-            let (hits, lease) = e.query("c", &first[..2], None).unwrap();
+            save(&e, "c", 0, ME, &[], &[8 + 2 * round, 9 + 2 * round], &h).await.unwrap();
+            let (hits, lease) = query(&e, "c", &first[..2], None).unwrap();
             assert_eq!(hits, 2);
             let (state, state_token) = load_state(&e);
-            e.load("c", 0, ME, &lease.unwrap(), &[32 + 4 * round, 33 + 4 * round], &[], &state_token).unwrap();
+            load(&e, "c", 0, ME, &lease.unwrap(), &[32 + 4 * round, 33 + 4 * round], &[], &state_token).unwrap();
             assert_eq!(wait(&state).await, LoadStatus::Done);
         }));
     }
@@ -198,24 +247,24 @@ async fn unregister_then_register_again() {
     assert_eq!(e.metrics().open_regions.get(), 1);
     // Only the registering session, of the owning user, moves the rank's bytes.
     for stranger in [Caller { session_id: "other", uid: Some(UID) }, Caller { session_id: "session", uid: None }] {
-        let err = e.save("r", 0, stranger, &[], &[0], &hashes(3, 1)).await.unwrap_err();
+        let err = save(&e, "r", 0, stranger, &[], &[0], &hashes(3, 1)).await.unwrap_err();
         assert!(matches!(err, EngineError::PermissionDenied(_)), "{err}");
         let (_state, token) = load_state(&e);
-        let err = e.load("r", 0, stranger, "lease", &[0], &[], &token).unwrap_err();
+        let err = load(&e, "r", 0, stranger, "lease", &[0], &[], &token).unwrap_err();
         assert!(matches!(err, EngineError::PermissionDenied(_)), "{err}");
     }
-    e.save("r", 0, ME, &[], &[0], &hashes(3, 1)).await.unwrap();
+    save(&e, "r", 0, ME, &[], &[0], &hashes(3, 1)).await.unwrap();
     // Only a session holding a rank, of the owning user, may unregister it.
     assert!(matches!(e.unregister("r", "other-session", Some(UID)), Err(EngineError::PermissionDenied(_))));
     assert!(matches!(e.unregister("r", "session", Some(UID + 1)), Err(EngineError::PermissionDenied(_))));
     assert!(matches!(e.unregister("r", "session", None), Err(EngineError::PermissionDenied(_))));
     e.unregister("r", "session", Some(UID)).unwrap();
     assert_eq!(e.metrics().open_regions.get(), 0);
-    assert!(matches!(e.save("r", 0, ME, &[], &[0], &hashes(3, 1)).await, Err(EngineError::NotFound(_))));
+    assert!(matches!(save(&e, "r", 0, ME, &[], &[0], &hashes(3, 1)).await, Err(EngineError::NotFound(_))));
     assert!(matches!(e.unregister("r", "session", Some(UID)), Err(EngineError::NotFound(_))));
     e.register(kv.request(&e, "r", "ns", 0, 1)).unwrap();
     // The cache outlived the registration.
-    assert_eq!(e.query("r", &hashes(3, 1), None).unwrap().0, 1);
+    assert_eq!(query(&e, "r", &hashes(3, 1), None).unwrap().0, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,17 +274,17 @@ async fn a_layer_subset_does_not_seal_and_tp_ranks_must_all_save() {
     e.register(kv0.request(&e, "t", "ns", 0, 2)).unwrap();
     e.register(kv1.request(&e, "t", "ns", 1, 2)).unwrap();
     let h = hashes(4, 2);
-    e.save("t", 0, ME, &[0, 1], &[0, 1], &h).await.unwrap();
-    e.save("t", 0, ME, &[2, 3], &[0, 1], &h).await.unwrap();
-    assert_eq!(e.query("t", &h, None).unwrap().0, 0, "rank 1 has not saved");
-    let out = e.save("t", 1, ME, &[], &[0, 1], &h).await.unwrap();
+    save(&e, "t", 0, ME, &[0, 1], &[0, 1], &h).await.unwrap();
+    save(&e, "t", 0, ME, &[2, 3], &[0, 1], &h).await.unwrap();
+    assert_eq!(query(&e, "t", &h, None).unwrap().0, 0, "rank 1 has not saved");
+    let out = save(&e, "t", 1, ME, &[], &[0, 1], &h).await.unwrap();
     assert_eq!(out.sealed_blocks, 2);
-    let (hits, lease) = e.query("t", &h, None).unwrap();
+    let (hits, lease) = query(&e, "t", &h, None).unwrap();
     assert_eq!(hits, 2);
     let lease = lease.unwrap();
     let ((s0, t0), (s1, t1)) = (load_state(&e), load_state(&e));
-    e.load("t", 0, ME, &lease, &[10, 11], &[], &t0).unwrap();
-    e.load("t", 1, ME, &lease, &[10, 11], &[], &t1).unwrap();
+    load(&e, "t", 0, ME, &lease, &[10, 11], &[], &t0).unwrap();
+    load(&e, "t", 1, ME, &lease, &[10, 11], &[], &t1).unwrap();
     assert_eq!(wait(&s0).await, LoadStatus::Done);
     assert_eq!(wait(&s1).await, LoadStatus::Done);
     for layer in 0..LAYERS {
@@ -251,14 +300,14 @@ async fn a_load_with_repeated_destination_blocks_is_refused() {
     let kv = ClientKv::new(6);
     e.register(kv.request(&e, "d", "ns", 0, 1)).unwrap();
     let h = hashes(6, 2);
-    e.save("d", 0, ME, &[], &[0, 1], &h).await.unwrap();
-    let (_, lease) = e.query("d", &h, None).unwrap();
+    save(&e, "d", 0, ME, &[], &[0, 1], &h).await.unwrap();
+    let (_, lease) = query(&e, "d", &h, None).unwrap();
     let lease = lease.unwrap();
     let (state, state_token) = load_state(&e);
-    let err = e.load("d", 0, ME, &lease, &[9, 9], &[], &state_token).unwrap_err();
+    let err = load(&e, "d", 0, ME, &lease, &[9, 9], &[], &state_token).unwrap_err();
     assert!(matches!(err, EngineError::InvalidArgument(_)), "{err}");
     // Nothing changed: the lease still loads.
-    e.load("d", 0, ME, &lease, &[9, 10], &[], &state_token).unwrap();
+    load(&e, "d", 0, ME, &lease, &[9, 10], &[], &state_token).unwrap();
     assert_eq!(wait(&state).await, LoadStatus::Done);
 }
 
@@ -301,11 +350,11 @@ async fn cross_layer_layout_round_trips_byte_exact() {
     })
     .unwrap();
     let h = hashes(7, 4);
-    e.save("x", 0, ME, &[], &[9, 2, 30, 5], &h).await.unwrap();
-    let (hits, lease) = e.query("x", &h, None).unwrap();
+    save(&e, "x", 0, ME, &[], &[9, 2, 30, 5], &h).await.unwrap();
+    let (hits, lease) = query(&e, "x", &h, None).unwrap();
     assert_eq!(hits, 4);
     let (state, state_token) = load_state(&e);
-    e.load("x", 0, ME, &lease.unwrap(), &[40, 41, 60, 50], &[], &state_token).unwrap();
+    load(&e, "x", 0, ME, &lease.unwrap(), &[40, 41, 60, 50], &[], &state_token).unwrap();
     assert_eq!(wait(&state).await, LoadStatus::Done);
     let block = |b: u64| bytes[(b * block_bytes) as usize..((b + 1) * block_bytes) as usize].to_vec();
     for (src, dst) in [(9, 40), (2, 41), (30, 60), (5, 50)] {
@@ -320,15 +369,15 @@ async fn a_large_save_goes_in_chunks_and_counts_every_block_once() {
     let kv = ClientKv::new(5);
     e.register(kv.request(&e, "big", "ns", 0, 1)).unwrap();
     let mut h = hashes(11, 30);
-    h[20] = h[3].clone(); // a duplicate that lands in a later chunk
+    h[20] = h[3]; // a duplicate that lands in a later chunk
     let ids: Vec<u64> = (0..30).rev().collect();
-    let out = e.save("big", 0, ME, &[], &ids, &h).await.unwrap();
+    let out = save(&e, "big", 0, ME, &[], &ids, &h).await.unwrap();
     assert_eq!((out.saved_blocks, out.sealed_blocks, out.skipped_blocks), (29, 29, 1));
-    let (hits, lease) = e.query("big", &h, None).unwrap();
+    let (hits, lease) = query(&e, "big", &h, None).unwrap();
     assert_eq!(hits, 30);
     let dst: Vec<u64> = (0..30).map(|i| 63 - 2 * (i % 15) - i / 15).collect(); // 34..=63, scattered
     let (state, state_token) = load_state(&e);
-    e.load("big", 0, ME, &lease.unwrap(), &dst, &[], &state_token).unwrap();
+    load(&e, "big", 0, ME, &lease.unwrap(), &dst, &[], &state_token).unwrap();
     assert_eq!(wait(&state).await, LoadStatus::Done);
     for (i, (src, dst)) in ids.iter().zip(&dst).enumerate() {
         // Position 20 repeats position 3's hash: it loads position 3's saved bytes.
@@ -348,12 +397,12 @@ async fn a_save_larger_than_the_pool_fails_without_evicting_anything() {
     let kv = ClientKv::new(6);
     e.register(kv.request(&e, "full", "ns", 0, 1)).unwrap();
     let kept = hashes(12, 8);
-    e.save("full", 0, ME, &[], &(0..8).collect::<Vec<_>>(), &kept).await.unwrap();
+    save(&e, "full", 0, ME, &[], &(0..8).collect::<Vec<_>>(), &kept).await.unwrap();
     let too_many = hashes(13, BLOCKS + 8);
     let ids: Vec<u64> = (0..BLOCKS + 8).map(|i| i % BLOCKS).collect();
-    assert!(matches!(e.save("full", 0, ME, &[], &ids, &too_many).await, Err(EngineError::ResourceExhausted(_))));
-    assert_eq!(e.query("full", &kept, None).unwrap().0, 8, "nothing was evicted");
-    assert_eq!(e.query("full", &too_many, None).unwrap().0, 0);
+    assert!(matches!(save(&e, "full", 0, ME, &[], &ids, &too_many).await, Err(EngineError::ResourceExhausted(_))));
+    assert_eq!(query(&e, "full", &kept, None).unwrap().0, 8, "nothing was evicted");
+    assert_eq!(query(&e, "full", &too_many, None).unwrap().0, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,8 +414,8 @@ async fn a_chunked_save_with_a_conflicting_block_fails_before_copying_anything()
     e.register(two.request(&e, "tp2", "shared", 0, 2)).unwrap();
     let h = hashes(14, 30);
     // Stored by a TP-1 instance; the TP-2 save below lists it in a later chunk.
-    e.save("tp1", 0, ME, &[], &[0], &h[20..21]).await.unwrap();
+    save(&e, "tp1", 0, ME, &[], &[0], &h[20..21]).await.unwrap();
     let ids: Vec<u64> = (0..30).collect();
-    assert!(matches!(e.save("tp2", 0, ME, &[], &ids, &h).await, Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(save(&e, "tp2", 0, ME, &[], &ids, &h).await, Err(EngineError::InvalidArgument(_))));
     assert_eq!(e.stats().blocks, 1, "the first chunks were not saved either");
 }

@@ -33,9 +33,14 @@ pub struct ServerConfig {
     pub devices: Vec<u32>,
 
     /// Typical bytes of one block of one rank (all layers), e.g. 2mb; sizes the
-    /// allocator's tables. Default: 64kb.
+    /// allocator's tables and the admission frequency sketch. Default: 64kb.
     #[arg(long, value_parser = parse_size)]
     pub hint_value_size: Option<u64>,
+
+    /// Admit every saved block and evict least recently used first, instead of
+    /// W-TinyLFU (a frequency sketch keeps one-off scans from flushing hot prefixes).
+    #[arg(long)]
+    pub disable_lfu_admission: bool,
 
     /// Back the pool with 2 MiB huge pages (reserve them in /proc/sys/vm/nr_hugepages).
     #[arg(long)]

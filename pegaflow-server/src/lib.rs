@@ -12,6 +12,7 @@ mod listen;
 mod server;
 mod service;
 mod session;
+pub mod trace;
 
 pub use auth::AUTH_HEADER;
 pub use config::{DEFAULT_ADDR, DEFAULT_METRICS_ADDR, ServerConfig, parse_size};

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pegaflow_common::spin::KeepWarm;
+use pegaflow_core::cache::PolicyKind;
 use pegaflow_core::{Engine, EngineConfig};
 use pegaflow_proto::engine_server::EngineServer;
 use prometheus_client::registry::Registry;
@@ -53,6 +54,7 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         pool_size,
         use_hugepages: config.use_hugepages,
         hint_value_size: config.hint_value_size,
+        policy: if config.disable_lfu_admission { PolicyKind::Lru } else { PolicyKind::TinyLfu },
         copy_threads: None,
         cuda_devices: config.devices.clone(),
         spin: config.spin_window(),
@@ -149,6 +151,7 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         uds = ?uds_path,
         pool_bytes = pool_size,
         hugepages = config.use_hugepages,
+        admission = if config.disable_lfu_admission { "lru" } else { "tinylfu" },
         tls = tls.is_some(),
         max_connections,
         startup_ms = started.elapsed().as_millis() as u64,

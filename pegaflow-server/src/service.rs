@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pegaflow_common::spin::KeepWarm;
+use pegaflow_core::cache::{QueryOutcome, Tier, parse_hashes, parse_parents};
 use pegaflow_core::device::RegionSource;
 use pegaflow_core::layout::TensorSpec;
-use pegaflow_core::{Caller, Engine, LayerRegistration, MemoryToken, RegisterRequest, shown};
+use pegaflow_core::{Caller, Engine, LayerRegistration, MemoryToken, RankRef, RegisterRequest, SaveBlocks, shown};
 use pegaflow_proto as pb;
 use pegaflow_proto::engine_server::Engine as EngineApi;
 use tonic::{Request, Response, Status};
@@ -180,10 +181,11 @@ impl EngineApi for EngineService {
         let uid = caller_uid(&request);
         let req = request.into_inner();
         let caller = Caller { session_id: &req.session_id, uid };
-        let outcome = self
-            .engine
-            .save(&req.instance_id, req.tp_rank, caller, &req.layers, &req.block_ids, &req.block_hashes)
-            .await;
+        let target = RankRef { instance_id: &req.instance_id, tp_rank: req.tp_rank, caller };
+        let hashes = parse_hashes(&req.block_hashes).map_err(to_status)?;
+        let parents = parse_parents(&req.parent_hashes).map_err(to_status)?;
+        let blocks = SaveBlocks { hashes: &hashes, parents: &parents };
+        let outcome = self.engine.save(target, blocks, &req.block_ids, &req.layers).await;
         self.touch(); // a long copy outlasts the window: the reply opens a new one
         let outcome = outcome.map_err(to_status)?;
         Ok(Response::new(pb::SaveResponse {
@@ -191,6 +193,7 @@ impl EngineApi for EngineService {
             sealed_blocks: outcome.sealed_blocks,
             skipped_blocks: outcome.skipped_blocks,
             evicted_blocks: outcome.evicted_blocks,
+            rejected_blocks: outcome.rejected_blocks,
         }))
     }
 
@@ -199,10 +202,21 @@ impl EngineApi for EngineService {
         self.touch();
         let req = request.into_inner();
         let ttl = (req.lease_ttl_ms > 0).then(|| Duration::from_millis(req.lease_ttl_ms));
-        let (hit_blocks, lease) = self.engine.query(&req.instance_id, &req.block_hashes, ttl).map_err(to_status)?;
-        let lease_ttl_ms =
-            if lease.is_some() { ttl.unwrap_or(pegaflow_core::cache::DEFAULT_LEASE_TTL).as_millis() as u64 } else { 0 };
-        Ok(Response::new(pb::QueryResponse { hit_blocks, lease_id: lease.unwrap_or_default(), lease_ttl_ms }))
+        let hashes = parse_hashes(&req.block_hashes).map_err(to_status)?;
+        let outcome = self.engine.query(&req.instance_id, &hashes, ttl).map_err(to_status)?;
+        let lease_ttl = ttl.unwrap_or(pegaflow_core::cache::DEFAULT_LEASE_TTL).as_millis() as u64;
+        let response = match outcome {
+            QueryOutcome::Hit { lease_id, tiers } => pb::QueryResponse {
+                hit_blocks: tiers.len() as u32,
+                lease_id,
+                lease_ttl_ms: lease_ttl,
+                loading: false,
+                hit_tiers: tiers.into_iter().map(|t| wire_tier(t) as i32).collect(),
+            },
+            QueryOutcome::Loading => pb::QueryResponse { loading: true, ..Default::default() },
+            QueryOutcome::Miss => pb::QueryResponse::default(),
+        };
+        Ok(Response::new(response))
     }
 
     async fn load(&self, request: Request<pb::LoadRequest>) -> Result<Response<pb::LoadResponse>, Status> {
@@ -212,10 +226,8 @@ impl EngineApi for EngineService {
         let req = request.into_inner();
         let state = token(&req.load_state_token)?;
         let caller = Caller { session_id: &req.session_id, uid };
-        let blocks = self
-            .engine
-            .load(&req.instance_id, req.tp_rank, caller, &req.lease_id, &req.block_ids, &req.layers, &state)
-            .map_err(to_status)?;
+        let target = RankRef { instance_id: &req.instance_id, tp_rank: req.tp_rank, caller };
+        let blocks = self.engine.load(target, &req.lease_id, &req.block_ids, &req.layers, &state).map_err(to_status)?;
         Ok(Response::new(pb::LoadResponse { blocks }))
     }
 
@@ -295,5 +307,11 @@ impl EngineApi for EngineService {
             )));
         }
         Ok(Response::new(self.sessions.open(id, peer.as_ref(), Arc::clone(&self.engine))))
+    }
+}
+
+fn wire_tier(tier: Tier) -> pb::Tier {
+    match tier {
+        Tier::Ram => pb::Tier::Ram,
     }
 }

@@ -55,6 +55,7 @@ async fn every_rpc_answers_its_documented_codes() {
         layers: vec![],
         block_ids: (0..hashes.len() as u64).collect(),
         block_hashes: hashes,
+        parent_hashes: Vec::new(),
     };
     let save = |instance: &str, hashes: Vec<Vec<u8>>| save_as(&session, instance, hashes);
     assert_eq!(code(&c.save(save("nope", h.clone())).await), Code::NotFound);
@@ -68,7 +69,15 @@ async fn every_rpc_answers_its_documented_codes() {
     let err = c.save(save(&long, h.clone())).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().len() < 1000, "{} bytes", err.message().len());
-    c.save(save("a", h.clone())).await.unwrap();
+    // Chain parents: one per block (empty bytes for a root) or none at all.
+    let with_parents = |parents: Vec<Vec<u8>>| pb::SaveRequest { parent_hashes: parents, ..save("a", h.clone()) };
+    assert_eq!(code(&c.save(with_parents(vec![vec![]])).await), Code::InvalidArgument, "one parent for four blocks");
+    let mut bad = vec![vec![]; 4];
+    bad[2] = vec![7; 5];
+    assert_eq!(code(&c.save(with_parents(bad)).await), Code::InvalidArgument, "a 5-byte parent");
+    let chain: Vec<Vec<u8>> = std::iter::once(vec![]).chain(h[..3].iter().cloned()).collect();
+    let saved = c.save(with_parents(chain)).await.unwrap().into_inner();
+    assert_eq!((saved.saved_blocks, saved.rejected_blocks), (4, 0));
 
     // Query, with its caps.
     let query = |instance: &str, hashes: Vec<Vec<u8>>| pb::QueryRequest {
@@ -300,6 +309,7 @@ async fn only_an_admin_drops_the_cache_and_leased_blocks_stay() {
         layers: vec![],
         block_ids: (0..4).collect(),
         block_hashes: h.clone(),
+        parent_hashes: Vec::new(),
     };
     unix.save(save).await.unwrap();
     let query =

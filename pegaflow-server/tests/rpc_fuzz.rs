@@ -92,6 +92,7 @@ fn random_message(rng: &mut Rng, method: &str, known: &Known) -> Vec<u8> {
                 tp_rank: small(rng),
                 layers: (0..rng.below(3)).map(|_| rng.below(6) as u32).collect(),
                 block_ids: (0..block_hashes.len() + rng.below(2) as usize).map(|_| rng.below(BLOCKS + 8)).collect(),
+                parent_hashes: if rng.below(2) == 0 { Vec::new() } else { random_hashes(rng) },
                 block_hashes,
             }
             .encode_to_vec()
@@ -159,6 +160,7 @@ async fn fuzzed_requests_never_crash_corrupt_or_answer_internal() {
         layers: vec![],
         block_ids: (0..16).collect(),
         block_hashes: saved.clone(),
+        parent_hashes: Vec::new(),
     })
     .await
     .unwrap();

@@ -59,6 +59,7 @@ class SaveResult:
     sealed_blocks: int
     skipped_blocks: int
     evicted_blocks: int
+    rejected_blocks: int
 
 @final
 class QueryResult:
@@ -67,6 +68,8 @@ class QueryResult:
     hit_blocks: int
     lease_id: str | None
     lease_ttl_ms: int
+    tiers: list[str]
+    loading: bool
 
 @final
 class LoadState:
@@ -109,6 +112,7 @@ class EngineClient:
         block_ids: Sequence[int],
         block_hashes: Sequence[bytes],
         layers: Sequence[int] | None = None,
+        parent_hashes: Sequence[bytes] | None = None,
     ) -> SaveResult: ...
     def query(
         self, instance_id: str, block_hashes: Sequence[bytes], lease_ttl_ms: int = 0

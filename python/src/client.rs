@@ -323,7 +323,10 @@ impl PyEngineClient {
     }
 
     /// Saves `block_ids` under `block_hashes` (32 bytes each), all layers or `layers`.
-    #[pyo3(signature = (instance_id, tp_rank, block_ids, block_hashes, layers = None))]
+    /// `parent_hashes` gives the block before each in its prefix chain (b"" for a
+    /// chain's first block), so eviction keeps chains whole.
+    #[pyo3(signature = (instance_id, tp_rank, block_ids, block_hashes, layers = None, parent_hashes = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword signature
     fn save(
         &self,
         py: Python<'_>,
@@ -332,6 +335,7 @@ impl PyEngineClient {
         block_ids: Vec<u64>,
         block_hashes: Vec<Vec<u8>>,
         layers: Option<Vec<u32>>,
+        parent_hashes: Option<Vec<Vec<u8>>>,
     ) -> PyResult<SaveResult> {
         let session_id = self.session(&instance_id).map(|(id, _)| id).unwrap_or_default();
         let req = pb::SaveRequest {
@@ -341,6 +345,7 @@ impl PyEngineClient {
             layers: layers.unwrap_or_default(),
             block_ids,
             block_hashes,
+            parent_hashes: parent_hashes.unwrap_or_default(),
         };
         let r = self.call(py, |mut c| async move { c.save(req).await })?;
         Ok(SaveResult {
@@ -348,6 +353,7 @@ impl PyEngineClient {
             sealed_blocks: r.sealed_blocks,
             skipped_blocks: r.skipped_blocks,
             evicted_blocks: r.evicted_blocks,
+            rejected_blocks: r.rejected_blocks,
         })
     }
 
@@ -362,10 +368,13 @@ impl PyEngineClient {
     ) -> PyResult<QueryResult> {
         let req = pb::QueryRequest { instance_id, block_hashes, lease_ttl_ms };
         let r = self.call(py, |mut c| async move { c.query(req).await })?;
+        let tiers = r.hit_tiers().map(|t| t.as_str_name().trim_start_matches("TIER_").to_ascii_lowercase()).collect();
         Ok(QueryResult {
             hit_blocks: r.hit_blocks,
             lease_id: (!r.lease_id.is_empty()).then_some(r.lease_id),
             lease_ttl_ms: r.lease_ttl_ms,
+            tiers,
+            loading: r.loading,
         })
     }
 

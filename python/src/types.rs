@@ -153,18 +153,21 @@ pub struct SaveResult {
     pub saved_blocks: u32,
     /// Blocks that became visible to queries.
     pub sealed_blocks: u32,
-    /// Blocks skipped (already stored).
+    /// Blocks skipped (already stored, or refused admission).
     pub skipped_blocks: u32,
     /// Blocks evicted to make room.
     pub evicted_blocks: u32,
+    /// Of the skipped blocks, those the cache refused to admit (rated below what they
+    /// would have displaced): not an error.
+    pub rejected_blocks: u32,
 }
 
 #[pymethods]
 impl SaveResult {
     fn __repr__(&self) -> String {
         format!(
-            "SaveResult(saved_blocks={}, sealed_blocks={}, skipped_blocks={}, evicted_blocks={})",
-            self.saved_blocks, self.sealed_blocks, self.skipped_blocks, self.evicted_blocks
+            "SaveResult(saved_blocks={}, sealed_blocks={}, skipped_blocks={}, evicted_blocks={}, rejected_blocks={})",
+            self.saved_blocks, self.sealed_blocks, self.skipped_blocks, self.evicted_blocks, self.rejected_blocks
         )
     }
 }
@@ -178,6 +181,10 @@ pub struct QueryResult {
     pub lease_id: Option<String>,
     /// How long the lease lives, milliseconds (the server's choice when none was asked).
     pub lease_ttl_ms: u64,
+    /// Where each hit block is read from ("ram"), one per hit block.
+    pub tiers: Vec<String>,
+    /// Nothing hit, but the first block is being saved now: asking again soon may hit.
+    pub loading: bool,
 }
 
 #[pymethods]
@@ -188,7 +195,7 @@ impl QueryResult {
                 "QueryResult(hit_blocks={}, lease_id='{id}', lease_ttl_ms={})",
                 self.hit_blocks, self.lease_ttl_ms
             ),
-            None => format!("QueryResult(hit_blocks={}, lease_id=None)", self.hit_blocks),
+            None => format!("QueryResult(hit_blocks={}, lease_id=None, loading={})", self.hit_blocks, self.loading),
         }
     }
 }

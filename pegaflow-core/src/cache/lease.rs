@@ -96,6 +96,11 @@ impl LeaseTable {
         self.leases.len()
     }
 
+    /// Blocks pinned by live leases (a block in two leases counts twice).
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
     /// Removes and returns the leases expired at `now`.
     pub fn take_expired(&mut self, now: Instant) -> Vec<Lease> {
         if self.next_expiry.is_none_or(|t| t > now) {

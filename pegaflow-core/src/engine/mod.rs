@@ -21,13 +21,13 @@ pub use handles::{MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, TOKEN_BYTE
 pub use metrics::EngineMetrics;
 pub use registry::{Caller, InstanceInfo, LayerRegistration, MAX_ID_LEN, RegisterRequest};
 
-use crate::cache::{BlockCache, BlockHash, CacheStats, LeaseLimits};
+use crate::cache::{BlockCache, BlockHash, CacheStats, LeaseLimits, PolicyKind, QueryOutcome, SaveSpec, Victim};
 use crate::device::{CudaDevice, DeviceBackend, DeviceError, HostDevice, HostDeviceOptions, RegionSource};
 use crate::error::{EngineError, Result};
 use crate::memory::{HostPool, PoolAllocator, PoolError, PoolOptions};
 use handles::MemoryHandles;
 use registry::{RankBinding, Registry};
-use validate::{check_block_ids, destination_order, parse_hashes, select_layers};
+use validate::{check_block_ids, destination_order, select_layers};
 
 /// Caps on what clients can make the engine hold or do in one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +63,11 @@ pub struct EngineConfig {
     pub pool_size: u64,
     /// Back the pool with 2 MiB huge pages. Default: false.
     pub use_hugepages: bool,
-    /// Typical bytes of one block of one rank; sizes the allocator. Default: 64 KiB.
+    /// Typical bytes of one block of one rank; sizes the allocator and the admission
+    /// sketch. Default: 64 KiB.
     pub hint_value_size: Option<u64>,
+    /// Admission and eviction order of the RAM tier. Default: W-TinyLFU.
+    pub policy: PolicyKind,
     /// Copy threads per direction of the host backend. Default: half the CPUs (1..=8).
     pub copy_threads: Option<usize>,
     /// CUDA device ordinals to serve; empty means all.
@@ -96,10 +99,34 @@ pub struct SaveOutcome {
     pub saved_blocks: u32,
     /// Blocks that became visible to queries.
     pub sealed_blocks: u32,
-    /// Blocks skipped (already stored or being stored).
+    /// Blocks skipped (already stored or being stored, or refused admission).
     pub skipped_blocks: u32,
+    /// Of the skipped blocks, those refused admission (worth less than what they would
+    /// have displaced).
+    pub rejected_blocks: u32,
     /// Blocks evicted to make room.
     pub evicted_blocks: u32,
+}
+
+/// The rank a save or load runs for, and who asks.
+#[derive(Debug, Clone, Copy)]
+pub struct RankRef<'a> {
+    /// The instance.
+    pub instance_id: &'a str,
+    /// Its TP rank.
+    pub tp_rank: u32,
+    /// The session (and user) asking: must be the one that registered the rank.
+    pub caller: Caller<'a>,
+}
+
+/// The blocks a save stores: content hashes, and the block before each in its prefix
+/// chain (`None`: a chain's first block; empty slice: not known).
+#[derive(Debug, Clone, Copy)]
+pub struct SaveBlocks<'a> {
+    /// Content hash of each block.
+    pub hashes: &'a [BlockHash],
+    /// Parent of each block, or empty.
+    pub parents: &'a [Option<BlockHash>],
 }
 
 /// The KV-cache engine.
@@ -129,7 +156,9 @@ impl Engine {
         let host: Arc<dyn DeviceBackend> = Arc::new(HostDevice::new(host_options)?);
         let cuda: Arc<dyn DeviceBackend> = Arc::new(CudaDevice::new(config.cuda_devices.clone(), config.spin));
         let metrics = Arc::new(EngineMetrics::default());
-        let cache = BlockCache::new(allocator).with_lease_limits(config.limits.leases);
+        let capacity_blocks = allocator.capacity() / config.hint_value_size.unwrap_or(64 << 10).max(1);
+        let cache = BlockCache::with_policy(allocator, config.policy.build(capacity_blocks))
+            .with_lease_limits(config.limits.leases);
         metrics.observe_cache(&cache.stats());
         let backends = vec![host, cuda];
         let registry = Registry::new(backends.clone(), metrics.instances.clone(), metrics.open_regions.clone());
@@ -246,29 +275,34 @@ impl Engine {
         self.registry.list()
     }
 
-    /// Copies `block_ids` of `tp_rank` (all layers, or `layers`) into the cache under
-    /// `block_hashes`, for `caller` (the session that registered the rank). When this
-    /// returns, the blocks it completed are visible to queries.
+    /// Copies `block_ids` of the rank (all layers, or `layers`) into the cache under
+    /// `blocks`' hashes. When this returns, the blocks it completed are visible to queries.
     pub async fn save(
         &self,
-        instance_id: &str,
-        tp_rank: u32,
-        caller: Caller<'_>,
-        layers: &[u32],
+        target: RankRef<'_>,
+        blocks: SaveBlocks<'_>,
         block_ids: &[u64],
-        block_hashes: &[Vec<u8>],
+        layers: &[u32],
     ) -> Result<SaveOutcome> {
         let started = Instant::now();
-        self.check_request_size("block hashes", block_hashes.len().max(block_ids.len()))?;
-        let rank = self.registry.rank(instance_id, tp_rank, caller)?;
-        if block_ids.len() != block_hashes.len() {
+        let hashes = blocks.hashes;
+        self.check_request_size("block hashes", hashes.len().max(block_ids.len()))?;
+        let tp_rank = target.tp_rank;
+        let rank = self.registry.rank(target.instance_id, tp_rank, target.caller)?;
+        if block_ids.len() != hashes.len() {
             return Err(EngineError::invalid(format!(
                 "{} block ids but {} block hashes",
                 block_ids.len(),
-                block_hashes.len()
+                hashes.len()
             )));
         }
-        let hashes = parse_hashes(block_hashes)?;
+        if !blocks.parents.is_empty() && blocks.parents.len() != hashes.len() {
+            return Err(EngineError::invalid(format!(
+                "{} parent hashes for {} blocks (give one per block, or none)",
+                blocks.parents.len(),
+                hashes.len()
+            )));
+        }
         let layers = select_layers(&rank, layers)?;
         check_block_ids(&rank, &layers, block_ids)?;
         if block_ids.is_empty() {
@@ -280,18 +314,30 @@ impl Engine {
         // errors leave nothing behind. A later chunk can still fail when the pool is full
         // of leased or in-flight blocks: the chunks before it stay saved, and their blocks,
         // like any sealed block, may be evicted by the chunks after them.
+        let spec = |hashes, parents, layers| SaveSpec {
+            namespace: &rank.namespace,
+            hashes,
+            parents,
+            rank: tp_rank,
+            tp_size: rank.tp_size,
+            geometry: &rank.geometry,
+            layers,
+        };
         if block_ids.len() > FIRST_SAVE_CHUNK {
-            self.cache.lock().check_save(&rank.namespace, &hashes, tp_rank, rank.tp_size, &rank.geometry)?;
+            self.cache.lock().check_save(&spec(hashes, blocks.parents, &layers))?;
         }
         let mut outcome = SaveOutcome::default();
         let mut copies = Vec::new();
         let mut failure = None;
         let mut first_submitted = None;
         for range in save_chunks(block_ids.len()) {
-            match self.submit_save(&rank, tp_rank, &layers, &block_ids[range.clone()], &hashes[range]) {
+            let parents = blocks.parents.get(range.clone()).unwrap_or_default();
+            let chunk = spec(&hashes[range.clone()], parents, &layers);
+            match self.submit_save(&rank, &chunk, &block_ids[range]) {
                 Ok((prepared, copy)) => {
                     outcome.saved_blocks += prepared.saved_blocks;
                     outcome.skipped_blocks += prepared.skipped_blocks;
+                    outcome.rejected_blocks += prepared.rejected_blocks;
                     outcome.evicted_blocks += prepared.evicted_blocks;
                     copies.push(copy);
                 }
@@ -332,17 +378,15 @@ impl Engine {
     fn submit_save(
         &self,
         rank: &RankBinding,
-        tp_rank: u32,
-        layers: &[u32],
+        spec: &SaveSpec<'_>,
         block_ids: &[u64],
-        hashes: &[BlockHash],
     ) -> Result<(SaveOutcome, oneshot::Receiver<std::result::Result<u32, DeviceError>>)> {
-        let ticket =
-            self.cache.lock().prepare_save(&rank.namespace, hashes, tp_rank, rank.tp_size, &rank.geometry, layers)?;
+        let ticket = self.cache.lock().prepare_save_with(spec, |cache, victims| self.dispose(cache, victims))?;
         let prepared = SaveOutcome {
             saved_blocks: ticket.blocks(),
             sealed_blocks: 0,
             skipped_blocks: ticket.skipped,
+            rejected_blocks: ticket.rejected,
             evicted_blocks: ticket.evicted,
         };
         let job = transfer::save_job(&self.pool, rank, block_ids, &ticket);
@@ -371,42 +415,32 @@ impl Engine {
         Ok((prepared, rx))
     }
 
-    /// Counts the leading cached blocks of `block_hashes` for the instance's namespace and
-    /// leases them for `ttl` (`None`: 30 s). Returns the hit count and the lease id.
-    pub fn query(
-        &self,
-        instance_id: &str,
-        block_hashes: &[Vec<u8>],
-        ttl: Option<Duration>,
-    ) -> Result<(u32, Option<String>)> {
-        self.check_request_size("block hashes", block_hashes.len())?;
+    /// Finds the leading cached blocks of `hashes` in the instance's namespace and leases
+    /// them for `ttl` (`None`: 30 s).
+    pub fn query(&self, instance_id: &str, hashes: &[BlockHash], ttl: Option<Duration>) -> Result<QueryOutcome> {
+        self.check_request_size("block hashes", hashes.len())?;
         let namespace = self.registry.namespace(instance_id)?;
-        let hashes = parse_hashes(block_hashes)?;
         let mut cache = self.cache.lock();
-        let queried = cache.query(Instant::now(), &namespace, instance_id, &hashes, ttl);
+        let queried = cache.query(Instant::now(), &namespace, instance_id, hashes, ttl);
         if matches!(queried, Err(EngineError::ResourceExhausted(_))) {
             self.metrics.refused_leases.inc();
         }
-        let (hits, lease) = queried?;
+        let outcome = queried?;
         self.metrics.observe_cache(&cache.stats());
         drop(cache);
         self.metrics.queries.inc();
         self.metrics.query_blocks.inc_by(hashes.len() as u64);
-        self.metrics.query_hit_blocks.inc_by(u64::from(hits));
-        Ok((hits, lease))
+        self.metrics.query_hit_blocks.inc_by(u64::from(outcome.hits()));
+        Ok(outcome)
     }
 
     /// Starts copying the first `block_ids.len()` blocks of a lease into `block_ids` of
-    /// `tp_rank` (all layers, or `layers`), for `caller` (the session that registered the
-    /// rank). Returns once the copy is queued; the outcome is written to the client's load
-    /// state named by `load_state` (see [`Engine::add_memory`]), which the caller's user
-    /// (when known) must have handed over.
-    #[allow(clippy::too_many_arguments)] // one per field of the Load request
+    /// the rank (all layers, or `layers`). Returns once the copy is queued; the outcome is
+    /// written to the client's load state named by `load_state` (see
+    /// [`Engine::add_memory`]), which the caller's user (when known) must have handed over.
     pub fn load(
         &self,
-        instance_id: &str,
-        tp_rank: u32,
-        caller: Caller<'_>,
+        target: RankRef<'_>,
         lease_id: &str,
         block_ids: &[u64],
         layers: &[u32],
@@ -414,7 +448,8 @@ impl Engine {
     ) -> Result<u32> {
         let started = Instant::now();
         self.check_request_size("block ids", block_ids.len())?;
-        let rank = self.registry.rank(instance_id, tp_rank, caller)?;
+        let (tp_rank, caller) = (target.tp_rank, target.caller);
+        let rank = self.registry.rank(target.instance_id, tp_rank, caller)?;
         let layers = select_layers(&rank, layers)?;
         check_block_ids(&rank, &layers, block_ids)?;
         let order = destination_order(block_ids)?;
@@ -469,10 +504,18 @@ impl Engine {
     /// how many blocks went and how many stayed.
     pub fn drop_cache(&self) -> (u64, u64) {
         let mut cache = self.cache.lock();
-        let dropped = cache.drop_unpinned();
+        let victims = cache.drop_unpinned();
+        let dropped = victims.len() as u64;
+        self.dispose(&mut cache, victims);
         let stats = cache.stats();
         self.metrics.observe_cache(&stats);
         (dropped, stats.blocks)
+    }
+
+    /// Takes evicted blocks: the RAM pool is the lowest tier today, so their bytes are
+    /// reclaimed at once (an SSD tier will take them first).
+    fn dispose(&self, cache: &mut BlockCache, victims: Vec<Victim>) {
+        cache.reclaim(victims);
     }
 
     /// Drops expired leases; the server calls this periodically. Returns how many.

@@ -2,19 +2,7 @@
 //! hashes, layers, block ids. Each failure is an `InvalidArgument` naming the field.
 
 use super::registry::RankBinding;
-use crate::cache::{BlockHash, HASH_BYTES};
 use crate::error::{EngineError, Result};
-
-pub(super) fn parse_hashes(raw: &[Vec<u8>]) -> Result<Vec<BlockHash>> {
-    raw.iter()
-        .enumerate()
-        .map(|(i, h)| {
-            BlockHash::try_from(h.as_slice()).map_err(|_| {
-                EngineError::invalid(format!("block hash {i} has {} bytes, expected {HASH_BYTES}", h.len()))
-            })
-        })
-        .collect()
-}
 
 /// The layers a request names (empty: all), checked and deduplicated.
 pub(super) fn select_layers(rank: &RankBinding, layers: &[u32]) -> Result<Vec<u32>> {

@@ -26,11 +26,14 @@ class LoadJob:
 class SaveJob:
     """Save blocks that became full in this step: ``block_ids[i]`` holds the block whose
     hash is ``block_hashes[i]``. ``req_ids`` are the requests these blocks belong to:
-    their blocks must stay allocated until the save is done."""
+    their blocks must stay allocated until the save is done. ``parent_hashes[i]`` is the
+    block before block ``i`` in its request's prefix chain (``b""`` for the first); the
+    server's eviction keeps chains whole with it. Empty when unknown."""
 
     block_ids: list[int]
     block_hashes: list[bytes]
     req_ids: list[str]
+    parent_hashes: list[bytes] = field(default_factory=list)
 
 
 @dataclass

@@ -256,6 +256,7 @@ class SchedulerSide:
             return None
         block_ids: list[int] = []
         hashes: list[bytes] = []
+        parents: list[bytes] = []
         req_ids: list[str] = []
         seen: set[bytes] = set()
         drafts = getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}
@@ -282,12 +283,13 @@ class SchedulerSide:
                     seen.add(keys[i])
                     block_ids.append(ids[i])
                     hashes.append(keys[i])
+                    parents.append(keys[i - 1] if i > 0 else b"")
             state.saved_blocks = full
             state.had_saves = True
             req_ids.append(req_id)
         if not block_ids:
             return None
-        return SaveJob(block_ids, hashes, req_ids)
+        return SaveJob(block_ids, hashes, req_ids, parents)
 
     # ---- request end ----------------------------------------------------------------------
 

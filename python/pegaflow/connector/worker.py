@@ -155,7 +155,11 @@ class WorkerSide:
         ident = link.identity
         try:
             result = link.client.save(
-                ident.instance_id, ident.rank, job.block_ids, job.block_hashes
+                ident.instance_id,
+                ident.rank,
+                job.block_ids,
+                job.block_hashes,
+                parent_hashes=job.parent_hashes or None,
             )
         except PegaflowNotFound as e:
             # The server no longer knows this instance (it restarted): register again.

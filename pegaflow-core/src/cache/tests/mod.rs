@@ -1,5 +1,7 @@
 //! Scenario tests of the block cache with tiny pools.
 
+mod admission;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -7,27 +9,68 @@ use super::*;
 use crate::error::EngineError;
 use crate::memory::PoolAllocator;
 
-const UNIT: u64 = 256;
+pub(super) const UNIT: u64 = 256;
 
-fn ns(name: &str) -> Arc<str> {
+pub(super) fn ns(name: &str) -> Arc<str> {
     Arc::from(name)
 }
 
-fn h(i: u8) -> BlockHash {
+pub(super) fn h(i: u8) -> BlockHash {
     [i; HASH_BYTES]
 }
 
 /// A geometry of `layers` layers of one allocation unit each.
-fn geometry(layers: u32) -> Arc<PartGeometry> {
+pub(super) fn geometry(layers: u32) -> Arc<PartGeometry> {
     Arc::new(PartGeometry::new(vec![UNIT / u64::from(layers); layers as usize]))
 }
 
-/// A cache holding `blocks` single-rank parts of one unit.
-fn cache(blocks: u64) -> BlockCache {
-    BlockCache::new(PoolAllocator::new(blocks * UNIT, None))
+/// An LRU cache holding `blocks` single-rank parts of one unit.
+pub(super) fn cache(blocks: u64) -> BlockCache {
+    BlockCache::with_policy(PoolAllocator::new(blocks * UNIT, None), PolicyKind::Lru.build(blocks))
 }
 
-fn save_all(
+/// A W-TinyLFU cache holding `blocks` single-rank parts of one unit. Its sketch ages
+/// every `20 × blocks` requests, so aging stays out of scenarios that are not about it.
+pub(super) fn tinylfu(blocks: u64) -> BlockCache {
+    BlockCache::with_policy(PoolAllocator::new(blocks * UNIT, None), PolicyKind::TinyLfu.build(20 * blocks))
+}
+
+/// Plans room (reclaiming victims at once) and prepares a save without chain links.
+pub(super) fn prep(
+    cache: &mut BlockCache,
+    n: &Arc<str>,
+    hashes: &[BlockHash],
+    rank: u32,
+    tp: u32,
+    g: &Arc<PartGeometry>,
+    layers: &[u32],
+) -> crate::Result<SaveTicket> {
+    let spec = SaveSpec { namespace: n, hashes, parents: &[], rank, tp_size: tp, geometry: g, layers };
+    cache.prepare_save_with(&spec, |c, victims| c.reclaim(victims))
+}
+
+/// A query as (hits, lease id).
+pub(super) fn q(
+    cache: &mut BlockCache,
+    now: Instant,
+    n: &Arc<str>,
+    holder: &str,
+    hashes: &[BlockHash],
+    ttl: Option<Duration>,
+) -> crate::Result<(u32, Option<String>)> {
+    let outcome = cache.query(now, n, holder, hashes, ttl)?;
+    Ok((outcome.hits(), outcome.lease_id().map(str::to_owned)))
+}
+
+/// Drops the unpinned blocks and reclaims them; returns how many.
+pub(super) fn drop_all(cache: &mut BlockCache) -> usize {
+    let victims = cache.drop_unpinned();
+    let dropped = victims.len();
+    cache.reclaim(victims);
+    dropped
+}
+
+pub(super) fn save_all(
     cache: &mut BlockCache,
     n: &Arc<str>,
     hashes: &[BlockHash],
@@ -36,12 +79,12 @@ fn save_all(
     g: &Arc<PartGeometry>,
 ) -> u32 {
     let layers: Vec<u32> = (0..g.num_layers()).collect();
-    let ticket = cache.prepare_save(n, hashes, rank, tp, g, &layers).unwrap();
+    let ticket = prep(cache, n, hashes, rank, tp, g, &layers).unwrap();
     cache.complete_save(ticket, true)
 }
 
-fn hits(cache: &mut BlockCache, n: &Arc<str>, hashes: &[BlockHash]) -> u32 {
-    let (hits, lease) = cache.query(Instant::now(), n, "inst", hashes, None).unwrap();
+pub(super) fn hits(cache: &mut BlockCache, n: &Arc<str>, hashes: &[BlockHash]) -> u32 {
+    let (hits, lease) = q(cache, Instant::now(), n, "inst", hashes, None).unwrap();
     if let Some(lease) = lease {
         cache.release_lease(&lease).unwrap();
     }
@@ -54,12 +97,12 @@ fn a_block_seals_only_when_every_layer_and_rank_is_saved() {
     let n = ns("m");
     let g = geometry(2);
     // Rank 0, layer 0 only.
-    let t = c.prepare_save(&n, &[h(1)], 0, 2, &g, &[0]).unwrap();
+    let t = prep(&mut c, &n, &[h(1)], 0, 2, &g, &[0]).unwrap();
     assert_eq!(t.slots.len(), 1);
     assert_eq!(c.complete_save(t, true), 0);
     assert_eq!(hits(&mut c, &n, &[h(1)]), 0);
     // Rank 0, both layers: layer 0 is skipped, layer 1 copied.
-    let t = c.prepare_save(&n, &[h(1)], 0, 2, &g, &[0, 1]).unwrap();
+    let t = prep(&mut c, &n, &[h(1)], 0, 2, &g, &[0, 1]).unwrap();
     assert_eq!(t.slots.iter().map(|s| s.1).collect::<Vec<_>>(), vec![1]);
     assert_eq!(c.complete_save(t, true), 0);
     assert_eq!(hits(&mut c, &n, &[h(1)]), 0, "rank 1 has not saved");
@@ -73,8 +116,8 @@ fn slot_offsets_are_disjoint_per_layer_and_rank() {
     let mut c = BlockCache::new(PoolAllocator::new(1 << 20, None));
     let n = ns("m");
     let g = Arc::new(PartGeometry::new(vec![100, 300]));
-    let t0 = c.prepare_save(&n, &[h(1), h(2)], 0, 2, &g, &[0, 1]).unwrap();
-    let t1 = c.prepare_save(&n, &[h(1), h(2)], 1, 2, &g, &[0, 1]).unwrap();
+    let t0 = prep(&mut c, &n, &[h(1), h(2)], 0, 2, &g, &[0, 1]).unwrap();
+    let t1 = prep(&mut c, &n, &[h(1), h(2)], 1, 2, &g, &[0, 1]).unwrap();
     let mut ranges: Vec<(u64, u64)> =
         t0.slots.iter().chain(&t1.slots).map(|&(_, layer, off)| (off, off + g.layer_bytes(layer))).collect();
     ranges.sort();
@@ -87,7 +130,7 @@ fn failed_copy_leaves_slots_empty_and_block_unsealed() {
     let mut c = cache(4);
     let n = ns("m");
     let g = geometry(1);
-    let t = c.prepare_save(&n, &[h(1)], 0, 1, &g, &[0]).unwrap();
+    let t = prep(&mut c, &n, &[h(1)], 0, 1, &g, &[0]).unwrap();
     assert_eq!(c.complete_save(t, false), 0);
     assert_eq!(hits(&mut c, &n, &[h(1)]), 0);
     // The slot can be saved again.
@@ -115,7 +158,7 @@ fn eviction_takes_the_oldest_unleased_block_first() {
     }
     // Using block 1 makes block 2 the oldest.
     assert_eq!(hits(&mut c, &n, &[h(1)]), 1);
-    let t = c.prepare_save(&n, &[h(4)], 0, 1, &g, &[0]).unwrap();
+    let t = prep(&mut c, &n, &[h(4)], 0, 1, &g, &[0]).unwrap();
     assert_eq!(t.evicted, 1);
     c.complete_save(t, true);
     assert_eq!(hits(&mut c, &n, &[h(2)]), 0);
@@ -130,10 +173,10 @@ fn leased_blocks_survive_pressure_and_free_up_after_release() {
     let n = ns("m");
     let g = geometry(1);
     save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
-    let (hit, lease) = c.query(Instant::now(), &n, "inst", &[h(1), h(2)], None).unwrap();
+    let (hit, lease) = q(&mut c, Instant::now(), &n, "inst", &[h(1), h(2)], None).unwrap();
     assert_eq!(hit, 2);
     let lease = lease.unwrap();
-    let err = c.prepare_save(&n, &[h(3)], 0, 1, &g, &[0]).unwrap_err();
+    let err = prep(&mut c, &n, &[h(3)], 0, 1, &g, &[0]).unwrap_err();
     assert!(matches!(err, EngineError::ResourceExhausted(_)), "{err}");
     // The failed save changed nothing.
     assert_eq!(c.stats().blocks, 2);
@@ -148,10 +191,10 @@ fn a_failed_multi_block_save_rolls_back_what_it_reserved() {
     let n = ns("m");
     let g = geometry(1);
     save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
-    let (_, lease) = c.query(Instant::now(), &n, "inst", &[h(1), h(2)], None).unwrap();
+    let (_, lease) = q(&mut c, Instant::now(), &n, "inst", &[h(1), h(2)], None).unwrap();
     let before = c.stats();
     // Needs 2 units; only 1 is free and nothing is evictable.
-    let err = c.prepare_save(&n, &[h(7), h(8)], 0, 1, &g, &[0]).unwrap_err();
+    let err = prep(&mut c, &n, &[h(7), h(8)], 0, 1, &g, &[0]).unwrap_err();
     assert!(matches!(err, EngineError::ResourceExhausted(_)));
     assert_eq!(c.stats(), before);
     c.release_lease(&lease.unwrap()).unwrap();
@@ -163,7 +206,7 @@ fn a_request_larger_than_the_pool_fails_without_evicting() {
     let n = ns("m");
     let g = geometry(1);
     save_all(&mut c, &n, &[h(1)], 0, 1, &g);
-    let err = c.prepare_save(&n, &[h(2), h(3), h(4)], 0, 1, &g, &[0]).unwrap_err();
+    let err = prep(&mut c, &n, &[h(2), h(3), h(4)], 0, 1, &g, &[0]).unwrap_err();
     assert!(err.to_string().contains("pool holds"), "{err}");
     assert_eq!(c.stats().evictions, 0);
     assert_eq!(hits(&mut c, &n, &[h(1)]), 1);
@@ -174,10 +217,10 @@ fn in_flight_saves_are_never_evicted() {
     let mut c = cache(2);
     let n = ns("m");
     let g = geometry(1);
-    let in_flight = c.prepare_save(&n, &[h(1)], 0, 1, &g, &[0]).unwrap();
+    let in_flight = prep(&mut c, &n, &[h(1)], 0, 1, &g, &[0]).unwrap();
     save_all(&mut c, &n, &[h(2)], 0, 1, &g);
     // Needs room: block 2 (sealed, unleased) goes, block 1 (being copied) stays.
-    let t = c.prepare_save(&n, &[h(3)], 0, 1, &g, &[0]).unwrap();
+    let t = prep(&mut c, &n, &[h(3)], 0, 1, &g, &[0]).unwrap();
     assert_eq!(t.evicted, 1);
     c.complete_save(t, true);
     assert_eq!(c.complete_save(in_flight, true), 1);
@@ -192,7 +235,7 @@ fn leases_expire_and_unpin() {
     let g = geometry(1);
     save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
     let t0 = Instant::now();
-    let (_, lease) = c.query(t0, &n, "inst", &[h(1), h(2)], Some(Duration::from_millis(50))).unwrap();
+    let (_, lease) = q(&mut c, t0, &n, "inst", &[h(1), h(2)], Some(Duration::from_millis(50))).unwrap();
     let lease = lease.unwrap();
     assert_eq!(c.stats().leases, 1);
     let later = t0 + Duration::from_millis(51);
@@ -201,10 +244,10 @@ fn leases_expire_and_unpin() {
     assert_eq!(c.stats().leases, 0);
     assert!(matches!(c.release_lease(&lease), Err(EngineError::NotFound(_))));
     // Unpinned again: both evictable.
-    let t = c.prepare_save(&n, &[h(3), h(4)], 0, 1, &g, &[0]).unwrap();
+    let t = prep(&mut c, &n, &[h(3), h(4)], 0, 1, &g, &[0]).unwrap();
     assert_eq!(t.evicted, 2);
     c.complete_save(t, true);
-    assert!(c.query(t0, &n, "inst", &[h(1)], Some(Duration::from_secs(3600))).is_err(), "ttl above the maximum");
+    assert!(q(&mut c, t0, &n, "inst", &[h(1)], Some(Duration::from_secs(3600))).is_err(), "ttl above the maximum");
 }
 
 #[test]
@@ -215,7 +258,7 @@ fn a_lease_is_released_once_every_rank_started_loading() {
     save_all(&mut c, &n, &[h(1), h(2)], 0, 2, &g);
     save_all(&mut c, &n, &[h(1), h(2)], 1, 2, &g);
     let now = Instant::now();
-    let (hit, lease) = c.query(now, &n, "inst", &[h(1), h(2)], None).unwrap();
+    let (hit, lease) = q(&mut c, now, &n, "inst", &[h(1), h(2)], None).unwrap();
     assert_eq!(hit, 2);
     let lease = lease.unwrap();
     assert!(matches!(c.prepare_load(now, &n, &lease, 0, 3, &g), Err(EngineError::InvalidArgument(_))));
@@ -243,14 +286,14 @@ fn load_pins_outlive_the_lease() {
     let g = geometry(1);
     save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
     let now = Instant::now();
-    let (_, lease) = c.query(now, &n, "inst", &[h(1)], None).unwrap();
+    let (_, lease) = q(&mut c, now, &n, "inst", &[h(1)], None).unwrap();
     let ticket = c.prepare_load(now, &n, &lease.unwrap(), 0, 1, &g).unwrap();
     assert_eq!(c.stats().leases, 0, "the only rank started: lease released");
     // Block 1 is still being copied: only block 2 may go.
-    let t = c.prepare_save(&n, &[h(3)], 0, 1, &g, &[0]).unwrap();
+    let t = prep(&mut c, &n, &[h(3)], 0, 1, &g, &[0]).unwrap();
     c.complete_save(t, true);
     // Two more blocks cannot fit while block 1 is pinned.
-    assert!(matches!(c.prepare_save(&n, &[h(4), h(5)], 0, 1, &g, &[0]), Err(EngineError::ResourceExhausted(_))));
+    assert!(matches!(prep(&mut c, &n, &[h(4), h(5)], 0, 1, &g, &[0]), Err(EngineError::ResourceExhausted(_))));
     c.complete_load(ticket);
     assert_eq!(hits(&mut c, &n, &[h(1)]), 1);
 }
@@ -277,11 +320,11 @@ fn a_different_tp_size_or_layout_in_the_same_namespace_is_rejected() {
     let mut c = BlockCache::new(PoolAllocator::new(1 << 20, None));
     let n = ns("m");
     let g = geometry(2);
-    let t = c.prepare_save(&n, &[h(1)], 0, 2, &g, &[0]).unwrap();
+    let t = prep(&mut c, &n, &[h(1)], 0, 2, &g, &[0]).unwrap();
     c.complete_save(t, true);
-    assert!(matches!(c.prepare_save(&n, &[h(1)], 0, 1, &g, &[0]), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(prep(&mut c, &n, &[h(1)], 0, 1, &g, &[0]), Err(EngineError::InvalidArgument(_))));
     let other = geometry(4);
-    assert!(matches!(c.prepare_save(&n, &[h(1)], 0, 2, &other, &[0]), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(prep(&mut c, &n, &[h(1)], 0, 2, &other, &[0]), Err(EngineError::InvalidArgument(_))));
 }
 
 #[test]
@@ -292,22 +335,22 @@ fn lease_caps_refuse_a_query_without_pinning_and_free_up_on_release() {
     let g = geometry(1);
     save_all(&mut c, &n, &[h(1), h(2), h(3)], 0, 1, &g);
     let now = Instant::now();
-    let (_, first) = c.query(now, &n, "a", &[h(1)], None).unwrap();
-    let (_, second) = c.query(now, &n, "a", &[h(2)], None).unwrap();
+    let (_, first) = q(&mut c, now, &n, "a", &[h(1)], None).unwrap();
+    let (_, second) = q(&mut c, now, &n, "a", &[h(2)], None).unwrap();
     let before = c.stats();
-    let err = c.query(now, &n, "a", &[h(3)], None).unwrap_err();
+    let err = q(&mut c, now, &n, "a", &[h(3)], None).unwrap_err();
     assert!(matches!(err, EngineError::ResourceExhausted(_)), "{err}");
     // Another instance still may, until the block cap: 2 pinned + 2 > 3.
-    let err = c.query(now, &n, "b", &[h(1), h(2)], None).unwrap_err();
+    let err = q(&mut c, now, &n, "b", &[h(1), h(2)], None).unwrap_err();
     assert!(matches!(err, EngineError::ResourceExhausted(_)), "{err}");
     assert_eq!(c.stats().leases, before.leases);
     assert_eq!(c.stats().refused_leases, 2);
-    let (hit, third) = c.query(now, &n, "b", &[h(3)], None).unwrap();
+    let (hit, third) = q(&mut c, now, &n, "b", &[h(3)], None).unwrap();
     assert_eq!(hit, 1);
     // Releasing frees both caps; a miss never counts.
     c.release_lease(&first.unwrap()).unwrap();
-    assert_eq!(c.query(now, &n, "a", &[h(9)], None).unwrap(), (0, None));
-    let (hit, fourth) = c.query(now, &n, "a", &[h(3)], None).unwrap();
+    assert_eq!(q(&mut c, now, &n, "a", &[h(9)], None).unwrap(), (0, None));
+    let (hit, fourth) = q(&mut c, now, &n, "a", &[h(3)], None).unwrap();
     assert_eq!(hit, 1);
     for lease in [second, third, fourth] {
         c.release_lease(&lease.unwrap()).unwrap();
@@ -323,13 +366,13 @@ fn dropping_the_cache_keeps_exactly_the_leased_blocks() {
     let n = ns("m");
     let g = geometry(1);
     save_all(&mut c, &n, &[h(1), h(2), h(3)], 0, 1, &g);
-    let (_, lease) = c.query(Instant::now(), &n, "inst", &[h(2)], None).unwrap();
-    assert_eq!(c.drop_unpinned(), 2);
+    let (_, lease) = q(&mut c, Instant::now(), &n, "inst", &[h(2)], None).unwrap();
+    assert_eq!(drop_all(&mut c), 2);
     assert_eq!(c.stats().blocks, 1);
     assert_eq!(c.stats().used_bytes, UNIT);
     c.release_lease(&lease.unwrap()).unwrap();
     assert_eq!(hits(&mut c, &n, &[h(2)]), 1, "the leased block survived");
     assert_eq!(hits(&mut c, &n, &[h(1)]), 0);
-    assert_eq!(c.drop_unpinned(), 1);
+    assert_eq!(drop_all(&mut c), 1);
     assert_eq!(c.stats().used_bytes, 0);
 }
