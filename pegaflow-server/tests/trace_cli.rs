@@ -1,6 +1,8 @@
 //! `pegaflow-trace` as a user runs it: synthesize a trace, replay it under each policy,
 //! read the JSON last line.
 
+#![allow(clippy::unwrap_used)] // a test crate: helpers panic on setup failure
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 
