@@ -178,11 +178,12 @@ impl BlockCache {
         }
         let mut tp_size = 0;
         for key in &keys {
+            // Pinned first: off its queue, the use only updates its order (no queue move).
+            self.pin(key);
             self.touch(key);
             if let Some(block) = self.blocks.get(key) {
                 tp_size = block.tp_size() as u32;
             }
-            self.pin(key);
         }
         let tiers = vec![Tier::Ram; keys.len()];
         let lease_id = self.leases.insert(Lease {
