@@ -13,16 +13,16 @@ use super::format::{TOKENS_PER_BLOCK, TraceRequest};
 #[derive(Debug, Clone, clap::Args)]
 pub struct SynthConfig {
     /// Requests to generate.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 50_000)]
     pub requests: usize,
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Conversations that may be continued.
-    #[arg(long, default_value_t = 4_000)]
+    #[arg(long, default_value_t = 5_000)]
     pub conversations: usize,
     /// Zipf exponent of conversation (and system prompt) popularity.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 0.6)]
     pub zipf: f64,
     /// Shared system prompts.
     #[arg(long, default_value_t = 40)]
@@ -31,10 +31,10 @@ pub struct SynthConfig {
     #[arg(long, default_value_t = 4)]
     pub system_blocks: usize,
     /// Share of requests that are one-off long documents.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.2)]
     pub scan_fraction: f64,
     /// Largest one-off document, blocks (the smallest is a quarter of it).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 32)]
     pub scan_blocks: usize,
     /// Largest number of new blocks one conversation turn adds (the smallest is 1).
     #[arg(long, default_value_t = 4)]
@@ -48,20 +48,14 @@ pub struct SynthConfig {
 }
 
 impl Default for SynthConfig {
+    /// The command line's defaults (one place says them).
     fn default() -> Self {
-        Self {
-            requests: 20_000,
-            seed: 1,
-            conversations: 4_000,
-            zipf: 1.0,
-            system_prompts: 40,
-            system_blocks: 4,
-            scan_fraction: 0.3,
-            scan_blocks: 64,
-            turn_blocks: 4,
-            max_conversation_blocks: 48,
-            mean_gap_ms: 50.0,
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: SynthConfig,
         }
+        <Defaults as clap::Parser>::parse_from(["synth"]).config
     }
 }
 

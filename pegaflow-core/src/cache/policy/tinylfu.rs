@@ -16,7 +16,6 @@ use crate::cache::BlockKey;
 pub const WINDOW_PERCENT: u64 = 1;
 /// Share of the main region that is protected (percent).
 const PROTECTED_PERCENT: u64 = 50;
-const TIE_ADMITS: bool = true;
 /// Arrivals remembered for a duel; older ones become plain probation blocks.
 const MAX_ARRIVALS: usize = 4096;
 
@@ -143,12 +142,11 @@ impl TinyLfu {
         Choice::Evict(key)
     }
 
-    /// Whether `candidate` is worth more than `victim`. Among equals the newer block wins
-    /// when neither was asked for twice (recency decides among the cold, as LRU would);
-    /// among popular equals the resident stays.
+    /// Whether `candidate` is worth at least as much as `victim`: among equals the newer
+    /// block wins, as under LRU (the replay tool measured refusing ties lower on every
+    /// synthetic trace).
     fn wins(&self, candidate: &BlockKey, victim: &BlockKey) -> bool {
-        let (c, v) = (self.sketch.estimate(candidate), self.sketch.estimate(victim));
-        c > v || (c == v && TIE_ADMITS && c <= 1)
+        self.sketch.estimate(candidate) >= self.sketch.estimate(victim)
     }
 
     /// The oldest arrival still waiting, unused, in probation and evictable, with its
