@@ -291,7 +291,7 @@ def main() -> None:
                     raise RuntimeError(f"pegaflow-server exited with {server.returncode}") from None
                 time.sleep(0.005)
         res["serving_s"] = time.perf_counter() - t0
-        while metrics(f"http://{http}/metrics").get("pegaflow_pool_dma_ready", 0) != 1:
+        while metrics(f"http://{http}/metrics").get("pegaflow_pool_dma_ready_bytes", 0) == 0:
             time.sleep(0.05)
             assert time.perf_counter() - t0 < 300, "pool never became DMA-ready"
         res["pool_dma_ready_s"] = time.perf_counter() - t0

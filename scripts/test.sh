@@ -22,11 +22,15 @@ cargo --version
 python3 --version
 
 step "system tools for the tests"
-# openssl makes the TLS test's certificate.
-if ! command -v openssl >/dev/null; then
+# openssl makes the TLS test's certificate; prometheus scrapes a live server in the
+# metrics test (Debian's package, started by the test itself).
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+command -v prometheus >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -q && $sudo apt-get install -y -q openssl
+  $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
 fi
 
 step "cargo fmt --check"

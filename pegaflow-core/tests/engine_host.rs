@@ -113,6 +113,7 @@ fn engine(pool: u64) -> Arc<Engine> {
             cuda_devices: Vec::new(),
             spin: Duration::from_millis(1),
             limits: Default::default(),
+            load_trace: Default::default(),
         })
         .unwrap(),
     )

@@ -37,6 +37,16 @@ pub struct ServerConfig {
     #[arg(long, value_parser = parse_size)]
     pub hint_value_size: Option<u64>,
 
+    /// Share of loads (0 to 1) that log their load path (query → lease → copy → ready)
+    /// as one line with per-stage durations (target `pegaflow::trace`).
+    #[arg(long, default_value_t = 0.01)]
+    pub trace_sample_rate: f64,
+
+    /// Loads slower than this many milliseconds, from the query that leased their blocks
+    /// until the client can read them, always log their load path.
+    #[arg(long, default_value_t = 200)]
+    pub trace_slow_ms: u64,
+
     /// Admit every saved block and evict least recently used first, instead of
     /// W-TinyLFU (a frequency sketch keeps one-off scans from flushing hot prefixes).
     #[arg(long)]
@@ -148,6 +158,14 @@ impl ServerConfig {
         match self.spin_us {
             Some(us) => Duration::from_micros(us),
             None => pegaflow_common::spin::default_warm_window(Duration::from_millis(2)),
+        }
+    }
+
+    /// Which loads log their load path.
+    pub fn load_trace(&self) -> pegaflow_core::LoadTraceConfig {
+        pegaflow_core::LoadTraceConfig {
+            sample_rate: self.trace_sample_rate,
+            slow: Duration::from_millis(self.trace_slow_ms),
         }
     }
 

@@ -1,6 +1,6 @@
 //! The one mapping from engine errors to gRPC statuses, and the server's own errors.
 
-use pegaflow_core::{EngineError, ErrorCategory};
+use pegaflow_core::{EngineError, ErrorCategory, shown};
 use tonic::Status;
 
 /// Longest message a status carries, in bytes: gRPC sends it in an HTTP/2 header, and a
@@ -27,6 +27,23 @@ pub fn to_status(error: EngineError) -> Status {
         ErrorCategory::Unavailable => Status::unavailable(message),
         ErrorCategory::Internal => Status::internal(message),
     }
+}
+
+/// Logs a failed operation (with its instance and lease, so the line can be found from
+/// either) and converts the error: server-side failures at warn, client faults (bad
+/// input, unknown ids, caps: counted by `pegaflow_rpc_duration_seconds{code}`) at debug.
+pub fn failed(op: &'static str, instance: &str, lease: Option<&str>, error: EngineError) -> Status {
+    let instance = shown(instance);
+    let lease = lease.map(shown);
+    match error.category() {
+        ErrorCategory::Internal | ErrorCategory::Unavailable => {
+            tracing::warn!(op, instance = %instance, lease = ?lease.map(|l| l.to_string()), error = %error, "failed")
+        }
+        _ => {
+            tracing::debug!(op, instance = %instance, lease = ?lease.map(|l| l.to_string()), error = %error, "refused")
+        }
+    }
+    to_status(error)
 }
 
 /// Rewrites tonic's `INTERNAL` for a request frame it could not read (a message flagged

@@ -59,10 +59,13 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         cuda_devices: config.devices.clone(),
         spin: config.spin_window(),
         limits: config.engine_limits(),
+        load_trace: config.load_trace(),
     })?);
     let mut registry = Registry::default();
     engine.metrics().register(&mut registry);
     listen_metrics.register(&mut registry);
+    let rpc_metrics = crate::rpc_metrics::RpcMetrics::default();
+    rpc_metrics.register(&mut registry);
     let registry = Arc::new(registry);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -141,6 +144,7 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(Duration::from_secs(config.keepalive_timeout_s.max(1))))
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .layer(rpc_metrics.clone())
             .layer(tower::util::MapResponseLayer::new(crate::error::client_faults_are_invalid))
     };
     // Listeners are bound: pool population, CUDA start-up and pinning may now compete for

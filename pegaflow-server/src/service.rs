@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::auth::peer_of;
-use crate::error::to_status;
+use crate::error::{failed, to_status};
 use crate::listen::Busy;
 use crate::session::{SessionStream, Sessions};
 
@@ -152,7 +152,7 @@ impl EngineApi for EngineService {
             owner_pid: pid,
         };
         let (instance, rank, session) = (register.instance_id.clone(), register.tp_rank, register.session_id.clone());
-        let block_bytes = self.engine.register(register).map_err(to_status)?;
+        let block_bytes = self.engine.register(register).map_err(|e| failed("register", &instance, None, e))?;
         // The session may have closed since it was checked, its guard dropping its ranks
         // before this one was in: drop it now rather than leave it without an owner.
         if self.sessions.check(&session, &instance, uid).is_err() {
@@ -170,7 +170,9 @@ impl EngineApi for EngineService {
         let _busy = busy(&request);
         let uid = caller_uid(&request);
         let req = request.into_inner();
-        self.engine.unregister(&req.instance_id, &req.session_id, uid).map_err(to_status)?;
+        self.engine
+            .unregister(&req.instance_id, &req.session_id, uid)
+            .map_err(|e| failed("unregister", &req.instance_id, None, e))?;
         info!(instance = %shown(&req.instance_id), "unregistered");
         Ok(Response::new(pb::UnregisterInstanceResponse {}))
     }
@@ -187,7 +189,7 @@ impl EngineApi for EngineService {
         let blocks = SaveBlocks { hashes: &hashes, parents: &parents };
         let outcome = self.engine.save(target, blocks, &req.block_ids, &req.layers).await;
         self.touch(); // a long copy outlasts the window: the reply opens a new one
-        let outcome = outcome.map_err(to_status)?;
+        let outcome = outcome.map_err(|e| failed("save", &req.instance_id, None, e))?;
         Ok(Response::new(pb::SaveResponse {
             saved_blocks: outcome.saved_blocks,
             sealed_blocks: outcome.sealed_blocks,
@@ -203,7 +205,10 @@ impl EngineApi for EngineService {
         let req = request.into_inner();
         let ttl = (req.lease_ttl_ms > 0).then(|| Duration::from_millis(req.lease_ttl_ms));
         let hashes = parse_hashes(&req.block_hashes).map_err(to_status)?;
-        let outcome = self.engine.query(&req.instance_id, &hashes, ttl).map_err(to_status)?;
+        let outcome = self
+            .engine
+            .query(&req.instance_id, &hashes, ttl)
+            .map_err(|e| failed("query", &req.instance_id, None, e))?;
         let lease_ttl = ttl.unwrap_or(pegaflow_core::cache::DEFAULT_LEASE_TTL).as_millis() as u64;
         let response = match outcome {
             QueryOutcome::Hit { lease_id, tiers } => pb::QueryResponse {
@@ -227,7 +232,10 @@ impl EngineApi for EngineService {
         let state = token(&req.load_state_token)?;
         let caller = Caller { session_id: &req.session_id, uid };
         let target = RankRef { instance_id: &req.instance_id, tp_rank: req.tp_rank, caller };
-        let blocks = self.engine.load(target, &req.lease_id, &req.block_ids, &req.layers, &state).map_err(to_status)?;
+        let blocks = self
+            .engine
+            .load(target, &req.lease_id, &req.block_ids, &req.layers, &state)
+            .map_err(|e| failed("load", &req.instance_id, Some(&req.lease_id), e))?;
         Ok(Response::new(pb::LoadResponse { blocks }))
     }
 
@@ -236,7 +244,8 @@ impl EngineApi for EngineService {
         request: Request<pb::ReleaseLeaseRequest>,
     ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
         let _busy = busy(&request);
-        self.engine.release_lease(&request.into_inner().lease_id).map_err(to_status)?;
+        let lease_id = request.into_inner().lease_id;
+        self.engine.release_lease(&lease_id).map_err(|e| failed("release", "", Some(&lease_id), e))?;
         Ok(Response::new(pb::ReleaseLeaseResponse {}))
     }
 

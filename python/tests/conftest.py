@@ -132,6 +132,13 @@ class ServerHandle:
         assert name in values, f"metric {name} missing; have {sorted(values)}"
         return values[name]
 
+    def metric_total(self, name: str) -> float:
+        """The sum of every series of the metric ``name`` (all label values)."""
+        values = self.metrics()
+        series = [v for k, v in values.items() if k == name or k.startswith(name + "{")]
+        assert series, f"metric {name} missing; have {sorted(values)}"
+        return sum(series)
+
     def client(self, timeout_s: float = 10.0) -> EngineClient:
         """A new client of this server (closed at teardown)."""
         client = EngineClient(self.endpoint, timeout_s=timeout_s)

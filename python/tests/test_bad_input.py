@@ -52,7 +52,7 @@ class Setup:
         assert metrics["pegaflow_instances"] == 1
         assert metrics["pegaflow_open_regions"] == 1
         assert metrics["pegaflow_leases"] == 0
-        assert metrics["pegaflow_evicted_blocks"] == 0
+        assert metrics['pegaflow_evicted_blocks_total{tier="ram",reason="capacity"}'] == 0
 
 
 @pytest.fixture
@@ -313,7 +313,7 @@ def test_save_larger_than_pool(start_server: StartServer, kv_cache: KvFactory) -
         "pegaflow_cache_blocks",
         "pegaflow_cache_sealed_blocks",
         "pegaflow_pool_used_bytes",
-        "pegaflow_evicted_blocks",
+        'pegaflow_evicted_blocks_total{tier="ram",reason="capacity"}',
         "pegaflow_saved_blocks_total",
     ):
         assert after[name] == before[name], name

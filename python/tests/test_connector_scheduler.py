@@ -64,13 +64,13 @@ def test_hit_is_the_stored_prefix_and_memoised(
     s = side(server, instance_id)
     req = FakeRequest("r1", num_tokens=10 * BLOCK + 3, block_hashes=stored)
     assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
-    queries = server.metric("pegaflow_queries_total")
+    queries = server.metric_total("pegaflow_lookups_total")
     # vLLM may ask again (e.g. no free blocks yet): answered from memory, lease kept.
     assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
-    assert server.metric("pegaflow_queries_total") == queries
+    assert server.metric_total("pegaflow_lookups_total") == queries
     # A local prefix-cache hit of 2 blocks: only the 4 after it come from us.
     assert s.get_num_new_matched_tokens(req, 2 * BLOCK) == 4 * BLOCK
-    assert server.metric("pegaflow_queries_total") == queries + 1
+    assert server.metric_total("pegaflow_lookups_total") == queries + 1
 
 
 def test_never_more_than_num_tokens_minus_one(
@@ -82,9 +82,9 @@ def test_never_more_than_num_tokens_minus_one(
     assert s.get_num_new_matched_tokens(req, 0) == 5 * BLOCK
     # Local cache already covers everything loadable: no lookup at all.
     req2 = FakeRequest("r2", num_tokens=3 * BLOCK + 1, block_hashes=stored[:3])
-    queries = server.metric("pegaflow_queries_total")
+    queries = server.metric_total("pegaflow_lookups_total")
     assert s.get_num_new_matched_tokens(req2, 3 * BLOCK) == 0
-    assert server.metric("pegaflow_queries_total") == queries
+    assert server.metric_total("pegaflow_lookups_total") == queries
 
 
 def test_miss_and_min_load_blocks(
@@ -203,13 +203,13 @@ def test_old_lookups_are_redone_before_their_lease_ends(
     s = SchedulerSide(config, server.client(), BLOCK, BLOCK, clock=lambda: now[0])
     req = FakeRequest("r1", num_tokens=10 * BLOCK + 1, block_hashes=stored)
     assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
-    queries = server.metric("pegaflow_queries_total")
+    queries = server.metric_total("pegaflow_lookups_total")
     now[0] += 1.9
     assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
-    assert server.metric("pegaflow_queries_total") == queries
+    assert server.metric_total("pegaflow_lookups_total") == queries
     now[0] += 0.2  # past half the 4 s lease: ask again, with a fresh lease
     assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
-    assert server.metric("pegaflow_queries_total") == queries + 1
+    assert server.metric_total("pegaflow_lookups_total") == queries + 1
     assert server.metric("pegaflow_leases") == 1
 
 
@@ -237,9 +237,9 @@ def test_roles_gate_loads_and_saves(
     producer = SchedulerSide(config, server.client(), BLOCK, BLOCK, loads=False)
     producer.bind_block_ids(lambda _: list(range(10)))
     req = FakeRequest("r1", num_tokens=10 * BLOCK + 1, block_hashes=stored)
-    queries = server.metric("pegaflow_queries_total")
+    queries = server.metric_total("pegaflow_lookups_total")
     assert producer.get_num_new_matched_tokens(req, 0) == 0
-    assert server.metric("pegaflow_queries_total") == queries
+    assert server.metric_total("pegaflow_lookups_total") == queries
     assert producer.build_connector_meta(FakeOutput({"r1": 3 * BLOCK})).save is not None
     consumer = SchedulerSide(config, server.client(), BLOCK, BLOCK, saves=False)
     consumer.bind_block_ids(lambda _: list(range(10)))

@@ -83,7 +83,7 @@ def test_single_rank_roundtrip(
 
     metrics = server.metrics()
     assert metrics["pegaflow_loaded_blocks_total"] == 2 * NUM_SAVED + 10
-    assert metrics["pegaflow_load_failures_total"] == 0
+    assert metrics['pegaflow_transfer_failures_total{direction="load",backend="host"}'] == 0
     assert metrics["pegaflow_leases"] == 0, "a single-rank load releases its lease"
 
 

@@ -189,7 +189,7 @@ def test_pool_becomes_dma_ready(gpu_server: ServerHandle) -> None:
     import time
 
     deadline = time.monotonic() + 60
-    while gpu_server.metrics().get("pegaflow_pool_dma_ready", 0) != 1:
+    while gpu_server.metrics().get("pegaflow_pool_dma_ready_bytes", 0) == 0:
         assert time.monotonic() < deadline, "pool never pinned"
         time.sleep(0.1)
 

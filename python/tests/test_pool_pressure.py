@@ -78,7 +78,7 @@ def test_eviction_under_pressure(
     metrics = server.metrics()
     fit = POOL // BLOCK  # 128 blocks fit
     assert evicted > 0
-    assert metrics["pegaflow_evicted_blocks"] == evicted
+    assert metrics['pegaflow_evicted_blocks_total{tier="ram",reason="capacity"}'] == evicted
     assert evicted >= total_blocks + LEASED - fit
     assert metrics["pegaflow_pool_used_bytes"] <= capacity
     assert metrics["pegaflow_cache_blocks"] <= fit
@@ -172,7 +172,11 @@ def test_everything_leased_is_transient_exhaustion(
     with pytest.raises(PegaflowResourceExhausted, match="leased"):
         client.save("pinned", 0, [40, 41], extra)
     after = server.metrics()
-    for name in ("pegaflow_cache_blocks", "pegaflow_pool_used_bytes", "pegaflow_evicted_blocks"):
+    for name in (
+        "pegaflow_cache_blocks",
+        "pegaflow_pool_used_bytes",
+        'pegaflow_evicted_blocks_total{tier="ram",reason="capacity"}',
+    ):
         assert after[name] == before[name], name
     assert client.query("pinned", extra).hit_blocks == 0
 

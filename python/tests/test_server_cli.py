@@ -99,10 +99,11 @@ def test_metrics_endpoint(server: ServerHandle) -> None:
         "pegaflow_pool_used_bytes",
         "pegaflow_pool_capacity_bytes",
         "pegaflow_leases",
-        "pegaflow_evicted_blocks",
+        'pegaflow_evicted_blocks_total{tier="ram",reason="capacity"}',
         "pegaflow_saved_blocks_total",
         "pegaflow_loaded_blocks_total",
-        "pegaflow_queries_total",
+        'pegaflow_lookups_total{outcome="hit"}',
+        'pegaflow_lookup_blocks_total{tier="miss"}',
     ):
         assert name in metrics, f"{name} missing from /metrics:\n{body}"
     assert metrics["pegaflow_pool_capacity_bytes"] == 256 << 20

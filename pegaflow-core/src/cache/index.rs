@@ -32,6 +32,8 @@ pub struct LoadTicket {
     pub part_offsets: Vec<u64>,
     /// Geometry of those parts.
     pub geometry: Arc<PartGeometry>,
+    /// When the query that leased these blocks ran.
+    pub leased_at: Instant,
 }
 
 /// Counters and gauges of the cache.
@@ -191,6 +193,7 @@ impl BlockCache {
             holder: Arc::from(holder),
             keys,
             expires_at: now + ttl,
+            created_at: now,
             tp_size,
             started_ranks: HashSet::new(),
         });
@@ -230,6 +233,7 @@ impl BlockCache {
             return Err(EngineError::invalid(format!("rank {rank} already loaded lease {}", shown(lease_id))));
         }
         let keys: Vec<BlockKey> = lease.keys[..count].to_vec();
+        let leased_at = lease.created_at;
         let mut part_offsets = Vec::with_capacity(count);
         for key in &keys {
             let part = self
@@ -257,7 +261,7 @@ impl BlockCache {
                 self.release_lease(lease_id)?;
             }
         }
-        Ok(LoadTicket { keys, part_offsets, geometry: Arc::clone(geometry) })
+        Ok(LoadTicket { keys, part_offsets, geometry: Arc::clone(geometry), leased_at })
     }
 
     /// Phase two of a load: unpins the copied blocks.

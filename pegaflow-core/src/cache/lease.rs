@@ -32,6 +32,8 @@ pub(super) struct Lease {
     pub holder: std::sync::Arc<str>,
     pub keys: Vec<BlockKey>,
     pub expires_at: Instant,
+    /// When the query that took it ran (the start of the load path).
+    pub created_at: Instant,
     pub tp_size: u32,
     pub started_ranks: HashSet<u32>,
 }

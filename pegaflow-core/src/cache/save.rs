@@ -64,6 +64,8 @@ pub struct SaveTicket {
     pub skipped: u32,
     /// Of the skipped blocks, those refused admission.
     pub rejected: u32,
+    /// New blocks this save brought into the index.
+    pub admitted: u32,
     /// Blocks evicted to make room.
     pub evicted: u32,
 }
@@ -175,7 +177,8 @@ impl BlockCache {
                 self.allocator.used_bytes()
             )));
         }
-        let mut ticket = SaveTicket { entries: Vec::new(), slots: Vec::new(), skipped: 0, rejected: 0, evicted: 0 };
+        let mut ticket =
+            SaveTicket { entries: Vec::new(), slots: Vec::new(), skipped: 0, rejected: 0, admitted: 0, evicted: 0 };
         for (index, hash) in spec.hashes.iter().enumerate() {
             let key = spec.key(*hash);
             if !plan.admitted.get(index).copied().unwrap_or(false) {
@@ -190,7 +193,10 @@ impl BlockCache {
                     continue;
                 }
                 Some(_) => self.touch(&key),
-                None => self.create(spec, index, &key),
+                None => {
+                    self.create(spec, index, &key);
+                    ticket.admitted += 1;
+                }
             }
             self.pin(&key);
             if !self.place_part(spec, &key) {
@@ -198,7 +204,9 @@ impl BlockCache {
                 // block sizes): skipped, reported, never an error.
                 ticket.skipped += 1;
                 self.unpin(&key);
-                self.drop_if_empty(&key);
+                if self.drop_if_empty(&key) {
+                    ticket.admitted -= 1;
+                }
                 continue;
             }
             let Some(part) = self.blocks.get_mut(&key).and_then(|b| b.part_mut(spec.rank)) else { continue };
@@ -261,14 +269,13 @@ impl BlockCache {
         }
     }
 
-    /// Removes a block that holds no part and nothing pins.
-    fn drop_if_empty(&mut self, key: &BlockKey) {
+    /// Removes a block that holds no part and nothing pins; true when it did.
+    fn drop_if_empty(&mut self, key: &BlockKey) -> bool {
         let empty = self.blocks.get(key).is_some_and(|b| {
             b.pins == 0 && b.children == 0 && b.ram.as_ref().is_none_or(|c| c.parts.iter().all(Option::is_none))
         });
-        if empty && let Some(victim) = self.detach(key, EvictReason::Capacity) {
-            debug_assert!(victim.slices.is_empty());
-        }
+        // It holds no bytes: the victim has nothing to reclaim.
+        empty && self.detach(key, EvictReason::Capacity).is_some()
     }
 
     /// Read-only pass: rejects saves that conflict with stored parts (other TP size or

@@ -6,8 +6,10 @@
 //! (client gone mid-save) still publishes or rolls back its slots.
 
 mod handles;
+mod load;
 mod metrics;
 mod registry;
+mod save;
 mod transfer;
 mod validate;
 
@@ -15,19 +17,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
 
 pub use handles::{MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, TOKEN_BYTES};
+pub use load::LoadTraceConfig;
 pub use metrics::EngineMetrics;
 pub use registry::{Caller, InstanceInfo, LayerRegistration, MAX_ID_LEN, RegisterRequest};
 
-use crate::cache::{BlockCache, BlockHash, CacheStats, LeaseLimits, PolicyKind, QueryOutcome, SaveSpec, Victim};
-use crate::device::{CudaDevice, DeviceBackend, DeviceError, HostDevice, HostDeviceOptions, RegionSource};
+use crate::cache::{BlockCache, BlockHash, CacheStats, LeaseLimits, PolicyKind, Victim};
+use crate::device::{CudaDevice, DeviceBackend, HostDevice, HostDeviceOptions, RegionSource};
 use crate::error::{EngineError, Result};
 use crate::memory::{HostPool, PoolAllocator, PoolError, PoolOptions};
 use handles::MemoryHandles;
-use registry::{RankBinding, Registry};
-use validate::{check_block_ids, destination_order, select_layers};
+use registry::Registry;
 
 /// Caps on what clients can make the engine hold or do in one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +80,8 @@ pub struct EngineConfig {
     pub spin: Duration,
     /// Resource caps.
     pub limits: EngineLimits,
+    /// Which loads log their per-stage durations.
+    pub load_trace: LoadTraceConfig,
 }
 
 /// Why an engine could not start.
@@ -141,6 +144,7 @@ pub struct Engine {
     metrics: Arc<EngineMetrics>,
     /// How long a save waits for its last chunk without sleeping.
     save_spin: Duration,
+    tracer: Arc<load::LoadTracer>,
 }
 
 impl Engine {
@@ -172,6 +176,7 @@ impl Engine {
             max_hashes: config.limits.max_hashes_per_request,
             metrics,
             save_spin: config.spin.min(pegaflow_common::spin::SPIN),
+            tracer: Arc::new(load::LoadTracer::new(config.load_trace)),
         })
     }
 
@@ -275,231 +280,6 @@ impl Engine {
         self.registry.list()
     }
 
-    /// Copies `block_ids` of the rank (all layers, or `layers`) into the cache under
-    /// `blocks`' hashes. When this returns, the blocks it completed are visible to queries.
-    pub async fn save(
-        &self,
-        target: RankRef<'_>,
-        blocks: SaveBlocks<'_>,
-        block_ids: &[u64],
-        layers: &[u32],
-    ) -> Result<SaveOutcome> {
-        let started = Instant::now();
-        let hashes = blocks.hashes;
-        self.check_request_size("block hashes", hashes.len().max(block_ids.len()))?;
-        let tp_rank = target.tp_rank;
-        let rank = self.registry.rank(target.instance_id, tp_rank, target.caller)?;
-        if block_ids.len() != hashes.len() {
-            return Err(EngineError::invalid(format!(
-                "{} block ids but {} block hashes",
-                block_ids.len(),
-                hashes.len()
-            )));
-        }
-        if !blocks.parents.is_empty() && blocks.parents.len() != hashes.len() {
-            return Err(EngineError::invalid(format!(
-                "{} parent hashes for {} blocks (give one per block, or none)",
-                blocks.parents.len(),
-                hashes.len()
-            )));
-        }
-        let layers = select_layers(&rank, layers)?;
-        check_block_ids(&rank, &layers, block_ids)?;
-        if block_ids.is_empty() {
-            return Ok(SaveOutcome::default());
-        }
-        // Large requests go in growing chunks: the copy of the first chunk starts while
-        // the next ones are prepared, so preparation hides behind the transfer. The whole
-        // request is checked first (conflicting parts, more than the pool holds), so those
-        // errors leave nothing behind. A later chunk can still fail when the pool is full
-        // of leased or in-flight blocks: the chunks before it stay saved, and their blocks,
-        // like any sealed block, may be evicted by the chunks after them.
-        let spec = |hashes, parents, layers| SaveSpec {
-            namespace: &rank.namespace,
-            hashes,
-            parents,
-            rank: tp_rank,
-            tp_size: rank.tp_size,
-            geometry: &rank.geometry,
-            layers,
-        };
-        if block_ids.len() > FIRST_SAVE_CHUNK {
-            self.cache.lock().check_save(&spec(hashes, blocks.parents, &layers))?;
-        }
-        let mut outcome = SaveOutcome::default();
-        let mut copies = Vec::new();
-        let mut failure = None;
-        let mut first_submitted = None;
-        for range in save_chunks(block_ids.len()) {
-            let parents = blocks.parents.get(range.clone()).unwrap_or_default();
-            let chunk = spec(&hashes[range.clone()], parents, &layers);
-            match self.submit_save(&rank, &chunk, &block_ids[range]) {
-                Ok((prepared, copy)) => {
-                    outcome.saved_blocks += prepared.saved_blocks;
-                    outcome.skipped_blocks += prepared.skipped_blocks;
-                    outcome.rejected_blocks += prepared.rejected_blocks;
-                    outcome.evicted_blocks += prepared.evicted_blocks;
-                    copies.push(copy);
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-            first_submitted.get_or_insert_with(|| started.elapsed());
-        }
-        // Every submitted chunk is awaited, even after a failure: the caller may reuse its
-        // blocks as soon as this returns. The last one is short (chunks finish in order)
-        // and is waited for without letting the worker thread sleep: waking an idle
-        // thread costs 50–150 µs on the H100 host, a tenth of an 8B-256 save.
-        let last = copies.len().saturating_sub(1);
-        for (i, copy) in copies.into_iter().enumerate() {
-            let copied = if i == last { spin_recv(copy, self.save_spin).await } else { copy.await.ok() };
-            match copied {
-                Some(Ok(sealed)) => outcome.sealed_blocks += sealed,
-                Some(Err(e)) => failure = failure.or(Some(e.into())),
-                None => failure = failure.or(Some(EngineError::Unavailable("copy worker stopped".into()))),
-            }
-        }
-        tracing::debug!(
-            blocks = block_ids.len(),
-            first_chunk_us = first_submitted.unwrap_or_default().as_micros() as u64,
-            total_us = started.elapsed().as_micros() as u64,
-            "save"
-        );
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(outcome),
-        }
-    }
-
-    /// Prepares one chunk of a save and hands its copy to the backend; the receiver
-    /// reports the blocks sealed once the copy is done.
-    fn submit_save(
-        &self,
-        rank: &RankBinding,
-        spec: &SaveSpec<'_>,
-        block_ids: &[u64],
-    ) -> Result<(SaveOutcome, oneshot::Receiver<std::result::Result<u32, DeviceError>>)> {
-        let ticket = self.cache.lock().prepare_save_with(spec, |cache, victims| self.dispose(cache, victims))?;
-        let prepared = SaveOutcome {
-            saved_blocks: ticket.blocks(),
-            sealed_blocks: 0,
-            skipped_blocks: ticket.skipped,
-            rejected_blocks: ticket.rejected,
-            evicted_blocks: ticket.evicted,
-        };
-        let job = transfer::save_job(&self.pool, rank, block_ids, &ticket);
-        let bytes = job.bytes();
-        let (tx, rx) = oneshot::channel();
-        let cache = Arc::clone(&self.cache);
-        let metrics = Arc::clone(&self.metrics);
-        let saved_blocks = u64::from(ticket.blocks());
-        rank.backend.submit(
-            job,
-            Box::new(move |result| {
-                // A caller that gave up (deadline, disconnect) may already have reused its
-                // blocks, so bytes copied meanwhile can be torn: publish nothing then.
-                let abandoned = tx.is_closed();
-                let mut cache = cache.lock();
-                let sealed = cache.complete_save(ticket, result.is_ok() && !abandoned);
-                metrics.observe_cache(&cache.stats());
-                drop(cache);
-                if result.is_ok() {
-                    metrics.saved_blocks.inc_by(saved_blocks);
-                    metrics.saved_bytes.inc_by(bytes);
-                }
-                let _ = tx.send(result.map(|()| sealed));
-            }),
-        );
-        Ok((prepared, rx))
-    }
-
-    /// Finds the leading cached blocks of `hashes` in the instance's namespace and leases
-    /// them for `ttl` (`None`: 30 s).
-    pub fn query(&self, instance_id: &str, hashes: &[BlockHash], ttl: Option<Duration>) -> Result<QueryOutcome> {
-        self.check_request_size("block hashes", hashes.len())?;
-        let namespace = self.registry.namespace(instance_id)?;
-        let mut cache = self.cache.lock();
-        let queried = cache.query(Instant::now(), &namespace, instance_id, hashes, ttl);
-        if matches!(queried, Err(EngineError::ResourceExhausted(_))) {
-            self.metrics.refused_leases.inc();
-        }
-        let outcome = queried?;
-        self.metrics.observe_cache(&cache.stats());
-        drop(cache);
-        self.metrics.queries.inc();
-        self.metrics.query_blocks.inc_by(hashes.len() as u64);
-        self.metrics.query_hit_blocks.inc_by(u64::from(outcome.hits()));
-        Ok(outcome)
-    }
-
-    /// Starts copying the first `block_ids.len()` blocks of a lease into `block_ids` of
-    /// the rank (all layers, or `layers`). Returns once the copy is queued; the outcome is
-    /// written to the client's load state named by `load_state` (see
-    /// [`Engine::add_memory`]), which the caller's user (when known) must have handed over.
-    pub fn load(
-        &self,
-        target: RankRef<'_>,
-        lease_id: &str,
-        block_ids: &[u64],
-        layers: &[u32],
-        load_state: &MemoryToken,
-    ) -> Result<u32> {
-        let started = Instant::now();
-        self.check_request_size("block ids", block_ids.len())?;
-        let (tp_rank, caller) = (target.tp_rank, target.caller);
-        let rank = self.registry.rank(target.instance_id, tp_rank, caller)?;
-        let layers = select_layers(&rank, layers)?;
-        check_block_ids(&rank, &layers, block_ids)?;
-        let order = destination_order(block_ids)?;
-        let state = self.handles.load_state(load_state, caller.uid)?;
-        let ticket = self.cache.lock().prepare_load(
-            Instant::now(),
-            &rank.namespace,
-            lease_id,
-            tp_rank,
-            block_ids.len(),
-            &rank.geometry,
-        )?;
-        let job = transfer::load_job(&self.pool, &rank, &order, &layers, &ticket);
-        let bytes = job.bytes();
-        let blocks = block_ids.len() as u32;
-        tracing::debug!(blocks, bytes, prepare_us = started.elapsed().as_micros() as u64, "load");
-        let cache = Arc::clone(&self.cache);
-        let metrics = Arc::clone(&self.metrics);
-        rank.backend.submit(
-            job,
-            Box::new(move |result| {
-                let mut cache = cache.lock();
-                cache.complete_load(ticket);
-                metrics.observe_cache(&cache.stats());
-                drop(cache);
-                match &result {
-                    Ok(()) => {
-                        metrics.loaded_blocks.inc_by(u64::from(blocks));
-                        metrics.loaded_bytes.inc_by(bytes);
-                        state.complete(Ok(()));
-                    }
-                    Err(e) => {
-                        metrics.load_failures.inc();
-                        tracing::warn!(error = %e, "load failed");
-                        state.complete(Err(&e.to_string()));
-                    }
-                }
-            }),
-        );
-        Ok(blocks)
-    }
-
-    /// Releases a lease before it expires.
-    pub fn release_lease(&self, lease_id: &str) -> Result<()> {
-        let mut cache = self.cache.lock();
-        cache.release_lease(lease_id)?;
-        self.metrics.observe_cache(&cache.stats());
-        Ok(())
-    }
-
     /// Drops every cached block that is neither leased nor being copied (admin). Returns
     /// how many blocks went and how many stayed.
     pub fn drop_cache(&self) -> (u64, u64) {
@@ -515,6 +295,9 @@ impl Engine {
     /// Takes evicted blocks: the RAM pool is the lowest tier today, so their bytes are
     /// reclaimed at once (an SSD tier will take them first).
     fn dispose(&self, cache: &mut BlockCache, victims: Vec<Victim>) {
+        for victim in &victims {
+            self.metrics.observe_evictions(victim.tier, victim.reason, 1);
+        }
         cache.reclaim(victims);
     }
 
@@ -529,7 +312,7 @@ impl Engine {
 
 /// Makes the pool ready after the server starts serving: faults its pages in (progress in
 /// `pegaflow_pool_ready_bytes`), then lets each backend pin it for DMA
-/// (`pegaflow_pool_dma_ready`). Copies work meanwhile, only slower.
+/// (`pegaflow_pool_dma_ready_bytes`). Copies work meanwhile, only slower.
 fn prepare_pool_in_background(
     pool: Arc<HostPool>,
     backends: Vec<Arc<dyn DeviceBackend>>,
@@ -559,7 +342,7 @@ fn prepare_pool_in_background(
             let t0 = Instant::now();
             match backend.pin_pool(&pool) {
                 Ok(true) => {
-                    metrics.pool_dma_ready.set(1);
+                    metrics.pool_dma_ready_bytes.set(pool.len() as i64);
                     tracing::info!(
                         backend = backend.name(),
                         seconds = t0.elapsed().as_secs_f64(),
@@ -572,64 +355,4 @@ fn prepare_pool_in_background(
         }
     })?;
     Ok(())
-}
-
-/// Receives from `rx` (`None`: the sender was dropped), keeping the worker thread busy
-/// (yielding to other tasks) for up to `spin` before sleeping on it like a plain `.await`.
-async fn spin_recv<T>(mut rx: oneshot::Receiver<T>, spin: Duration) -> Option<T> {
-    let start = Instant::now();
-    while start.elapsed() < spin {
-        match rx.try_recv() {
-            Ok(value) => return Some(value),
-            Err(oneshot::error::TryRecvError::Empty) => tokio::task::yield_now().await,
-            Err(oneshot::error::TryRecvError::Closed) => return None,
-        }
-    }
-    rx.await.ok()
-}
-
-/// Blocks in the first chunk of a save; later chunks double in size.
-const FIRST_SAVE_CHUNK: usize = 16;
-
-/// The chunks a save of `n` blocks is prepared and copied in.
-fn save_chunks(n: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let mut start = 0;
-    let mut size = FIRST_SAVE_CHUNK;
-    std::iter::from_fn(move || {
-        (start < n).then(|| {
-            let end = n.min(start + size);
-            let range = start..end;
-            start = end;
-            size *= 2;
-            range
-        })
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn spin_recv_gets_early_and_late_values_and_sees_a_dropped_sender() {
-        for delay_ms in [0, 5] {
-            let (tx, rx) = oneshot::channel();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(delay_ms));
-                let _ = tx.send(delay_ms);
-            });
-            assert_eq!(spin_recv(rx, Duration::from_millis(1)).await, Some(delay_ms));
-        }
-        let (tx, rx) = oneshot::channel::<u8>();
-        drop(tx);
-        assert_eq!(spin_recv(rx, Duration::from_millis(1)).await, None);
-    }
-
-    #[test]
-    fn save_chunks_cover_the_request_in_order_and_grow() {
-        let chunks: Vec<_> = save_chunks(256).collect();
-        assert_eq!(chunks, vec![0..16, 16..48, 48..112, 112..240, 240..256]);
-        assert_eq!(save_chunks(10).collect::<Vec<_>>(), vec![0..10]);
-        assert_eq!(save_chunks(0).count(), 0);
-    }
 }

@@ -48,6 +48,10 @@ pub struct ListenMetrics {
 impl ListenMetrics {
     /// Adds the metrics to `registry` under the `pegaflow_` prefix.
     pub fn register(&self, registry: &mut Registry) {
+        // Every reason shows from the start (zeros, not gaps).
+        for reason in ["handshake", "idle"] {
+            let _ = self.timed_out.get_or_create(&vec![("reason".to_owned(), reason.to_owned())]);
+        }
         let r = registry.sub_registry_with_prefix("pegaflow");
         r.register("connections", "Client connections open (gRPC, descriptor, HTTP)", self.connections.clone());
         r.register("connections_refused", "Connections closed on arrival: every slot taken", self.refused.clone());
