@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use pegaflow_common::load_state::{LoadState, LoadStatus};
 use pegaflow_common::shm::SharedMemory;
-use pegaflow_core::cache::BlockHash;
+use pegaflow_core::cache::{BlockHash, PolicyKind};
 use pegaflow_core::device::RegionSource;
 use pegaflow_core::layout::TensorSpec;
 use pegaflow_core::{
@@ -103,12 +103,16 @@ fn load_state(e: &Engine) -> (LoadState, MemoryToken) {
 }
 
 fn engine(pool: u64) -> Arc<Engine> {
+    engine_with(pool, Default::default())
+}
+
+fn engine_with(pool: u64, policy: PolicyKind) -> Arc<Engine> {
     Arc::new(
         Engine::new(EngineConfig {
             pool_size: pool,
             use_hugepages: false,
             hint_value_size: None,
-            policy: Default::default(),
+            policy,
             copy_threads: Some(2),
             cuda_devices: Vec::new(),
             spin: Duration::from_millis(1),
@@ -419,4 +423,69 @@ async fn a_chunked_save_with_a_conflicting_block_fails_before_copying_anything()
     let ids: Vec<u64> = (0..30).collect();
     assert!(matches!(save(&e, "tp2", 0, ME, &[], &ids, &h).await, Err(EngineError::InvalidArgument(_))));
     assert_eq!(e.stats().blocks, 1, "the first chunks were not saved either");
+}
+
+/// One request as an inference engine makes it: query the chain, release the lease, save
+/// the blocks from the first miss on (into block ids `ids`) with their chain links.
+async fn request(e: &Engine, instance: &str, chain: &[BlockHash], ids: &[u64]) -> SaveOutcome {
+    let (hit, lease) = query(e, instance, chain, None).unwrap();
+    if let Some(lease) = lease {
+        e.release_lease(&lease).unwrap();
+    }
+    let from = hit as usize;
+    let parents: Vec<Option<BlockHash>> = (from..chain.len()).map(|i| i.checked_sub(1).map(|p| chain[p])).collect();
+    if from == chain.len() {
+        return SaveOutcome::default();
+    }
+    let target = RankRef { instance_id: instance, tp_rank: 0, caller: ME };
+    let blocks = SaveBlocks { hashes: &chain[from..], parents: &parents };
+    e.save(target, blocks, &ids[from..], &[]).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_refused_by_admission_succeeds_with_its_blocks_skipped() {
+    // A 40 KiB pool: ten 4 KiB blocks, all popular; the newest sit in the window under a
+    // lease, so a new chain must beat main's victim itself: seen once, it cannot.
+    let e = engine_with(40 << 10, PolicyKind::TinyLfu);
+    let kv = ClientKv::new(8);
+    e.register(kv.request(&e, "adm", "ns", 0, 1)).unwrap();
+    let popular = hashes(20, 10);
+    for _ in 0..4 {
+        for (i, block) in popular[..9].iter().enumerate() {
+            request(&e, "adm", &[*block], &[i as u64]).await;
+        }
+    }
+    request(&e, "adm", &popular[9..], &[9]).await;
+    let (_, lease) = query(&e, "adm", &popular[7..], None).unwrap();
+    let chain = hashes(21, 3);
+    let out = request(&e, "adm", &chain, &[10, 11, 12]).await;
+    assert_eq!((out.saved_blocks, out.skipped_blocks, out.rejected_blocks), (0, 3, 3), "{out:?}");
+    assert_eq!(query(&e, "adm", &chain, None).unwrap().0, 0);
+    e.release_lease(&lease.unwrap()).unwrap();
+    for block in &popular {
+        assert_eq!(query(&e, "adm", &[*block], None).unwrap().0, 1, "a popular block was evicted");
+    }
+    assert_eq!(e.stats().admissions_rejected, 1, "one duel lost; its chain followed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_pressure_under_admission_evicts_and_never_fails_a_save() {
+    // 64 blocks fit; 8 rounds of 32 new one-off blocks, with a hot chain asked for every round.
+    let e = engine_with(256 << 10, PolicyKind::TinyLfu);
+    let kv = ClientKv::new(9);
+    e.register(kv.request(&e, "press", "ns", 0, 1)).unwrap();
+    let hot = hashes(30, 8);
+    let hot_ids: Vec<u64> = (0..8).collect();
+    for round in 0..8u8 {
+        request(&e, "press", &hot, &hot_ids).await;
+        let cold = hashes(40 + round, 32);
+        let ids: Vec<u64> = (8..40).collect();
+        let out = request(&e, "press", &cold, &ids).await;
+        assert_eq!(out.saved_blocks + out.skipped_blocks, 32, "round {round}: {out:?}");
+        let stats = e.stats();
+        assert!(stats.used_bytes <= stats.capacity_bytes);
+    }
+    assert_eq!(query(&e, "press", &hot, None).unwrap().0, 8, "the hot chain survived the scans");
+    let stats = e.stats();
+    assert!(stats.evictions > 0 && stats.blocks <= 64, "{stats:?}");
 }
