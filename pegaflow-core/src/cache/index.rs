@@ -180,11 +180,15 @@ impl BlockCache {
         }
         let mut tp_size = 0;
         for key in &keys {
+            let Some(block) = self.blocks.get_mut(key) else { continue };
             // Pinned first: off its queue, the use only updates its order (no queue move).
-            self.pin(key);
-            self.touch(key);
-            if let Some(block) = self.blocks.get(key) {
-                tp_size = block.tp_size() as u32;
+            block.pins += 1;
+            self.policy.dequeue(&mut block.policy);
+            tp_size = block.tp_size() as u32;
+            let mut entry = block.policy;
+            self.policy.touch(key, &mut entry, &mut self.blocks);
+            if let Some(block) = self.blocks.get_mut(key) {
+                block.policy = entry;
             }
         }
         let tiers = vec![Tier::Ram; keys.len()];
@@ -373,8 +377,10 @@ impl BlockCache {
     pub(super) fn unpin(&mut self, key: &BlockKey) {
         if let Some(block) = self.blocks.get_mut(key) {
             block.pins = block.pins.saturating_sub(1);
+            if block.evictable() {
+                self.policy.enqueue(key, &mut block.policy);
+            }
         }
-        self.refresh(key);
     }
 }
 

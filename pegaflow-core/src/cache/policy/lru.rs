@@ -29,40 +29,23 @@ impl Policy for Lru {
     }
 
     fn touch(&mut self, key: &BlockKey, entry: &mut PolicyEntry, _store: &mut dyn EntryStore) {
-        let queued = entry.queued;
-        if queued {
-            self.dequeue(entry);
-        }
-        entry.order = self.next_tick();
-        if queued {
-            self.enqueue(key, entry);
-        }
+        let order = self.next_tick();
+        self.queue.reorder(key, entry, order);
     }
 
     fn enqueue(&mut self, key: &BlockKey, entry: &mut PolicyEntry) {
-        if !entry.queued {
-            self.queue.push(entry.order, key);
-            entry.queued = true;
-        }
+        self.queue.enqueue(key, entry);
     }
 
     fn dequeue(&mut self, entry: &mut PolicyEntry) {
-        if entry.queued {
-            self.queue.remove(entry.order);
-            entry.queued = false;
-        }
+        self.queue.dequeue(entry);
     }
 
     fn remove(&mut self, _entry: &PolicyEntry) {}
 
     fn choose(&mut self, _candidate: Option<&BlockKey>, store: &mut dyn EntryStore) -> Choice {
         match self.queue.pop_first() {
-            Some(key) => {
-                if let Some(entry) = store.entry(&key) {
-                    entry.queued = false;
-                }
-                Choice::Evict(key)
-            }
+            Some(key) => OrderQueue::evict(key, store),
             None => Choice::Nothing,
         }
     }

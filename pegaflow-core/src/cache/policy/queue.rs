@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use super::{Choice, EntryStore, PolicyEntry};
 use crate::cache::BlockKey;
 
 /// Blocks by order value (unique per block), smallest first.
@@ -42,5 +43,42 @@ impl OrderQueue {
 
     pub fn pop_last(&mut self) -> Option<BlockKey> {
         self.by_order.pop_last().map(|(_, key)| key)
+    }
+}
+
+/// Queue moves of a policy entry: the entry's `queued` flag and the queue stay in step.
+impl OrderQueue {
+    /// Puts the block on the queue at its order (nothing when it is on already).
+    pub fn enqueue(&mut self, key: &BlockKey, entry: &mut PolicyEntry) {
+        if !entry.queued {
+            self.push(entry.order, key);
+            entry.queued = true;
+        }
+    }
+
+    /// Takes the block off the queue (nothing when it is off).
+    pub fn dequeue(&mut self, entry: &mut PolicyEntry) {
+        if entry.queued {
+            self.remove(entry.order);
+            entry.queued = false;
+        }
+    }
+
+    /// Gives the block a new order, keeping it on the queue if it was.
+    pub fn reorder(&mut self, key: &BlockKey, entry: &mut PolicyEntry, order: u64) {
+        let queued = entry.queued;
+        self.dequeue(entry);
+        entry.order = order;
+        if queued {
+            self.enqueue(key, entry);
+        }
+    }
+
+    /// The victim taken off the queue, its record marked so.
+    pub fn evict(key: BlockKey, store: &mut dyn EntryStore) -> Choice {
+        if let Some(entry) = store.entry(&key) {
+            entry.queued = false;
+        }
+        Choice::Evict(key)
     }
 }
