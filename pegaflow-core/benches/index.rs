@@ -54,7 +54,7 @@ fn main() -> pegaflow_core::Result<()> {
             let started = Instant::now();
             for round in 0..rounds {
                 for (i, chain) in queries.iter().enumerate() {
-                    let outcome = cache.query(Instant::now(), &namespace, "bench", chain, None)?;
+                    let outcome = cache.query(Instant::now(), &namespace, "bench", 1, chain, None)?;
                     if let Some(lease) = outcome.lease_id() {
                         cache.release_lease(lease)?;
                     }

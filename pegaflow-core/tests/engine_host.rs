@@ -83,6 +83,7 @@ impl ClientKv {
             session_id: "session".into(),
             owner_uid: Some(UID),
             owner_pid: None,
+            replicated_kv: false,
         }
     }
 }
@@ -103,15 +104,17 @@ fn load_state(e: &Engine) -> (LoadState, MemoryToken) {
 }
 
 fn engine(pool: u64) -> Arc<Engine> {
-    engine_with(pool, Default::default())
+    engine_with(pool, Default::default(), None)
 }
 
-fn engine_with(pool: u64, policy: PolicyKind) -> Arc<Engine> {
+/// An engine whose admission sketch is sized for blocks of `hint` bytes (a small hint
+/// makes a large sketch: fewer collisions, slower aging).
+fn engine_with(pool: u64, policy: PolicyKind, hint: Option<u64>) -> Arc<Engine> {
     Arc::new(
         Engine::new(EngineConfig {
             pool_size: pool,
             use_hugepages: false,
-            hint_value_size: None,
+            hint_value_size: hint,
             policy,
             copy_threads: Some(2),
             cuda_devices: Vec::new(),
@@ -338,6 +341,7 @@ async fn cross_layer_layout_round_trips_byte_exact() {
         session_id: "session".into(),
         owner_uid: Some(UID),
         owner_pid: None,
+        replicated_kv: false,
         layers: (0..LAYERS)
             .map(|layer| LayerRegistration {
                 layer,
@@ -446,7 +450,7 @@ async fn request(e: &Engine, instance: &str, chain: &[BlockHash], ids: &[u64]) -
 async fn a_save_refused_by_admission_succeeds_with_its_blocks_skipped() {
     // A 40 KiB pool: ten 4 KiB blocks, all popular; the newest sit in the window under a
     // lease, so a new chain must beat main's victim itself: seen once, it cannot.
-    let e = engine_with(40 << 10, PolicyKind::TinyLfu);
+    let e = engine_with(40 << 10, PolicyKind::TinyLfu, None);
     let kv = ClientKv::new(8);
     e.register(kv.request(&e, "adm", "ns", 0, 1)).unwrap();
     let popular = hashes(20, 10);
@@ -470,8 +474,10 @@ async fn a_save_refused_by_admission_succeeds_with_its_blocks_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_pressure_under_admission_evicts_and_never_fails_a_save() {
-    // 64 blocks fit; 8 rounds of 32 new one-off blocks, with a hot chain asked for every round.
-    let e = engine_with(256 << 10, PolicyKind::TinyLfu);
+    // 64 blocks fit; 8 rounds of 32 new one-off blocks, with a hot chain asked for every
+    // round. The sketch is sized for 1,024 blocks so that hash collisions (its seed is
+    // random per process) cannot decide the outcome.
+    let e = engine_with(256 << 10, PolicyKind::TinyLfu, Some(256));
     let kv = ClientKv::new(9);
     e.register(kv.request(&e, "press", "ns", 0, 1)).unwrap();
     let hot = hashes(30, 8);
@@ -488,4 +494,42 @@ async fn pool_pressure_under_admission_evicts_and_never_fails_a_save() {
     assert_eq!(query(&e, "press", &hot, None).unwrap().0, 8, "the hot chain survived the scans");
     let stats = e.stats();
     assert!(stats.evictions > 0 && stats.blocks <= 64, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_instance_stores_one_copy_that_every_rank_loads() {
+    // MLA across two TP ranks: each rank's memory holds the same latent KV, so the cache
+    // keeps one copy. Rank 0 saves; rank 1's save of the same blocks copies nothing; both
+    // ranks load rank 0's bytes.
+    let e = engine(16 << 20);
+    let (r0, r1) = (ClientKv::new(21), ClientKv::new(22));
+    let replicated =
+        |kv: &ClientKv, rank| RegisterRequest { replicated_kv: true, ..kv.request(&e, "mla", "ns-mla", rank, 2) };
+    let block_bytes = e.register(replicated(&r0, 0)).unwrap();
+    let mismatch = RegisterRequest { replicated_kv: false, ..r1.request(&e, "mla", "ns-mla", 1, 2) };
+    assert!(matches!(e.register(mismatch), Err(EngineError::InvalidArgument(_))), "ranks must agree");
+    e.register(replicated(&r1, 1)).unwrap();
+    assert!(e.instances()[0].replicated_kv);
+    let h = hashes(50, 4);
+    let out = save(&e, "mla", 0, ME, &[], &[0, 1, 2, 3], &h).await.unwrap();
+    assert_eq!((out.saved_blocks, out.sealed_blocks), (4, 4), "one rank's save seals the blocks");
+    let out = save(&e, "mla", 1, ME, &[], &[0, 1, 2, 3], &h).await.unwrap();
+    assert_eq!((out.saved_blocks, out.skipped_blocks), (0, 4), "rank 1 copies nothing");
+    assert_eq!(e.stats().used_bytes, 4 * block_bytes, "one copy, not one per rank");
+    let (hits, lease) = query(&e, "mla", &h, None).unwrap();
+    assert_eq!(hits, 4);
+    let lease = lease.unwrap();
+    for (rank, kv) in [(1, &r1), (0, &r0)] {
+        let (state, token) = load_state(&e);
+        assert_eq!(load(&e, "mla", rank, ME, &lease, &[40, 41, 42, 43], &[], &token).unwrap(), 4);
+        assert_eq!(wait(&state).await, LoadStatus::Done);
+        for (dst, src) in [(40, 0), (41, 1), (42, 2), (43, 3)] {
+            for layer in 0..LAYERS {
+                for half in 0..2 {
+                    assert_eq!(kv.segment(layer, half, dst), r0.segment(layer, half, src), "rank {rank}");
+                }
+            }
+        }
+    }
+    assert_eq!(e.stats().leases, 0, "both ranks loaded: the lease ended");
 }

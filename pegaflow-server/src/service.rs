@@ -150,6 +150,7 @@ impl EngineApi for EngineService {
             session_id: req.session_id,
             owner_uid: uid,
             owner_pid: pid,
+            replicated_kv: req.replicated_kv,
         };
         let (instance, rank, session) = (register.instance_id.clone(), register.tp_rank, register.session_id.clone());
         let block_bytes = self.engine.register(register).map_err(|e| failed("register", &instance, None, e))?;
@@ -281,6 +282,7 @@ impl EngineApi for EngineService {
                 open_regions: i.open_regions,
                 owner_uid: i.owner_uid,
                 owner_pid: i.owner_pid,
+                replicated_kv: i.replicated_kv,
             })
             .collect();
         Ok(Response::new(pb::ListInstancesResponse { instances }))

@@ -67,6 +67,7 @@ fn random_message(rng: &mut Rng, method: &str, known: &Known) -> Vec<u8> {
             let token = random_token(rng, known);
             let mut req =
                 ClientKv::request_for(&token, &instance, &rng.below(1 << 20).to_string(), small(rng), small(rng));
+            req.replicated_kv = rng.below(2) == 0;
             for layer in &mut req.layers {
                 if let Some(layout) = layer.layout.as_mut()
                     && rng.below(2) == 0

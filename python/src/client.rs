@@ -269,7 +269,11 @@ impl PyEngineClient {
     /// Registers every KV layer of one TP rank; returns the bytes one block of the rank
     /// takes in the cache. The rank belongs to this client's session of the instance
     /// (opened here if none is open): the server drops it when the session closes. Host
-    /// layers' memory is handed over by descriptor first.
+    /// layers' memory is handed over by descriptor first. `replicated_kv`: every TP rank
+    /// holds the same bytes (MLA), so the cache keeps one copy that any rank saves and
+    /// every rank loads; all ranks of the instance must pass the same value.
+    #[pyo3(signature = (instance_id, namespace, tp_rank, tp_size, layers, replicated_kv = false))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword signature
     fn register_kv_layers(
         &self,
         py: Python<'_>,
@@ -278,6 +282,7 @@ impl PyEngineClient {
         tp_rank: u32,
         tp_size: u32,
         layers: Vec<PyRef<'_, KvLayer>>,
+        replicated_kv: bool,
     ) -> PyResult<u64> {
         if self.session(&instance_id).is_none() {
             self.open_session(py, instance_id.clone())?;
@@ -301,6 +306,7 @@ impl PyEngineClient {
                 tp_size,
                 num_layers: layers.len() as u32,
                 layers: layers.iter().map(|l| l.to_proto(l.host_fd.and_then(|fd| tokens.get(&fd)))).collect(),
+                replicated_kv,
             };
             Ok(self.call(py, |mut c| async move { c.register_kv_layers(req).await })?.block_bytes)
         });
@@ -440,6 +446,7 @@ impl PyEngineClient {
                 d.set_item("open_regions", i.open_regions)?;
                 d.set_item("owner_uid", i.owner_uid)?;
                 d.set_item("owner_pid", i.owner_pid)?;
+                d.set_item("replicated_kv", i.replicated_kv)?;
                 Ok(d)
             })
             .collect()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import KvFactory, ServerHandle
 from e2e_helpers import (
     LLAMA_BLOCK_BYTES,
@@ -15,7 +16,7 @@ from e2e_helpers import (
     zero_blocks,
 )
 
-from pegaflow import EngineClient
+from pegaflow import EngineClient, PegaflowInvalidArgument
 
 NUM_SAVED = 256
 
@@ -196,6 +197,41 @@ def test_tensor_parallel_two_ranks(
     assert server.metric("pegaflow_leases") == 0, "both ranks loaded: lease released"
     for rank, kv in enumerate(ranks):
         assert_blocks_equal(kv, dest, originals[rank], f"rank {rank}")
+
+
+def test_replicated_kv_is_stored_once_and_loaded_by_every_rank(
+    server: ServerHandle, client: EngineClient, kv_cache: KvFactory, instance_id: str
+) -> None:
+    """MLA: TP ranks hold the same latent KV. Registered with replicated_kv, the cache
+    keeps one copy (half the bytes of two ranks), any rank saves it, both load it."""
+    ranks = [kv_cache(num_blocks=64, seed=110), kv_cache(num_blocks=64, seed=120)]
+    block = client.register_kv_layers(
+        instance_id, "mla", 0, 2, ranks[0].layer_specs(), replicated_kv=True
+    )
+    with pytest.raises(PegaflowInvalidArgument, match="replicated_kv"):
+        client.register_kv_layers(instance_id, "mla", 1, 2, ranks[1].layer_specs())
+    client.register_kv_layers(instance_id, "mla", 1, 2, ranks[1].layer_specs(), replicated_kv=True)
+    (info,) = [i for i in client.list_instances() if i["instance_id"] == instance_id]
+    assert info["replicated_kv"] is True and info["registered_ranks"] == [0, 1]
+
+    n = 16
+    hashes = random_hashes(n)
+    src = list(range(n))
+    originals = snapshot(ranks[0], src)
+    r0 = client.save(instance_id, 0, src, hashes)
+    assert (r0.saved_blocks, r0.sealed_blocks) == (n, n), "one rank's save makes them visible"
+    r1 = client.save(instance_id, 1, src, hashes)
+    assert (r1.saved_blocks, r1.skipped_blocks) == (0, n), "the second rank copies nothing"
+    assert server.metric('pegaflow_resident_bytes{tier="ram"}') == n * block, "one copy"
+
+    q = client.query(instance_id, hashes)
+    assert q.hit_blocks == n and q.lease_id is not None
+    dest = list(range(32, 32 + n))
+    for rank, kv in enumerate(ranks):
+        zero_blocks(kv, dest)
+        load_blocks(client, instance_id, rank, q.lease_id, dest)
+        assert_blocks_equal(kv, dest, originals, f"rank {rank} loads rank 0's bytes")
+    assert server.metric("pegaflow_leases") == 0, "both ranks loaded: lease released"
 
 
 def test_rank_zero_only_block_becomes_hit_after_rank_one(

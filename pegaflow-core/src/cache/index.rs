@@ -132,14 +132,16 @@ impl BlockCache {
     }
 
     /// Finds the leading readable blocks of `hashes` and leases them for `ttl` (`None`:
-    /// [`DEFAULT_LEASE_TTL`]) on behalf of instance `holder`. Every hash asked for counts
-    /// towards its block's popularity, hit or not. A hit that would pass the lease caps
-    /// is refused (`ResourceExhausted`) and pins nothing.
+    /// [`DEFAULT_LEASE_TTL`]) on behalf of instance `holder`, whose `loaders` TP ranks
+    /// will each load them (the lease ends once all have started). Every hash asked for
+    /// counts towards its block's popularity, hit or not. A hit that would pass the lease
+    /// caps is refused (`ResourceExhausted`) and pins nothing.
     pub fn query(
         &mut self,
         now: Instant,
         namespace: &Arc<str>,
         holder: &str,
+        loaders: u32,
         hashes: &[BlockHash],
         ttl: Option<Duration>,
     ) -> Result<QueryOutcome> {
@@ -178,13 +180,11 @@ impl BlockCache {
             self.refused_leases += 1;
             return Err(EngineError::ResourceExhausted(reason));
         }
-        let mut tp_size = 0;
         for key in &keys {
             let Some(block) = self.blocks.get_mut(key) else { continue };
             // Pinned first: off its queue, the use only updates its order (no queue move).
             block.pins += 1;
             self.policy.dequeue(&mut block.policy);
-            tp_size = block.tp_size() as u32;
             let mut entry = block.policy;
             self.policy.touch(key, &mut entry, &mut self.blocks);
             if let Some(block) = self.blocks.get_mut(key) {
@@ -198,20 +198,24 @@ impl BlockCache {
             keys,
             expires_at: now + ttl,
             created_at: now,
-            tp_size,
+            tp_size: loaders.max(1),
             started_ranks: HashSet::new(),
         });
         Ok(QueryOutcome::Hit { lease_id, tiers })
     }
 
-    /// Phase one of a load: checks the lease and pins its first `count` blocks for the
-    /// copy. Once every TP rank has started its load, the lease is released.
+    /// Phase one of a load: checks the lease and pins its first `count` blocks for TP
+    /// `rank`'s copy out of stored part `part` (the rank's own, or part 0 when every rank
+    /// holds the same bytes). Once every TP rank has started its load, the lease is
+    /// released.
+    #[allow(clippy::too_many_arguments)] // the load's coordinates, each checked here
     pub fn prepare_load(
         &mut self,
         now: Instant,
         namespace: &Arc<str>,
         lease_id: &str,
         rank: u32,
+        part: u32,
         count: usize,
         geometry: &Arc<PartGeometry>,
     ) -> Result<LoadTicket> {
@@ -243,7 +247,7 @@ impl BlockCache {
             let part = self
                 .blocks
                 .get(key)
-                .and_then(|b| b.part(rank))
+                .and_then(|b| b.part(part))
                 .ok_or_else(|| EngineError::not_found(format!("block {} lost its part", hex(&key.hash))))?;
             if *part.geometry != **geometry {
                 return Err(EngineError::invalid(format!(

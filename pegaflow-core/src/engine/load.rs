@@ -102,9 +102,9 @@ impl Engine {
     /// them for `ttl` (`None`: 30 s).
     pub fn query(&self, instance_id: &str, hashes: &[BlockHash], ttl: Option<Duration>) -> Result<QueryOutcome> {
         self.check_request_size("block hashes", hashes.len())?;
-        let namespace = self.registry.namespace(instance_id)?;
+        let (namespace, tp_size) = self.registry.namespace(instance_id)?;
         let mut cache = self.cache.lock();
-        let queried = cache.query(Instant::now(), &namespace, instance_id, hashes, ttl);
+        let queried = cache.query(Instant::now(), &namespace, instance_id, tp_size, hashes, ttl);
         if matches!(queried, Err(EngineError::ResourceExhausted(_))) {
             self.metrics.refused_leases.inc();
         }
@@ -147,6 +147,7 @@ impl Engine {
             &rank.namespace,
             lease_id,
             tp_rank,
+            rank.part,
             block_ids.len(),
             &rank.geometry,
         )?;

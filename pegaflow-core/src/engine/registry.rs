@@ -52,6 +52,9 @@ pub struct RegisterRequest {
     pub owner_uid: Option<u32>,
     /// Process of the caller, when known (Unix socket), recorded on a new instance.
     pub owner_pid: Option<i32>,
+    /// Every TP rank holds the same bytes (MLA): the cache keeps one copy per block that
+    /// any rank saves and every rank loads. All ranks of an instance must agree.
+    pub replicated_kv: bool,
 }
 
 /// Who copies to or from a rank: the session that registered the rank, and the caller's
@@ -83,6 +86,8 @@ pub struct InstanceInfo {
     pub owner_uid: Option<u32>,
     /// Process that registered it (Unix-socket clients only).
     pub owner_pid: Option<i32>,
+    /// One stored copy for all TP ranks.
+    pub replicated_kv: bool,
 }
 
 /// A mapped region that keeps the `open_regions` gauge honest: it counts until the last
@@ -124,7 +129,10 @@ pub(crate) struct LayerBinding {
 pub(crate) struct RankBinding {
     pub namespace: Arc<str>,
     pub session_id: String,
-    pub tp_size: u32,
+    /// Which stored part of a block is this rank's, of how many: (rank, TP size), or
+    /// (0, 1) when every rank holds the same bytes.
+    pub part: u32,
+    pub parts: u32,
     pub backend: Arc<dyn DeviceBackend>,
     pub layers: Vec<LayerBinding>,
     pub geometry: Arc<PartGeometry>,
@@ -141,6 +149,7 @@ struct Instance {
     owner_pid: Option<i32>,
     tp_size: u32,
     num_layers: u32,
+    replicated_kv: bool,
     ranks: HashMap<u32, Arc<RankBinding>>,
 }
 
@@ -174,6 +183,7 @@ impl Registry {
             owner_pid: req.owner_pid,
             tp_size: req.tp_size,
             num_layers: req.num_layers,
+            replicated_kv: req.replicated_kv,
             ranks: HashMap::new(),
         });
         instance.ranks.insert(req.tp_rank, Arc::new(binding));
@@ -237,12 +247,12 @@ impl Registry {
         Ok(Arc::clone(rank))
     }
 
-    /// Namespace of a registered instance.
-    pub fn namespace(&self, instance_id: &str) -> Result<Arc<str>> {
+    /// Namespace and TP size of a registered instance.
+    pub fn namespace(&self, instance_id: &str) -> Result<(Arc<str>, u32)> {
         self.instances
             .lock()
             .get(instance_id)
-            .map(|i| Arc::clone(&i.namespace))
+            .map(|i| (Arc::clone(&i.namespace), i.tp_size))
             .ok_or_else(|| EngineError::not_found(format!("unknown instance {}", shown(instance_id))))
     }
 
@@ -262,6 +272,7 @@ impl Registry {
                     open_regions: i.ranks.values().map(|r| r.regions).sum(),
                     owner_uid: i.owner_uid,
                     owner_pid: i.owner_pid,
+                    replicated_kv: i.replicated_kv,
                 }
             })
             .collect();
@@ -332,7 +343,8 @@ impl Registry {
         Ok(RankBinding {
             namespace: Arc::from(req.namespace.as_str()),
             session_id: req.session_id.clone(),
-            tp_size: req.tp_size,
+            part: if req.replicated_kv { 0 } else { req.tp_rank },
+            parts: if req.replicated_kv { 1 } else { req.tp_size },
             backend,
             regions: regions.len() as u32,
             block_major: regions.len() == 1 && is_block_major(&layers),
@@ -417,6 +429,13 @@ fn check_matches(existing: &Instance, req: &RegisterRequest) -> Result<()> {
             shown(&existing.namespace),
             existing.tp_size,
             existing.num_layers
+        )));
+    }
+    if existing.replicated_kv != req.replicated_kv {
+        return Err(EngineError::invalid(format!(
+            "instance {} is registered with replicated_kv {}: every rank must say the same",
+            shown(&req.instance_id),
+            existing.replicated_kv
         )));
     }
     if existing.ranks.contains_key(&req.tp_rank) {

@@ -60,8 +60,8 @@ impl Engine {
             namespace: &rank.namespace,
             hashes,
             parents,
-            rank: tp_rank,
-            tp_size: rank.tp_size,
+            rank: rank.part,
+            tp_size: rank.parts,
             geometry: &rank.geometry,
             layers,
         };

@@ -116,7 +116,7 @@ pub fn replay(
         clock.store(position, Ordering::Relaxed);
         let chain: Vec<BlockHash> = request.hash_ids.iter().map(|&id| block_hash(id)).collect();
         let queried = Instant::now();
-        let outcome = cache.query(Instant::now(), &namespace, "trace", &chain, None)?;
+        let outcome = cache.query(Instant::now(), &namespace, "trace", 1, &chain, None)?;
         if let Some(lease) = outcome.lease_id() {
             cache.release_lease(lease)?;
         }

@@ -198,6 +198,7 @@ impl ClientKv {
             tp_size: tp,
             num_layers: LAYERS,
             session_id: session.into(),
+            replicated_kv: false,
             layers: (0..LAYERS)
                 .map(|layer| pb::LayerRegistration {
                     layer,

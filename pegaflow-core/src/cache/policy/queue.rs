@@ -33,10 +33,6 @@ impl OrderQueue {
         self.by_order.iter().map(|(order, key)| (*order, key))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_order.is_empty()
-    }
-
     pub fn pop_first(&mut self) -> Option<BlockKey> {
         self.by_order.pop_first().map(|(_, key)| key)
     }

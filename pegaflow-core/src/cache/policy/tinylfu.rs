@@ -1,8 +1,9 @@
 //! W-TinyLFU: new blocks enter a small LRU window; blocks pushed out of the window join
 //! the main region (a segmented LRU: probation, then protected once used again) as
 //! *arrivals*. When room is needed, an arrival duels main's victim and the frequency
-//! sketch decides which of the two leaves. One-off scans pass through the window and
-//! lose their duels, so hot prefixes in main survive them.
+//! sketch decides which of the two leaves; with no arrival waiting, the new block itself
+//! duels the victim and is refused (not copied) if it loses. One-off scans pass through
+//! the window and lose their duels, so hot prefixes in main survive them.
 
 use std::collections::VecDeque;
 
@@ -226,8 +227,8 @@ impl Policy for TinyLfu {
                 None => self.evict(PROBATION, arrival, store),
             };
         }
-        // Nothing in the window can make way (all pinned or parents).
-        let window_stuck = self.queues[WINDOW as usize].is_empty();
+        // No arrival waits for a duel: the new block itself must beat main's victim (a
+        // block popular enough is never evicted for one that is not).
         let victim = self.main_victim(None);
         let Some((segment, victim)) =
             victim.or_else(|| self.queues[WINDOW as usize].first().map(|(_, k)| (WINDOW, k.clone())))
@@ -235,8 +236,7 @@ impl Policy for TinyLfu {
             return Choice::Nothing;
         };
         match candidate {
-            // The new block itself must beat the victim.
-            Some(candidate) if window_stuck && !self.wins(candidate, &victim) => {
+            Some(candidate) if !self.wins(candidate, &victim) => {
                 self.rejected += 1;
                 Choice::Reject
             }

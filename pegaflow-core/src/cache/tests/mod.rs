@@ -49,7 +49,7 @@ pub(super) fn prep(
     cache.prepare_save_with(&spec, |c, victims| c.reclaim(victims))
 }
 
-/// A query as (hits, lease id).
+/// A query of a one-rank holder as (hits, lease id).
 pub(super) fn q(
     cache: &mut BlockCache,
     now: Instant,
@@ -58,7 +58,20 @@ pub(super) fn q(
     hashes: &[BlockHash],
     ttl: Option<Duration>,
 ) -> crate::Result<(u32, Option<String>)> {
-    let outcome = cache.query(now, n, holder, hashes, ttl)?;
+    q_ranks(cache, now, n, holder, 1, hashes, ttl)
+}
+
+/// A query of a holder whose `loaders` ranks each load, as (hits, lease id).
+pub(super) fn q_ranks(
+    cache: &mut BlockCache,
+    now: Instant,
+    n: &Arc<str>,
+    holder: &str,
+    loaders: u32,
+    hashes: &[BlockHash],
+    ttl: Option<Duration>,
+) -> crate::Result<(u32, Option<String>)> {
+    let outcome = cache.query(now, n, holder, loaders, hashes, ttl)?;
     Ok((outcome.hits(), outcome.lease_id().map(str::to_owned)))
 }
 
@@ -239,7 +252,7 @@ fn leases_expire_and_unpin() {
     let lease = lease.unwrap();
     assert_eq!(c.stats().leases, 1);
     let later = t0 + Duration::from_millis(51);
-    let err = c.prepare_load(later, &n, &lease, 0, 1, &g).unwrap_err();
+    let err = c.prepare_load(later, &n, &lease, 0, 0, 1, &g).unwrap_err();
     assert!(matches!(err, EngineError::NotFound(_)), "{err}");
     assert_eq!(c.stats().leases, 0);
     assert!(matches!(c.release_lease(&lease), Err(EngineError::NotFound(_))));
@@ -258,22 +271,22 @@ fn a_lease_is_released_once_every_rank_started_loading() {
     save_all(&mut c, &n, &[h(1), h(2)], 0, 2, &g);
     save_all(&mut c, &n, &[h(1), h(2)], 1, 2, &g);
     let now = Instant::now();
-    let (hit, lease) = q(&mut c, now, &n, "inst", &[h(1), h(2)], None).unwrap();
+    let (hit, lease) = q_ranks(&mut c, now, &n, "inst", 2, &[h(1), h(2)], None).unwrap();
     assert_eq!(hit, 2);
     let lease = lease.unwrap();
-    assert!(matches!(c.prepare_load(now, &n, &lease, 0, 3, &g), Err(EngineError::InvalidArgument(_))));
-    assert!(matches!(c.prepare_load(now, &n, &lease, 2, 1, &g), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(c.prepare_load(now, &n, &lease, 0, 0, 3, &g), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(c.prepare_load(now, &n, &lease, 2, 2, 1, &g), Err(EngineError::InvalidArgument(_))));
     let other = geometry(1);
-    assert!(matches!(c.prepare_load(now, &n, &lease, 0, 1, &other), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(c.prepare_load(now, &n, &lease, 0, 0, 1, &other), Err(EngineError::InvalidArgument(_))));
     assert!(
-        matches!(c.prepare_load(now, &ns("other"), &lease, 0, 2, &g), Err(EngineError::NotFound(_))),
+        matches!(c.prepare_load(now, &ns("other"), &lease, 0, 0, 2, &g), Err(EngineError::NotFound(_))),
         "a lease never serves another namespace"
     );
-    let r0 = c.prepare_load(now, &n, &lease, 0, 2, &g).unwrap();
+    let r0 = c.prepare_load(now, &n, &lease, 0, 0, 2, &g).unwrap();
     assert_eq!(r0.part_offsets.len(), 2);
-    assert!(c.prepare_load(now, &n, &lease, 0, 2, &g).is_err(), "a rank loads a lease once");
+    assert!(c.prepare_load(now, &n, &lease, 0, 0, 2, &g).is_err(), "a rank loads a lease once");
     assert_eq!(c.stats().leases, 1);
-    let r1 = c.prepare_load(now, &n, &lease, 1, 1, &g).unwrap();
+    let r1 = c.prepare_load(now, &n, &lease, 1, 1, 1, &g).unwrap();
     assert_eq!(c.stats().leases, 0);
     c.complete_load(r0);
     c.complete_load(r1);
@@ -287,7 +300,7 @@ fn load_pins_outlive_the_lease() {
     save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
     let now = Instant::now();
     let (_, lease) = q(&mut c, now, &n, "inst", &[h(1)], None).unwrap();
-    let ticket = c.prepare_load(now, &n, &lease.unwrap(), 0, 1, &g).unwrap();
+    let ticket = c.prepare_load(now, &n, &lease.unwrap(), 0, 0, 1, &g).unwrap();
     assert_eq!(c.stats().leases, 0, "the only rank started: lease released");
     // Block 1 is still being copied: only block 2 may go.
     let t = prep(&mut c, &n, &[h(3)], 0, 1, &g, &[0]).unwrap();
@@ -375,4 +388,26 @@ fn dropping_the_cache_keeps_exactly_the_leased_blocks() {
     assert_eq!(hits(&mut c, &n, &[h(1)]), 0);
     assert_eq!(drop_all(&mut c), 1);
     assert_eq!(c.stats().used_bytes, 0);
+}
+
+#[test]
+fn one_stored_copy_serves_every_rank_of_a_replicated_instance() {
+    // MLA: two TP ranks hold the same bytes, so the block has one part that rank 1 saved
+    // and both ranks load; the lease ends once both started.
+    let mut c = cache(4);
+    let n = ns("mla");
+    let g = geometry(1);
+    assert_eq!(save_all(&mut c, &n, &[h(1)], 0, 1, &g), 1, "one part seals the block");
+    assert_eq!(c.stats().used_bytes, UNIT, "one copy, not one per rank");
+    let now = Instant::now();
+    let (hit, lease) = q_ranks(&mut c, now, &n, "inst", 2, &[h(1)], None).unwrap();
+    assert_eq!(hit, 1);
+    let lease = lease.unwrap();
+    let r1 = c.prepare_load(now, &n, &lease, 1, 0, 1, &g).unwrap();
+    assert_eq!(c.stats().leases, 1, "rank 0 has not loaded yet");
+    let r0 = c.prepare_load(now, &n, &lease, 0, 0, 1, &g).unwrap();
+    assert_eq!(r0.part_offsets, r1.part_offsets, "both ranks read the same bytes");
+    assert_eq!(c.stats().leases, 0);
+    c.complete_load(r0);
+    c.complete_load(r1);
 }
