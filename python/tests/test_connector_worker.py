@@ -206,3 +206,51 @@ def test_server_restart_is_followed(start_server: StartServer, make_worker: Make
     worker.wait_for_save(PegaConnectorMetadata(save=SaveJob([1, 2], hashes, ["r1"])))
     assert worker.drain(10.0)
     assert restarted.client().query(worker.config.instance_id, hashes).hit_blocks == 2
+
+
+def is_registered(worker: WorkerSide) -> Callable[[], bool]:
+    return lambda: bool(worker.stats()["registered"])
+
+
+def test_mla_ranks_share_one_stored_copy(server: ServerHandle, instance_id: str) -> None:
+    """MLA-shaped caches (``[blocks, block_size, 576]``, the same bytes on both TP ranks)
+    registered as replicated: both ranks save, the server keeps one copy, both load it."""
+    config = ConnectorConfig(
+        instance_id=instance_id, endpoint=server.endpoint, retry_interval_s=0.2
+    )
+
+    def mla_caches() -> dict[str, Any]:
+        torch.manual_seed(7)  # identical latent KV on every rank, as MLA has
+        return {
+            f"model.layers.{i}.self_attn.attn": torch.randn(NUM_BLOCKS, 16, 576) for i in range(2)
+        }
+
+    workers = [
+        WorkerSide(config, rank, 2, {"model": "mla-test"}, replicated_kv=True) for rank in (0, 1)
+    ]
+    caches = [mla_caches() for _ in workers]
+    try:
+        for worker, cache in zip(workers, caches, strict=True):
+            worker.register_kv_caches(cache, NUM_BLOCKS)
+            wait_until(is_registered(worker), 10, "registered")
+        assert workers[0].namespace == workers[1].namespace
+        hashes = random_hashes(4)
+        src, dst = [1, 2, 3, 4], [50, 51, 52, 53]
+        for worker in workers:
+            worker.wait_for_save(PegaConnectorMetadata(save=SaveJob(src, hashes, ["r1"])))
+            assert worker.drain(10.0)
+        block = 2 * 16 * 576 * 4  # two layers of one block
+        assert server.metric('pegaflow_resident_bytes{tier="ram"}') == 4 * block, "one copy"
+        q = server.client().query(instance_id, hashes)
+        assert q.hit_blocks == 4 and q.lease_id is not None
+        for worker, cache in zip(workers, caches, strict=True):
+            for t in cache.values():
+                t[dst] = 0
+            worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r2", q.lease_id, dst)]))
+            assert finish_loads(worker) == {"r2"}
+            for t in cache.values():
+                assert torch.equal(t[dst], t[src])
+        assert server.metric("pegaflow_leases") == 0, "both ranks loaded"
+    finally:
+        for worker in workers:
+            worker.shutdown()

@@ -34,6 +34,8 @@ class RankIdentity:
     namespace: str
     rank: int
     world_size: int
+    replicated_kv: bool = False
+    """Every rank holds the same KV bytes (MLA): the server stores one copy."""
 
 
 class ServerLink:
@@ -101,7 +103,12 @@ class ServerLink:
                     self.client.close_session(ident.instance_id)
                     self.client.open_session(ident.instance_id)
                 self.client.register_kv_layers(
-                    ident.instance_id, ident.namespace, ident.rank, ident.world_size, self._layers
+                    ident.instance_id,
+                    ident.namespace,
+                    ident.rank,
+                    ident.world_size,
+                    self._layers,
+                    replicated_kv=ident.replicated_kv,
                 )
             except PegaflowAlreadyExists:
                 # The server has not yet dropped our previous session's rank: next round.

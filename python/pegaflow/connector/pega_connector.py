@@ -107,16 +107,24 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
             tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
             rank = get_pipeline_model_parallel_rank() * tp + get_tensor_model_parallel_rank()
             model = vllm_config.model_config
-            factors = {
+            # MLA's latent KV is the same on every TP rank: stored once, and engines of any
+            # TP size share it. Pipeline stages hold different layers, so not across PP.
+            replicated = bool(getattr(model, "use_mla", False)) and pp == 1
+            factors: dict[str, object] = {
                 "model": model.model,
                 "revision": model.revision,
                 "dtype": str(model.dtype),
                 "kv_cache_dtype": vllm_config.cache_config.cache_dtype,
                 "block_size": block_size,
-                "tp": tp,
                 "pp": pp,
             }
-            self._worker = WorkerSide(self._config, rank, tp * pp, factors)
+            if replicated:
+                factors["mla"] = True
+            else:
+                factors["tp"] = tp
+            self._worker = WorkerSide(
+                self._config, rank, tp * pp, factors, replicated_kv=replicated
+            )
 
     @property
     def requires_kv_delivery(self) -> bool:

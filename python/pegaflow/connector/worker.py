@@ -67,6 +67,7 @@ class WorkerSide:
         world_size: int,
         namespace_factors: Mapping[str, object],
         clock: Callable[[], float] = time.monotonic,
+        replicated_kv: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -74,6 +75,7 @@ class WorkerSide:
         self._rank = rank
         self._world_size = world_size
         self._namespace_factors = dict(namespace_factors)
+        self._replicated_kv = replicated_kv
         self._clock = clock
         self.link: ServerLink | None = None
         self.registration: KvRegistration | None = None
@@ -109,7 +111,9 @@ class WorkerSide:
         )
         self.registration = registration
         self._cuda = registration.device_type == "cuda"
-        identity = RankIdentity(self.config.instance_id, namespace, self._rank, self._world_size)
+        identity = RankIdentity(
+            self.config.instance_id, namespace, self._rank, self._world_size, self._replicated_kv
+        )
         client = EngineClient(
             self.config.endpoint, self.config.timeout_s, self.config.auth_token_file
         )
