@@ -1,5 +1,6 @@
-"""A tiny random-weight Llama for trying PegaFlow with vLLM without downloading a model
-(``examples/basic_vllm.py``, the connector's tests). Needs ``torch`` and ``transformers``.
+"""Tiny random-weight models (a Llama, a DeepSeek-shaped MLA model) for trying PegaFlow
+with vLLM without downloading a model (``examples/basic_vllm.py``, the connector's
+tests). Needs ``torch`` and ``transformers``.
 
 Weights are drawn with a large init range so that any wrong KV byte changes the next
 tokens; vLLM's ``load_format="dummy"`` would hide KV bugs behind near-constant outputs.
@@ -18,8 +19,7 @@ def build_tiny_llama(path: Path, seed: int = 1234) -> Path:
     """Saves a 2-layer Llama (head_dim 32, 2 KV heads, float32) with random weights and a
     word-level tokenizer (``t0`` … ``t511``) to ``path``; returns ``path``."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=TINY_VOCAB,
@@ -35,13 +35,56 @@ def build_tiny_llama(path: Path, seed: int = 1234) -> Path:
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(path)
+    _save_tokenizer(path)
+    return path
+
+
+def build_tiny_deepseek(path: Path, seed: int = 1234) -> Path:
+    """Saves a 2-layer DeepSeek-V2-shaped model with MLA (latent KV of ``kv_lora_rank``
+    512 + rope 64 = 576 values per token, dense MLPs) with random weights and the same
+    word-level tokenizer to ``path``; returns ``path``. vLLM's CPU MLA kernels need a
+    block size of 16."""
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    config = DeepseekV2Config(
+        vocab_size=TINY_VOCAB,
+        hidden_size=256,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=2,  # every layer dense: MLA is what matters here
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        max_position_embeddings=2048,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    DeepseekV2ForCausalLM(config).to(torch.float32).save_pretrained(path)
+    _save_tokenizer(path)
+    return path
+
+
+def _save_tokenizer(path: Path) -> None:
+    """The word-level tokenizer ``t0`` … ``t511`` of every tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {f"t{i}": i for i in range(TINY_VOCAB)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2", pad_token="t0"
     ).save_pretrained(path)
-    return path
 
 
-__all__ = ["TINY_BLOCK_SIZE", "TINY_VOCAB", "build_tiny_llama"]
+__all__ = ["TINY_BLOCK_SIZE", "TINY_VOCAB", "build_tiny_deepseek", "build_tiny_llama"]

@@ -150,7 +150,8 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if self._worker is not None:
-            self._worker.register_kv_caches(kv_caches, self._kv_cache_config.num_blocks)
+            held = _layer_held_caches(self._vllm_config)
+            self._worker.register_kv_caches(kv_caches, self._kv_cache_config.num_blocks, held)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         if self._worker is not None and isinstance(kv_connector_metadata, PegaConnectorMetadata):
@@ -226,3 +227,18 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
 
 __all__ = ["PegaKVConnector"]
+
+
+def _layer_held_caches(vllm_config: Any) -> list[torch.Tensor]:
+    """The KV tensors vLLM's attention layers hold themselves. For some backends (MLA on
+    CPU) they are other tensor objects than the views the connector is given, over the
+    same memory: moving that memory into shared memory must repoint them too."""
+    import torch
+
+    context = getattr(vllm_config.compilation_config, "static_forward_context", {}) or {}
+    held: list[torch.Tensor] = []
+    for layer in context.values():
+        cache = getattr(layer, "kv_cache", None)
+        caches = [cache] if isinstance(cache, torch.Tensor) else list(cache or [])
+        held.extend(t for t in caches if isinstance(t, torch.Tensor) and t.numel() > 0)
+    return held

@@ -10,7 +10,7 @@ tensors are shared by IPC handle (:mod:`pegaflow.cuda`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,7 +50,11 @@ def _manager_block_view(name: str, tensor: torch.Tensor, num_blocks: int) -> tor
     return tensor.unflatten(0, (num_blocks, rows // num_blocks))
 
 
-def describe_kv_caches(kv_caches: Mapping[str, torch.Tensor], num_blocks: int) -> KvRegistration:
+def describe_kv_caches(
+    kv_caches: Mapping[str, torch.Tensor],
+    num_blocks: int,
+    held: Sequence[torch.Tensor] = (),
+) -> KvRegistration:
     """Describes (and, for CPU tensors, shares) vLLM's per-layer KV views.
 
     Layers that reuse another layer's cache (KV sharing) are registered once.
@@ -69,8 +73,11 @@ def describe_kv_caches(kv_caches: Mapping[str, torch.Tensor], num_blocks: int) -
     if device_type == "cpu":
         from pegaflow.cpu import share_storages
 
-        # Every view of an allocation moves with it, before any is described.
-        share_storages(kv_caches.values())
+        # Every view of an allocation moves with it, before any is described: the
+        # connector's views and the tensors the layers hold (others on the CPU are
+        # someone else's memory and stay).
+        cpu_held = [t for t in held if t.device.type == "cpu"]
+        share_storages([*kv_caches.values(), *cpu_held])
 
     names: list[str] = []
     layers: list[KvLayer] = []

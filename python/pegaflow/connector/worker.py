@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -97,10 +97,16 @@ class WorkerSide:
     def namespace(self) -> str | None:
         return None if self.link is None else self.link.identity.namespace
 
-    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int) -> None:
-        """Describes (CPU: moves into shared memory in place) and registers vLLM's KV
-        tensors; if the server is not there yet, keeps trying in the background."""
-        registration = describe_kv_caches(kv_caches, num_blocks)
+    def register_kv_caches(
+        self,
+        kv_caches: Mapping[str, torch.Tensor],
+        num_blocks: int,
+        held: Sequence[torch.Tensor] = (),
+    ) -> None:
+        """Describes (CPU: moves into shared memory in place, with ``held``, the tensors
+        vLLM's layers hold over the same memory) and registers vLLM's KV tensors; if the
+        server is not there yet, keeps trying in the background."""
+        registration = describe_kv_caches(kv_caches, num_blocks, held)
         self.kv_caches = dict(kv_caches)
         namespace = self.config.namespace or policy.namespace(
             {

@@ -1,0 +1,137 @@
+"""MLA (a DeepSeek-shaped tiny model) through the connector in a real vLLM CPU engine.
+
+vLLM's CPU build turns prefix caching off for MLA unless the CPU has AMX (its MLA
+prefill then cannot start from cached context). These tests turn it back on (a
+test-only patch of vLLM's CPU platform), so the engine asks the connector for hits. vLLM's
+CPU MLA prefill computes a prefix-hit run differently from a cold run, so outputs are
+compared with a prefix-hit run of vLLM's own cache, and the loaded KV bytes with the cold
+run's, block by block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ServerHandle, require_module
+from vllm_helpers import close_llm, generate, make_llm, prompt_ids, worker_side
+
+from pegaflow.connector.metadata import PegaConnectorMetadata
+from pegaflow.connector.worker import WorkerSide
+
+require_module("vllm")
+torch = require_module("torch")
+
+MLA_BLOCK = 16  # vLLM's CPU MLA kernels support this block size only
+PROMPT = prompt_ids(5, 150)
+FULL = (len(PROMPT) - 1) // MLA_BLOCK * MLA_BLOCK  # 144 tokens in 9 full blocks
+LATENT = 576  # kv_lora_rank 512 + rope 64, one vector per token (no heads, no K/V split)
+
+
+@pytest.fixture(scope="module")
+def mla_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_module("transformers")
+    from pegaflow.testing import build_tiny_deepseek
+
+    return build_tiny_deepseek(tmp_path_factory.mktemp("tiny-deepseek"))
+
+
+@pytest.fixture
+def mla_engines(mla_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``make(endpoint)``: an in-process MLA engine with prefix caching forced on; one
+    lives at a time, all closed at teardown."""
+    from vllm.platforms import cpu as cpu_platform
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    original = cpu_platform.CpuPlatform.check_and_update_config.__func__
+
+    def keep_prefix_caching(cls: Any, vllm_config: Any) -> None:
+        original(cls, vllm_config)
+        if vllm_config.model_config is not None and vllm_config.model_config.use_mla:
+            vllm_config.cache_config.enable_prefix_caching = True
+
+    monkeypatch.setattr(
+        cpu_platform.CpuPlatform, "check_and_update_config", classmethod(keep_prefix_caching)
+    )
+    live: list[Any] = []
+
+    def make(endpoint: str | None) -> Any:
+        while live:
+            close_llm(live.pop())
+        llm = make_llm(
+            mla_model, endpoint, {"block_size": MLA_BLOCK, "enable_prefix_caching": True}
+        )
+        assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+        live.append(llm)
+        return llm
+
+    yield make
+    while live:
+        close_llm(live.pop())
+
+
+def test_a_fresh_mla_engine_loads_the_cold_latent_kv_stored_once(
+    server: ServerHandle, mla_engines: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reference: the same prompt twice in one engine without the connector; the second
+    # run starts from vLLM's own prefix cache.
+    own = mla_engines(None)
+    own_cold, _, _ = generate(own, PROMPT)
+    reference, cached, _ = generate(own, PROMPT)
+    assert cached == FULL
+
+    saved: dict[bytes, list[Any]] = {}
+    order: list[bytes] = []
+    original_save = WorkerSide.wait_for_save
+
+    def record_save(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
+        original_save(self, meta)
+        if meta.save is not None:
+            for block_id, key in zip(meta.save.block_ids, meta.save.block_hashes, strict=True):
+                saved[key] = [t[block_id].clone() for t in self.kv_caches.values()]
+                order.append(key)
+
+    monkeypatch.setattr(WorkerSide, "wait_for_save", record_save)
+    cold = mla_engines(server.endpoint)
+    cold_tokens, cached, _ = generate(cold, PROMPT)
+    assert (cold_tokens, cached) == (own_cold, 0)
+    worker = worker_side()
+    assert worker.drain(10.0)
+    assert all(t.shape[-1] == LATENT for t in worker.kv_caches.values()), "MLA latent caches"
+    # What was saved is what vLLM's layers wrote (their own tensors were moved too).
+    assert all(float(t.abs().sum()) > 0 for blocks in saved.values() for t in blocks)
+    (info,) = server.client().list_instances()
+    assert info["replicated_kv"] is True, "MLA registers one copy for all TP ranks"
+    block_bytes = sum(t[0].numel() * t.element_size() for t in worker.kv_caches.values())
+    assert server.metric('pegaflow_resident_bytes{tier="ram"}') == len(order) * block_bytes
+
+    loaded: list[list[Any]] = []
+    original_finished = WorkerSide.get_finished
+    jobs: list[Any] = []
+    original_load = WorkerSide.start_load_kv
+
+    def record_load(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
+        jobs.extend(meta.loads)
+        original_load(self, meta)
+
+    def finished(self: WorkerSide, done: set[str]) -> tuple[set[str], set[str]]:
+        sending, recving = original_finished(self, done)
+        for job in jobs:
+            if job.req_id in recving:
+                loaded.extend(
+                    [t[b].clone() for t in self.kv_caches.values()] for b in job.block_ids
+                )
+        return sending, recving
+
+    monkeypatch.setattr(WorkerSide, "start_load_kv", record_load)
+    monkeypatch.setattr(WorkerSide, "get_finished", finished)
+    warm = mla_engines(server.endpoint)
+    tokens, cached, _ = generate(warm, PROMPT)
+    assert cached == FULL, "a fresh engine hits every full block from the server"
+    assert len(loaded) == FULL // MLA_BLOCK
+    for position, blocks in enumerate(loaded):
+        for layer, (got, want) in enumerate(zip(blocks, saved[order[position]], strict=True)):
+            assert torch.equal(got, want), f"block {position} layer {layer} differs"
+    assert tokens == reference, "the same output as a hit from vLLM's own cache"
