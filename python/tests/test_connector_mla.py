@@ -10,6 +10,7 @@ run's, block by block.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,16 @@ def mla_engines(mla_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
     monkeypatch.setattr(
         cpu_platform.CpuPlatform, "check_and_update_config", classmethod(keep_prefix_caching)
     )
+    # Two TP ranks on a 2-core machine: one core each, none held back.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     live: list[Any] = []
 
-    def make(endpoint: str | None) -> Any:
+    def make(endpoint: str | None, tp: int = 1) -> Any:
         while live:
             close_llm(live.pop())
-        llm = make_llm(
-            mla_model, endpoint, {"block_size": MLA_BLOCK, "enable_prefix_caching": True}
-        )
+        args = {"block_size": MLA_BLOCK, "enable_prefix_caching": True, "tensor_parallel_size": tp}
+        llm = make_llm(mla_model, endpoint, args)
         assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
         live.append(llm)
         return llm
@@ -135,3 +138,30 @@ def test_a_fresh_mla_engine_loads_the_cold_latent_kv_stored_once(
         for layer, (got, want) in enumerate(zip(blocks, saved[order[position]], strict=True)):
             assert torch.equal(got, want), f"block {position} layer {layer} differs"
     assert tokens == reference, "the same output as a hit from vLLM's own cache"
+
+
+def test_tp2_mla_ranks_share_one_stored_copy(server: ServerHandle, mla_engines: Any) -> None:
+    """Two TP ranks (worker processes) of an MLA model: one copy per block on the server
+    (half of what per-rank storage takes), loaded by both ranks of a fresh engine."""
+    own = mla_engines(None, tp=2)
+    generate(own, PROMPT)
+    reference, cached, _ = generate(own, PROMPT)
+    assert cached == FULL
+
+    generate(mla_engines(server.endpoint, tp=2), PROMPT)
+    blocks = FULL // MLA_BLOCK
+    deadline = time.monotonic() + 30
+    while server.metric("pegaflow_cache_sealed_blocks") < blocks:
+        assert time.monotonic() < deadline, "the cold engine's saves never landed"
+        time.sleep(0.1)
+    (info,) = server.client().list_instances()
+    assert info["replicated_kv"] is True and info["registered_ranks"] == [0, 1]
+    one_rank = 2 * MLA_BLOCK * LATENT * 4  # two layers of float32 latent vectors
+    resident = server.metric('pegaflow_resident_bytes{tier="ram"}')
+    assert resident == blocks * one_rank, "half of what per-rank storage takes"
+    assert server.metric("pegaflow_saved_blocks_total") == blocks, "the second rank copied nothing"
+
+    tokens, cached, _ = generate(mla_engines(server.endpoint, tp=2), PROMPT)
+    assert cached == FULL, "a fresh TP=2 engine hits every full block from the server"
+    assert tokens == reference
+    assert server.metric("pegaflow_loaded_blocks_total") == 2 * blocks, "both ranks loaded"
