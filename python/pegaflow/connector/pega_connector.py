@@ -50,6 +50,12 @@ def _unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         return "pipeline parallelism is not supported yet"
     if not vllm_config.cache_config.enable_prefix_caching:
+        device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+        if device == "cpu" and getattr(vllm_config.model_config, "use_mla", False):
+            return (
+                "prefix caching is disabled: vLLM's CPU build turns it off for MLA models "
+                "unless the CPU has AMX (the cache is keyed by vLLM's block hashes)"
+            )
         return "prefix caching is disabled (the cache is keyed by vLLM's block hashes)"
     if kv_cache_config is None:
         return "vLLM passed no KV cache config"
