@@ -33,15 +33,12 @@ pub fn to_status(error: EngineError) -> Status {
 /// either) and converts the error: server-side failures at warn, client faults (bad
 /// input, unknown ids, caps: counted by `pegaflow_rpc_duration_seconds{code}`) at debug.
 pub fn failed(op: &'static str, instance: &str, lease: Option<&str>, error: EngineError) -> Status {
-    let instance = shown(instance);
-    let lease = lease.map(shown);
+    let (instance, lease) = (shown(instance), lease.map(shown).map(|l| l.to_string()).unwrap_or_default());
     match error.category() {
         ErrorCategory::Internal | ErrorCategory::Unavailable => {
-            tracing::warn!(op, instance = %instance, lease = ?lease.map(|l| l.to_string()), error = %error, "failed")
+            tracing::warn!(op, %instance, %lease, %error, "failed")
         }
-        _ => {
-            tracing::debug!(op, instance = %instance, lease = ?lease.map(|l| l.to_string()), error = %error, "refused")
-        }
+        _ => tracing::debug!(op, %instance, %lease, %error, "refused"),
     }
     to_status(error)
 }

@@ -110,11 +110,8 @@ impl BlockCache {
         self.check_save(spec)?;
         let unit = self.allocator.rounded(spec.geometry.total());
         let mut free = self.allocator.capacity().saturating_sub(self.allocator.used_bytes());
-        let held: Vec<BlockKey> =
-            spec.hashes.iter().map(|h| spec.key(*h)).filter(|k| self.blocks.contains_key(k)).collect();
-        for key in &held {
-            self.pin(key);
-        }
+        // The request's own cached blocks, pinned only once something must be evicted.
+        let mut held: Option<Vec<BlockKey>> = None;
         let mut plan =
             RoomPlan { admitted: vec![true; spec.hashes.len()], rejected: 0, full: false, victims: Vec::new() };
         let mut refused: HashSet<BlockHash> = HashSet::new();
@@ -136,6 +133,9 @@ impl BlockCache {
             }
             // Another rank's part already got this block in: it is not a candidate again.
             let candidate = existing.is_none().then_some(&key);
+            if free < unit && held.is_none() {
+                held = Some(self.hold_cached(spec));
+            }
             while free < unit && plan.admitted[index] {
                 match self.policy.choose(candidate, &mut self.blocks) {
                     Choice::Evict(victim) => {
@@ -159,10 +159,21 @@ impl BlockCache {
                 free -= unit;
             }
         }
-        for key in &held {
+        for key in held.iter().flatten() {
             self.unpin(key);
         }
         Ok(plan)
+    }
+
+    /// Pins the request's blocks that are cached, so making room for the request never
+    /// evicts them; returns them for unpinning.
+    fn hold_cached(&mut self, spec: &SaveSpec<'_>) -> Vec<BlockKey> {
+        let held: Vec<BlockKey> =
+            spec.hashes.iter().map(|h| spec.key(*h)).filter(|k| self.blocks.contains_key(k)).collect();
+        for key in &held {
+            self.pin(key);
+        }
+        held
     }
 
     /// Phase one of a save: reserves pool space for the rank's part of each admitted
