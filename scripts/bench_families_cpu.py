@@ -20,14 +20,18 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 from pegaflow.server import spawn_server
-from pegaflow.testing import TINY_BLOCK_SIZE, build_tiny_deepseek, build_tiny_llama
+from pegaflow.testing import (
+    TINY_BLOCK_SIZE,
+    build_tiny_deepseek,
+    build_tiny_llama,
+    cpu_check_keeping_mla_prefix_caching,
+)
 
 FAMILIES = {
     # name: (builder, block size, TP)
@@ -38,16 +42,9 @@ FAMILIES = {
 
 
 def keep_mla_prefix_caching() -> None:
-    from vllm.platforms import cpu as cpu_platform
+    from vllm.platforms.cpu import CpuPlatform
 
-    original = cpu_platform.CpuPlatform.check_and_update_config.__func__
-
-    def patched(cls: Any, vllm_config: Any) -> None:
-        original(cls, vllm_config)
-        if vllm_config.model_config is not None and vllm_config.model_config.use_mla:
-            vllm_config.cache_config.enable_prefix_caching = True
-
-    cpu_platform.CpuPlatform.check_and_update_config = classmethod(patched)
+    CpuPlatform.check_and_update_config = cpu_check_keeping_mla_prefix_caching()
 
 
 def prefill(

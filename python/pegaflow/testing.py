@@ -9,6 +9,7 @@ tokens; vLLM's ``load_format="dummy"`` would hide KV bugs behind near-constant o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 TINY_VOCAB = 512
 TINY_BLOCK_SIZE = 32
@@ -87,4 +88,27 @@ def _save_tokenizer(path: Path) -> None:
     ).save_pretrained(path)
 
 
-__all__ = ["TINY_BLOCK_SIZE", "TINY_VOCAB", "build_tiny_deepseek", "build_tiny_llama"]
+def cpu_check_keeping_mla_prefix_caching() -> Any:
+    """A replacement for vLLM's ``CpuPlatform.check_and_update_config`` that keeps prefix
+    caching on for MLA models (vLLM's CPU build turns it off without AMX, and with it the
+    connector). For tests and benchmarks only:
+    ``CpuPlatform.check_and_update_config = cpu_check_keeping_mla_prefix_caching()``."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.check_and_update_config.__func__
+
+    def check(cls: Any, vllm_config: Any) -> None:
+        original(cls, vllm_config)
+        if vllm_config.model_config is not None and vllm_config.model_config.use_mla:
+            vllm_config.cache_config.enable_prefix_caching = True
+
+    return classmethod(check)
+
+
+__all__ = [
+    "TINY_BLOCK_SIZE",
+    "TINY_VOCAB",
+    "build_tiny_deepseek",
+    "build_tiny_llama",
+    "cpu_check_keeping_mla_prefix_caching",
+]

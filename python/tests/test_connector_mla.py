@@ -17,10 +17,15 @@ from typing import Any
 
 import pytest
 from conftest import ServerHandle, require_module
-from vllm_helpers import close_llm, generate, make_llm, prompt_ids, worker_side
-
-from pegaflow.connector.metadata import PegaConnectorMetadata
-from pegaflow.connector.worker import WorkerSide
+from vllm_helpers import (
+    close_llm,
+    generate,
+    loaded_blocks,
+    make_llm,
+    prompt_ids,
+    record_saves,
+    worker_side,
+)
 
 require_module("vllm")
 torch = require_module("torch")
@@ -45,17 +50,11 @@ def mla_engines(mla_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
     lives at a time, all closed at teardown."""
     from vllm.platforms import cpu as cpu_platform
 
+    from pegaflow.testing import cpu_check_keeping_mla_prefix_caching
+
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    original = cpu_platform.CpuPlatform.check_and_update_config.__func__
-
-    def keep_prefix_caching(cls: Any, vllm_config: Any) -> None:
-        original(cls, vllm_config)
-        if vllm_config.model_config is not None and vllm_config.model_config.use_mla:
-            vllm_config.cache_config.enable_prefix_caching = True
-
-    monkeypatch.setattr(
-        cpu_platform.CpuPlatform, "check_and_update_config", classmethod(keep_prefix_caching)
-    )
+    check = cpu_check_keeping_mla_prefix_caching()
+    monkeypatch.setattr(cpu_platform.CpuPlatform, "check_and_update_config", check)
     # Two TP ranks on a 2-core machine: one core each, none held back.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -85,18 +84,7 @@ def test_a_fresh_mla_engine_loads_the_cold_latent_kv_stored_once(
     reference, cached, _ = generate(own, PROMPT)
     assert cached == FULL
 
-    saved: dict[bytes, list[Any]] = {}
-    order: list[bytes] = []
-    original_save = WorkerSide.wait_for_save
-
-    def record_save(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
-        original_save(self, meta)
-        if meta.save is not None:
-            for block_id, key in zip(meta.save.block_ids, meta.save.block_hashes, strict=True):
-                saved[key] = [t[block_id].clone() for t in self.kv_caches.values()]
-                order.append(key)
-
-    monkeypatch.setattr(WorkerSide, "wait_for_save", record_save)
+    saved, order = record_saves(monkeypatch)
     cold = mla_engines(server.endpoint)
     cold_tokens, cached, _ = generate(cold, PROMPT)
     assert (cold_tokens, cached) == (own_cold, 0)
@@ -110,26 +98,7 @@ def test_a_fresh_mla_engine_loads_the_cold_latent_kv_stored_once(
     block_bytes = sum(t[0].numel() * t.element_size() for t in worker.kv_caches.values())
     assert server.metric('pegaflow_resident_bytes{tier="ram"}') == len(order) * block_bytes
 
-    loaded: list[list[Any]] = []
-    original_finished = WorkerSide.get_finished
-    jobs: list[Any] = []
-    original_load = WorkerSide.start_load_kv
-
-    def record_load(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
-        jobs.extend(meta.loads)
-        original_load(self, meta)
-
-    def finished(self: WorkerSide, done: set[str]) -> tuple[set[str], set[str]]:
-        sending, recving = original_finished(self, done)
-        for job in jobs:
-            if job.req_id in recving:
-                loaded.extend(
-                    [t[b].clone() for t in self.kv_caches.values()] for b in job.block_ids
-                )
-        return sending, recving
-
-    monkeypatch.setattr(WorkerSide, "start_load_kv", record_load)
-    monkeypatch.setattr(WorkerSide, "get_finished", finished)
+    loaded = loaded_blocks(monkeypatch)
     warm = mla_engines(server.endpoint)
     tokens, cached, _ = generate(warm, PROMPT)
     assert cached == FULL, "a fresh engine hits every full block from the server"

@@ -19,8 +19,11 @@ from vllm_helpers import (
     close_llm,
     full_blocks,
     generate,
+    loaded_blocks,
     make_llm,
+    on_finished_loads,
     prompt_ids,
+    record_saves,
     worker_side,
 )
 
@@ -71,29 +74,6 @@ def engines(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engin
         close_llm(live.pop())
 
 
-def on_finished_loads(
-    monkeypatch: pytest.MonkeyPatch, hook: Callable[[WorkerSide, LoadJob], None]
-) -> None:
-    """Calls ``hook(worker, job)`` for every load job as the worker reports it finished,
-    before vLLM sees that report (so the blocks hold exactly what was loaded)."""
-    jobs: list[LoadJob] = []
-    original_load, original_finished = WorkerSide.start_load_kv, WorkerSide.get_finished
-
-    def record_load(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
-        jobs.extend(meta.loads)
-        original_load(self, meta)
-
-    def finished(self: WorkerSide, done: set[str]) -> tuple[set[str], set[str]]:
-        sending, recving = original_finished(self, done)
-        for job in jobs:
-            if job.req_id in recving:
-                hook(self, job)
-        return sending, recving
-
-    monkeypatch.setattr(WorkerSide, "start_load_kv", record_load)
-    monkeypatch.setattr(WorkerSide, "get_finished", finished)
-
-
 def drain_saves() -> None:
     assert worker_side().drain(10.0), "saves still running after 10 s"
 
@@ -104,18 +84,7 @@ def test_warm_engine_loads_the_cold_kv_byte_for_byte(
     reference: dict[str, list[int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    saved: dict[bytes, list[Any]] = {}
-    save_order: list[bytes] = []
-    original_save = WorkerSide.wait_for_save
-
-    def record_save(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
-        original_save(self, meta)
-        if meta.save is not None:
-            for block_id, key in zip(meta.save.block_ids, meta.save.block_hashes, strict=True):
-                saved[key] = [t[block_id].clone() for t in self.kv_caches.values()]
-                save_order.append(key)
-
-    monkeypatch.setattr(WorkerSide, "wait_for_save", record_save)
+    saved, save_order = record_saves(monkeypatch)
     cold = engines(server.endpoint)
     tokens, cached, _ = generate(cold, PROMPT)
     assert tokens == reference["prompt"]
@@ -123,12 +92,7 @@ def test_warm_engine_loads_the_cold_kv_byte_for_byte(
     drain_saves()
     assert len(save_order) >= full_blocks(len(PROMPT)) // 32
 
-    loaded: list[list[Any]] = []
-
-    def snapshot(worker: WorkerSide, job: LoadJob) -> None:
-        loaded.extend([t[b].clone() for t in worker.kv_caches.values()] for b in job.block_ids)
-
-    on_finished_loads(monkeypatch, snapshot)
+    loaded = loaded_blocks(monkeypatch)
     warm = engines(server.endpoint)
     tokens, cached, _ = generate(warm, PROMPT)
     assert cached == full_blocks(len(PROMPT)) == 192

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from pegaflow.testing import TINY_BLOCK_SIZE as BLOCK_SIZE
 from pegaflow.testing import TINY_VOCAB as VOCAB
@@ -84,3 +87,57 @@ def worker_side() -> Any:
     worker = get_kv_transfer_group()._worker
     assert worker is not None, "the connector's worker half is disabled"
     return worker
+
+
+def on_finished_loads(monkeypatch: pytest.MonkeyPatch, hook: Callable[[Any, Any], None]) -> None:
+    """Calls ``hook(worker, job)`` for every load job as the worker reports it finished,
+    before vLLM sees that report (so the blocks hold exactly what was loaded)."""
+    from pegaflow.connector.worker import WorkerSide
+
+    jobs: list[Any] = []
+    original_load, original_finished = WorkerSide.start_load_kv, WorkerSide.get_finished
+
+    def record_load(self: Any, meta: Any) -> None:
+        jobs.extend(meta.loads)
+        original_load(self, meta)
+
+    def finished(self: Any, done: set[str]) -> tuple[set[str], set[str]]:
+        sending, recving = original_finished(self, done)
+        for job in jobs:
+            if job.req_id in recving:
+                hook(self, job)
+        return sending, recving
+
+    monkeypatch.setattr(WorkerSide, "start_load_kv", record_load)
+    monkeypatch.setattr(WorkerSide, "get_finished", finished)
+
+
+def record_saves(monkeypatch: pytest.MonkeyPatch) -> tuple[dict[bytes, list[Any]], list[bytes]]:
+    """Records every block the worker saves: ({hash: its per-layer KV, cloned at save},
+    hashes in save order)."""
+    from pegaflow.connector.worker import WorkerSide
+
+    saved: dict[bytes, list[Any]] = {}
+    order: list[bytes] = []
+    original_save = WorkerSide.wait_for_save
+
+    def record_save(self: Any, meta: Any) -> None:
+        original_save(self, meta)
+        if meta.save is not None:
+            for block_id, key in zip(meta.save.block_ids, meta.save.block_hashes, strict=True):
+                saved[key] = [t[block_id].clone() for t in self.kv_caches.values()]
+                order.append(key)
+
+    monkeypatch.setattr(WorkerSide, "wait_for_save", record_save)
+    return saved, order
+
+
+def loaded_blocks(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
+    """Records the per-layer KV of every block the worker loads, as loaded, in order."""
+    loaded: list[list[Any]] = []
+
+    def snapshot(worker: Any, job: Any) -> None:
+        loaded.extend([t[b].clone() for t in worker.kv_caches.values()] for b in job.block_ids)
+
+    on_finished_loads(monkeypatch, snapshot)
+    return loaded
