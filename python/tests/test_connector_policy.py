@@ -69,3 +69,53 @@ def test_layer_order_is_numeric() -> None:
         "model.layers.2.attn",
         "model.layers.10.attn",
     ]
+
+
+def test_each_group_kind_needs_its_own_blocks_of_a_hit() -> None:
+    full = policy.FULL_GROUP
+    sliding = policy.CacheGroup(policy.GroupKind.SLIDING, window_blocks=2)
+    state = policy.CacheGroup(policy.GroupKind.STATE)
+    # Engine holds blocks [0, 1); a hit reaches block 5.
+    assert list(full.needed(1, 5)) == [1, 2, 3, 4]
+    assert list(sliding.needed(1, 5)) == [3, 4]
+    assert list(sliding.needed(4, 5)) == [4]  # the engine holds the rest of the window
+    assert list(state.needed(1, 5)) == [4]  # the state at the hit point only
+    for group in (full, sliding, state):
+        assert list(group.needed(3, 3)) == []
+    with pytest.raises(ValueError, match="window_blocks"):
+        policy.CacheGroup(policy.GroupKind.SLIDING)
+
+
+def test_hit_plan_puts_full_prefixes_first_position_by_position() -> None:
+    groups = [
+        policy.FULL_GROUP,
+        policy.CacheGroup(policy.GroupKind.SLIDING, 2),
+        policy.FULL_GROUP,
+        policy.CacheGroup(policy.GroupKind.STATE),
+    ]
+    assert policy.hit_plan(groups, 1, 4) == [
+        (0, 1), (2, 1), (0, 2), (2, 2), (0, 3), (2, 3),  # full groups, position-major
+        (1, 2), (1, 3),  # the window before block 4
+        (3, 3),  # the recurrent state at block 4
+    ]  # fmt: skip
+    assert policy.hit_plan(groups, 4, 4) == []
+    assert policy.hit_plan([policy.FULL_GROUP], 0, 3) == [(0, 0), (0, 1), (0, 2)]
+
+
+def test_sliding_window_blocks_cover_what_the_next_token_reads() -> None:
+    assert policy.sliding_window_blocks(64, 32) == 2  # reads 63 earlier tokens
+    assert policy.sliding_window_blocks(65, 32) == 3
+    assert policy.sliding_window_blocks(4096, 16) == 256
+    assert policy.sliding_window_blocks(64, 32, extra_tokens=32) == 3
+    assert policy.sliding_window_blocks(1, 16) == 1
+    with pytest.raises(ValueError):
+        policy.sliding_window_blocks(0, 16)
+
+
+def test_group_keys_differ_per_group_and_one_group_keeps_the_plain_key() -> None:
+    key = bytes(range(32))
+    assert policy.group_key(key, 0, 1) == key
+    keys = {policy.group_key(key, g, 3) for g in range(3)}
+    assert len(keys) == 3 and key not in keys
+    assert all(len(k) == 32 for k in keys)
+    assert policy.group_key(key, 1, 3) == policy.group_key(key, 1, 3)

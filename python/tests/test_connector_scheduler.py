@@ -54,7 +54,7 @@ def side(
 ) -> SchedulerSide:
     config = ConnectorConfig(instance_id=instance_id, endpoint=server.endpoint, **cfg)
     s = SchedulerSide(config, server.client(), BLOCK, BLOCK)
-    s.bind_block_ids(lambda req_id: (blocks or {})[req_id])
+    s.bind_block_ids(lambda req_id: ((blocks or {})[req_id],))
     return s
 
 
@@ -103,7 +103,7 @@ def test_alloc_queues_a_load_into_the_right_blocks(
     s = side(server, instance_id, blocks={"r1": list(range(100, 111))})
     req = FakeRequest("r1", num_tokens=10 * BLOCK + 1, block_hashes=stored)
     assert s.get_num_new_matched_tokens(req, 2 * BLOCK) == 4 * BLOCK
-    s.update_state_after_alloc(req, list(range(100, 111)), 4 * BLOCK)
+    s.update_state_after_alloc(req, [list(range(100, 111))], 4 * BLOCK)
     meta = s.build_connector_meta(FakeOutput(num_scheduled_tokens={}))
     assert len(meta.loads) == 1
     job = meta.loads[0]
@@ -121,7 +121,7 @@ def test_declined_hit_releases_the_lease(
     req = FakeRequest("r1", num_tokens=10 * BLOCK + 1, block_hashes=stored)
     assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
     assert server.metric("pegaflow_leases") == 1
-    s.update_state_after_alloc(req, list(range(11)), 0)
+    s.update_state_after_alloc(req, [list(range(11))], 0)
     assert server.metric("pegaflow_leases") == 0
 
 
@@ -235,14 +235,14 @@ def test_roles_gate_loads_and_saves(
 ) -> None:
     config = ConnectorConfig(instance_id=instance_id, endpoint=server.endpoint)
     producer = SchedulerSide(config, server.client(), BLOCK, BLOCK, loads=False)
-    producer.bind_block_ids(lambda _: list(range(10)))
+    producer.bind_block_ids(lambda _: (list(range(10)),))
     req = FakeRequest("r1", num_tokens=10 * BLOCK + 1, block_hashes=stored)
     queries = server.metric_total("pegaflow_lookups_total")
     assert producer.get_num_new_matched_tokens(req, 0) == 0
     assert server.metric_total("pegaflow_lookups_total") == queries
     assert producer.build_connector_meta(FakeOutput({"r1": 3 * BLOCK})).save is not None
     consumer = SchedulerSide(config, server.client(), BLOCK, BLOCK, saves=False)
-    consumer.bind_block_ids(lambda _: list(range(10)))
+    consumer.bind_block_ids(lambda _: (list(range(10)),))
     consumer.on_new_request(req)
     assert consumer.build_connector_meta(FakeOutput({"r1": 3 * BLOCK})).save is None
 

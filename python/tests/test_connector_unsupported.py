@@ -1,4 +1,5 @@
-"""What the connector refuses to serve says why (vLLM then serves without it)."""
+"""Which KV cache groups the connector serves, and what it refuses says why (vLLM then
+serves without it)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,20 @@ def config(*, pp: int = 1, prefix: bool = True, mla: bool = False, device: str =
     )
 
 
-def kv_config(*spec_names: str) -> Any:
-    specs = [type(name, (), {})() for name in spec_names]
-    return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s) for s in specs])
+def spec(name: str, block_size: int = 16, **fields: Any) -> Any:
+    """An object of a class named like vLLM's KV cache spec ``name``."""
+    obj = type(name, (), {})()
+    obj.block_size = block_size
+    for key, value in fields.items():
+        setattr(obj, key, value)
+    return obj
+
+
+def kv_config(*specs: Any) -> Any:
+    specs = tuple(spec(s) if isinstance(s, str) else s for s in specs)
+    return SimpleNamespace(
+        kv_cache_groups=[SimpleNamespace(kv_cache_spec=s, layer_names=["l"]) for s in specs]
+    )
 
 
 def test_each_unsupported_case_names_its_reason() -> None:
@@ -38,8 +50,29 @@ def test_each_unsupported_case_names_its_reason() -> None:
     assert reason is not None and "MLA" in reason and "AMX" in reason
     reason = _unsupported_reason(config(prefix=False, mla=True, device="cuda"), full)
     assert reason is not None and "AMX" not in reason
-    reason = _unsupported_reason(config(), kv_config("FullAttentionSpec", "SlidingWindowSpec"))
-    assert reason is not None and "2 KV cache groups" in reason
-    reason = _unsupported_reason(config(), kv_config("MambaSpec"))
-    assert reason is not None and "MambaSpec" in reason
     assert _unsupported_reason(config(), None) == "vLLM passed no KV cache config"
+
+
+def test_hybrid_groups_are_served_and_what_is_not_says_why() -> None:
+    from pegaflow.connector.groups import cache_groups
+    from pegaflow.connector.pega_connector import _unsupported_reason
+    from pegaflow.connector.policy import CacheGroup, GroupKind
+
+    sliding = spec("SlidingWindowSpec", sliding_window=64, extra_retained_tokens=0)
+    align = spec("MambaSpec", mamba_cache_mode="align")
+    hybrid = kv_config("FullAttentionSpec", sliding, align)
+    assert _unsupported_reason(config(), hybrid) is None
+    groups, block_size = cache_groups(hybrid)
+    assert block_size == 16
+    assert groups == [
+        CacheGroup(GroupKind.FULL),
+        CacheGroup(GroupKind.SLIDING, 4),
+        CacheGroup(GroupKind.STATE),
+    ]
+    reason = _unsupported_reason(config(), kv_config(spec("MambaSpec", mamba_cache_mode="none")))
+    assert reason is not None and "mamba_cache_mode='none'" in reason and "align" in reason
+    reason = _unsupported_reason(config(), kv_config("ChunkedLocalAttentionSpec"))
+    assert reason is not None and "ChunkedLocalAttentionSpec" in reason
+    mixed = kv_config("FullAttentionSpec", spec("FullAttentionSpec", block_size=32))
+    reason = _unsupported_reason(config(), mixed)
+    assert reason is not None and "different block sizes [16, 32]" in reason

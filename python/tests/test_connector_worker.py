@@ -161,6 +161,75 @@ def test_failed_load_reports_its_blocks(server: ServerHandle, make_worker: MakeW
     assert worker.take_load_errors() == set()
 
 
+def test_a_fence_waits_only_for_saves_reading_reused_blocks(
+    server: ServerHandle, make_worker: MakeWorker
+) -> None:
+    """A hybrid model frees blocks mid-request: before a step writes into blocks it
+    handed out again, the saves still reading them finish; other saves keep running."""
+    import threading
+
+    worker = make_worker(server.endpoint)
+    worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)
+    gate = threading.Event()
+    worker._saver.submit(gate.wait)  # the saver is busy: the saves below stay queued
+    first, second = random_hashes(2), random_hashes(2)
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob([1, 2], first, ["r1"])))
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob([7, 8], second, ["r2"])))
+    worker.handle_preemptions(PegaConnectorMetadata(fence_block_ids={30, 31}))  # unrelated
+    assert not gate.is_set()
+    releaser = threading.Timer(0.2, gate.set)
+    releaser.start()
+    started = time.monotonic()
+    worker.handle_preemptions(PegaConnectorMetadata(fence_block_ids={2, 40}))
+    assert time.monotonic() - started >= 0.15  # waited for the save reading block 2
+    releaser.join()
+    client = server.client()
+    assert client.query(worker.config.instance_id, first).hit_blocks == 2
+    assert worker.drain(5.0)
+    assert client.query(worker.config.instance_id, second).hit_blocks == 2
+
+
+def test_a_load_whose_blocks_were_lost_is_reported_failed(
+    server: ServerHandle, make_worker: MakeWorker
+) -> None:
+    worker = make_worker(server.endpoint)
+    worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)
+    worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r1", "", [5, 6])]))
+    assert worker.get_finished(set()) == (set(), {"r1"})
+    assert worker.take_load_errors() == {5, 6}
+    assert worker.stats()["loads_failed"] == 1
+
+
+def test_views_of_one_buffer_register_once_through_the_widest(
+    server: ServerHandle, make_worker: MakeWorker
+) -> None:
+    """vLLM's hybrid manager: same-position layers of different groups view one buffer
+    each their own way (attention as float32 blocks, a recurrent state as a shorter int8
+    run): one layer is registered, spanning the whole block."""
+    page = HEADS * BLOCK * CONTENT * 4
+    raw = torch.zeros(NUM_BLOCKS * page, dtype=torch.int8)
+    attention = raw.view(torch.float32).view(NUM_BLOCKS, HEADS, BLOCK, CONTENT)
+    state = raw.view(NUM_BLOCKS, page)[:, : page - 512].unflatten(1, (1, 1, page - 512))
+    worker = make_worker(server.endpoint)
+    worker.register_kv_caches(
+        {"model.layers.0.linear_attn": state, "model.layers.1.self_attn.attn": attention},
+        NUM_BLOCKS,
+    )
+    registration = worker.registration
+    assert registration is not None
+    assert registration.layer_names == ["model.layers.0.linear_attn"]
+    assert len(registration.layers) == 1
+    assert len(registration.layout_factors) == 2  # both views shape the namespace
+    attention[3].normal_()
+    hashes = random_hashes(1)
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob([3], hashes, ["r1"])))
+    assert worker.drain(10.0)
+    lease = server.client().query(worker.config.instance_id, hashes).lease_id
+    worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r2", lease, [9])]))
+    assert finish_loads(worker) == {"r2"}
+    assert torch.equal(attention[9], attention[3])  # the whole page, past the state's end
+
+
 def test_requests_without_saves_are_not_reported(
     server: ServerHandle, make_worker: MakeWorker
 ) -> None:

@@ -14,7 +14,9 @@ class LoadJob:
     """Copy the leased cached blocks of one request into its allocated blocks.
 
     ``block_ids[i]`` receives the lease's i-th block. The lease was taken by the
-    scheduler's query; each rank loads its own part.
+    scheduler's query; each rank loads its own part. An empty ``lease_id``: the cached
+    blocks were lost before the load could be queued; the workers report ``block_ids``
+    as failed loads, and vLLM recomputes them.
     """
 
     req_id: str
@@ -43,9 +45,17 @@ class PegaConnectorMetadata:
     loads: list[LoadJob] = field(default_factory=list)
     save: SaveJob | None = None
     preempted_req_ids: set[str] = field(default_factory=set)
+    fence_block_ids: set[int] = field(default_factory=set)
+    """Blocks this step hands out or overwrites (hybrid models only): saves still reading
+    any of them finish before the step runs."""
 
     def is_empty(self) -> bool:
-        return not self.loads and self.save is None and not self.preempted_req_ids
+        return (
+            not self.loads
+            and self.save is None
+            and not self.preempted_req_ids
+            and not self.fence_block_ids
+        )
 
 
 __all__ = ["LoadJob", "PegaConnectorMetadata", "SaveJob"]

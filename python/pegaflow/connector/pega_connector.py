@@ -5,6 +5,10 @@ vLLM creates one instance in the scheduler (role SCHEDULER) and one in every wor
 scheduler half keeps state (:mod:`.scheduler`), the worker half moves bytes through the
 server (:mod:`.worker`). Loads are asynchronous: a hit request waits in
 ``WAITING_FOR_REMOTE_KVS`` until its blocks are in place.
+
+The connector declares ``SupportsHMA``, so vLLM keeps its hybrid KV cache manager on:
+sliding-window, recurrent and MLA models each get their own KV cache groups, and every
+block-id list below is one list per group (:mod:`.groups`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from pegaflow._native import EngineClient
 from pegaflow.connector.config import ConnectorConfig
+from pegaflow.connector.groups import UnsupportedModel, cache_groups, groups_factor
 from pegaflow.connector.metadata import PegaConnectorMetadata
 from pegaflow.connector.scheduler import SchedulerSide
 from pegaflow.connector.worker import WorkerSide
@@ -59,16 +65,14 @@ def _unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
         return "prefix caching is disabled (the cache is keyed by vLLM's block hashes)"
     if kv_cache_config is None:
         return "vLLM passed no KV cache config"
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        return f"{len(groups)} KV cache groups (hybrid models are not supported yet)"
-    spec = groups[0].kv_cache_spec
-    if type(spec).__name__ not in ("FullAttentionSpec", "MLAAttentionSpec"):
-        return f"KV cache spec {type(spec).__name__} (only full attention is supported)"
+    try:
+        cache_groups(kv_cache_config)
+    except UnsupportedModel as e:
+        return str(e)
     return None
 
 
-class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
+class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     """PegaFlow's vLLM connector: a shared prefix cache in a ``pegaflow-server``."""
 
     _cache_hit_source = CacheHitSource.HOST
@@ -83,8 +87,7 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
             if role == KVConnectorRole.SCHEDULER:
                 logger.warning("PegaKVConnector disabled: %s", reason)
             return
-        spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
-        block_size = int(spec.block_size)
+        groups, block_size = cache_groups(kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:
             # The cache is best effort: a failed load is recomputed unless asked otherwise.
             vllm_config.kv_transfer_config.kv_load_failure_policy = self._config.load_failure_policy
@@ -102,6 +105,7 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 hash_block_size,
                 loads=transfer.is_kv_consumer,
                 saves=transfer.is_kv_producer,
+                groups=groups,
             )
         else:
             from vllm.distributed.parallel_state import (
@@ -128,6 +132,8 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 factors["mla"] = True
             else:
                 factors["tp"] = tp
+            if len(groups) > 1:
+                factors["groups"] = groups_factor(kv_cache_config, groups)
             self._worker = WorkerSide(
                 self._config, rank, tp * pp, factors, replicated_kv=replicated
             )
@@ -199,7 +205,7 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)
         if self._scheduler is not None:
-            self._scheduler.bind_block_ids(lambda req_id: kv_cache_manager.get_block_ids(req_id)[0])
+            self._scheduler.bind_block_ids(kv_cache_manager.get_block_ids)
 
     def on_new_request(self, request: Any) -> None:
         if self._scheduler is not None:
@@ -216,7 +222,7 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         if self._scheduler is None:
             return
-        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
+        block_ids = blocks.get_block_ids() if num_external_tokens > 0 else ()
         self._scheduler.update_state_after_alloc(request, block_ids, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
@@ -230,6 +236,12 @@ class PegaKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if self._scheduler is None:
             return False, None
         return self._scheduler.request_finished(request), None
+
+    def request_finished_all_groups(
+        self, request: Any, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        # True keeps every group's blocks until the workers report the saves done.
+        return self.request_finished(request, [])
 
 
 __all__ = ["PegaKVConnector"]

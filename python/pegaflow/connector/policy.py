@@ -1,8 +1,8 @@
 """Pure decisions of the connector, testable without vLLM or a server.
 
 Which block hashes a request may look up, how many of its blocks are ready to save,
-the cache key of a vLLM block hash, the namespace of a KV layout, and the order of
-attention layers.
+the cache key of a vLLM block hash, the namespace of a KV layout, the order of
+attention layers, and which blocks of each KV cache group a hybrid model's hit needs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
 
 HASH_BYTES = 32
 
@@ -79,13 +81,94 @@ def layer_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=_natural_key)
 
 
+class GroupKind(Enum):
+    """What a KV cache group's layers read back from earlier blocks."""
+
+    FULL = "full"
+    """Every block of the prefix (full attention, MLA)."""
+    SLIDING = "sliding"
+    """Only the last ``window_blocks`` blocks before the next token (sliding window,
+    chunked local attention)."""
+    STATE = "state"
+    """Only the recurrent state at the block boundary (Mamba, linear attention)."""
+
+
+@dataclass(frozen=True)
+class CacheGroup:
+    """One of vLLM's KV cache groups, as the cache sees it."""
+
+    kind: GroupKind
+    window_blocks: int = 0
+    """SLIDING: how many blocks before a hit point the next token reads."""
+
+    def __post_init__(self) -> None:
+        if self.kind is GroupKind.SLIDING and self.window_blocks < 1:
+            raise ValueError(f"a sliding group needs window_blocks >= 1, got {self.window_blocks}")
+
+    def needed(self, local_blocks: int, hit_blocks: int) -> range:
+        """Positions of the blocks this group must load for a hit ending at block
+        ``hit_blocks`` when the engine already holds the first ``local_blocks``."""
+        if hit_blocks <= local_blocks:
+            return range(0)
+        if self.kind is GroupKind.FULL:
+            return range(local_blocks, hit_blocks)
+        if self.kind is GroupKind.SLIDING:
+            return range(max(local_blocks, hit_blocks - self.window_blocks), hit_blocks)
+        return range(hit_blocks - 1, hit_blocks)
+
+
+FULL_GROUP = CacheGroup(GroupKind.FULL)
+
+
+def sliding_window_blocks(window_tokens: int, block_size: int, extra_tokens: int = 0) -> int:
+    """Blocks a sliding-window group needs before a block-aligned hit point: the next
+    token reads the ``window_tokens - 1`` tokens before it plus any ``extra_tokens`` the
+    engine retains; like vLLM, at least the window's own block count."""
+    if window_tokens < 1 or block_size < 1:
+        raise ValueError(f"window {window_tokens} and block size {block_size} must be >= 1")
+    reach = window_tokens - 1 + max(0, extra_tokens)
+    return max(-(-window_tokens // block_size), -(-reach // block_size))
+
+
+def hit_plan(
+    groups: Sequence[CacheGroup], local_blocks: int, hit_blocks: int
+) -> list[tuple[int, int]]:
+    """The (group, position) blocks a hybrid hit ending at ``hit_blocks`` loads, in the
+    order they are looked up and loaded: positions of the full-attention groups first
+    (position by position, so the first miss names the longest full prefix), then each
+    windowed group's last blocks and each recurrent group's boundary state."""
+    plan: list[tuple[int, int]] = []
+    full = [g for g, group in enumerate(groups) if group.kind is GroupKind.FULL]
+    for position in range(local_blocks, max(local_blocks, hit_blocks)):
+        plan.extend((g, position) for g in full)
+    for g, group in enumerate(groups):
+        if group.kind is not GroupKind.FULL:
+            plan.extend((g, position) for position in group.needed(local_blocks, hit_blocks))
+    return plan
+
+
+def group_key(key: bytes, group: int, num_groups: int) -> bytes:
+    """The cache key of group ``group``'s block whose (vLLM) key is ``key``: the groups of
+    a hybrid model hold different bytes at one position. A one-group model keeps the
+    plain key."""
+    if num_groups == 1:
+        return key
+    return hashlib.sha256(b"pegaflow-group" + group.to_bytes(2, "little") + key).digest()
+
+
 __all__ = [
+    "FULL_GROUP",
     "HASH_BYTES",
+    "CacheGroup",
+    "GroupKind",
     "block_keys",
     "blocks_full_after_step",
     "cache_key",
+    "group_key",
+    "hit_plan",
     "layer_order",
     "max_loadable_blocks",
     "namespace",
+    "sliding_window_blocks",
     "worth_loading",
 ]

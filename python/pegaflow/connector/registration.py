@@ -50,6 +50,10 @@ def _manager_block_view(name: str, tensor: torch.Tensor, num_blocks: int) -> tor
     return tensor.unflatten(0, (num_blocks, rows // num_blocks))
 
 
+def _block_bytes(tensor: torch.Tensor) -> int:
+    return int(tensor[0].numel()) * int(tensor.element_size())
+
+
 def describe_kv_caches(
     kv_caches: Mapping[str, torch.Tensor],
     num_blocks: int,
@@ -79,26 +83,18 @@ def describe_kv_caches(
         cpu_held = [t for t in held if t.device.type == "cpu"]
         share_storages([*kv_caches.values(), *cpu_held])
 
-    names: list[str] = []
-    layers: list[KvLayer] = []
+    # One registered layer per distinct block memory. Views of one buffer (layers that
+    # share a cache, and under vLLM's hybrid manager the same-position layers of every
+    # group, each viewing the page its own way) are registered once, through the view
+    # that spans the most of each block.
+    chosen: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}
     factors: list[dict[str, object]] = []
-    seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
     for name in policy.layer_order(kv_caches):
         tensor = _manager_block_view(name, kv_caches[name], num_blocks)
-        identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
-        if identity in seen:
-            continue
-        seen.add(identity)
-        index = len(layers)
-        if device_type == "cuda":
-            from pegaflow.cuda import cuda_layer_spec
-
-            layers.append(cuda_layer_spec(index, tensor, block_dim=0))
-        else:
-            from pegaflow.cpu import cpu_layer_spec
-
-            layers.append(cpu_layer_spec(index, tensor, block_dim=0))
-        names.append(name)
+        identity = (tensor.data_ptr(), tensor.stride(0) * tensor.element_size())
+        earlier = chosen.get(identity)
+        if earlier is None or _block_bytes(earlier[1]) < _block_bytes(tensor):
+            chosen[identity] = (earlier[0] if earlier else name, tensor)
         # Bytes of a block depend on the interior shape, element type and the order of
         # its dimensions in memory, not on where the block sits.
         interior = tensor.stride()[1:]
@@ -109,6 +105,20 @@ def describe_kv_caches(
         }
         if factor not in factors:  # the kinds of layer, not their count
             factors.append(factor)
+
+    names: list[str] = []
+    layers: list[KvLayer] = []
+    for name, tensor in chosen.values():
+        index = len(layers)
+        if device_type == "cuda":
+            from pegaflow.cuda import cuda_layer_spec
+
+            layers.append(cuda_layer_spec(index, tensor, block_dim=0))
+        else:
+            from pegaflow.cpu import cpu_layer_spec
+
+            layers.append(cpu_layer_spec(index, tensor, block_dim=0))
+        names.append(name)
     return KvRegistration(names, layers, device_type, factors)
 
 

@@ -2,7 +2,13 @@
 
 Per request it remembers the cache keys, the last lookup (hit and lease), and how many
 blocks have been handed to the workers for saving. Each step it turns that into a
-:class:`~pegaflow.connector.metadata.PegaConnectorMetadata`. Every method runs on vLLM's
+:class:`~pegaflow.connector.metadata.PegaConnectorMetadata`.
+
+A hybrid model (vLLM's hybrid KV cache manager) has several KV cache groups, each with
+its own block ids: every group's block at a position is a separate cache entry
+(:func:`~pegaflow.connector.policy.group_key`); a hit is the longest prefix every group
+can serve (:func:`~pegaflow.connector.policy.hit_plan`), and recurrent groups save only
+the boundary states vLLM hands over. Every method runs on vLLM's
 scheduler thread; only :meth:`SchedulerSide.lookup` talks to the server, with a short
 deadline, and a failing server only ever turns into "no hit".
 """
@@ -18,11 +24,17 @@ from typing import Any, Protocol
 from pegaflow.connector import policy
 from pegaflow.connector.config import ConnectorConfig
 from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
+from pegaflow.connector.policy import FULL_GROUP, CacheGroup, GroupKind
 from pegaflow.errors import PegaflowError, PegaflowNotFound
 
 logger = logging.getLogger(__name__)
 
 MAX_QUIET_S = 30.0
+MAX_LOOKUP_ROUNDS = 4
+"""Queries one hybrid lookup may take: each miss lowers the candidate hit point."""
+
+BlockIds = Sequence[Sequence[int]]
+"""A request's block ids, one list per KV cache group (vLLM's ``get_block_ids()``)."""
 
 
 class QueryClient(Protocol):
@@ -37,12 +49,14 @@ class QueryClient(Protocol):
 @dataclass
 class _Lookup:
     """A memoised lookup: ``hit_blocks`` cached blocks after the first ``local_blocks``,
-    pinned by ``lease_id`` until ``trusted_until`` (half the lease's lifetime)."""
+    pinned by ``lease_id`` until ``trusted_until`` (half the lease's lifetime). The lease
+    holds the (group, position) blocks of ``plan``, in that order."""
 
     local_blocks: int
     hit_blocks: int
     lease_id: str | None
     trusted_until: float
+    plan: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -57,6 +71,8 @@ class _RequestState:
     """How many of ``request.block_hashes`` ``block_keys`` covers."""
     last_hash: bytes = b""
     """``request.block_hashes[hashed_blocks - 1]`` when it was converted."""
+    derived: dict[int, list[bytes]] = field(default_factory=dict)
+    """Per KV cache group of a hybrid model, the group's keys of ``block_keys``."""
 
     def keys(self, blocks_per_hash_block: int) -> list[bytes]:
         hashes = self.request.block_hashes
@@ -71,6 +87,7 @@ class _RequestState:
                 min(len(old), len(self.block_keys)),
             )
             self.saved_blocks = min(self.saved_blocks, same)
+            self.derived.clear()
             self.hashed_blocks = n = len(hashes)
             self.last_hash = hashes[-1] if hashes else b""
         if len(hashes) != n:
@@ -80,6 +97,15 @@ class _RequestState:
             self.hashed_blocks = len(hashes)
             self.last_hash = hashes[-1] if hashes else b""
         return self.block_keys
+
+    def group_keys(self, group: int, num_groups: int, blocks_per_hash_block: int) -> list[bytes]:
+        """Cache keys of this request's blocks in KV cache group ``group``."""
+        keys = self.keys(blocks_per_hash_block)
+        if num_groups == 1:
+            return keys
+        derived = self.derived.setdefault(group, [])
+        derived.extend(policy.group_key(k, group, num_groups) for k in keys[len(derived) :])
+        return derived
 
 
 class SchedulerSide:
@@ -91,11 +117,12 @@ class SchedulerSide:
         client: QueryClient,
         block_size: int,
         hash_block_size: int,
-        block_ids_of: Callable[[str], Sequence[int]] | None = None,
+        block_ids_of: Callable[[str], BlockIds] | None = None,
         clock: Callable[[], float] = time.monotonic,
         *,
         loads: bool = True,
         saves: bool = True,
+        groups: Sequence[CacheGroup] = (FULL_GROUP,),
     ) -> None:
         if block_size <= 0 or hash_block_size <= 0 or block_size % hash_block_size:
             raise ValueError(
@@ -110,14 +137,26 @@ class SchedulerSide:
         self._clock = clock
         self._loads = loads
         self._saves = saves
+        if not groups:
+            raise ValueError("a model has at least one KV cache group")
+        self._groups = list(groups)
         self._requests: dict[str, _RequestState] = {}
         self._pending_loads: list[LoadJob] = []
         self._quiet_until = 0.0
         self._quiet_s = config.retry_interval_s
         self._warned_unavailable = False
 
-    def bind_block_ids(self, block_ids_of: Callable[[str], Sequence[int]]) -> None:
-        """Sets how to read a request's allocated block ids (vLLM's KV cache manager)."""
+    @property
+    def hybrid(self) -> bool:
+        """Whether the model has several KV cache groups."""
+        return len(self._groups) > 1
+
+    def _keys(self, state: _RequestState, group: int) -> list[bytes]:
+        return state.group_keys(group, len(self._groups), self._blocks_per_hash_block)
+
+    def bind_block_ids(self, block_ids_of: Callable[[str], BlockIds]) -> None:
+        """Sets how to read a request's allocated block ids, one list per KV cache group
+        (vLLM's KV cache manager)."""
         self._block_ids_of = block_ids_of
 
     # ---- lookups -------------------------------------------------------------------
@@ -142,33 +181,69 @@ class SchedulerSide:
         now = self._clock()
         if lookup is None or lookup.local_blocks != local_blocks or now >= lookup.trusted_until:
             self._forget_lookup(state)
-            lookup = self._lookup(keys[local_blocks:limit], local_blocks, now)
+            lookup = self._lookup(state, local_blocks, limit, now)
             state.lookup = lookup
         if not policy.worth_loading(lookup.hit_blocks, self._config.min_load_blocks):
             return 0
         return lookup.hit_blocks * self._block_size
 
-    def _lookup(self, keys: list[bytes], local_blocks: int, now: float) -> _Lookup:
+    def _lookup(self, state: _RequestState, local_blocks: int, limit: int, now: float) -> _Lookup:
+        """The longest hit up to block ``limit`` that every group can serve: asks for the
+        blocks a hit there needs; a miss at some block lowers the hit point to it."""
         # A miss is remembered briefly: a request vLLM cannot place yet is asked about
         # again each step, and the answer rarely changes within a second.
         miss = _Lookup(local_blocks, 0, None, now + self._config.retry_interval_s)
-        if now < self._quiet_until:
-            return miss
+        only_full = all(g.kind is GroupKind.FULL for g in self._groups)
+        end = limit
+        for _ in range(MAX_LOOKUP_ROUNDS):
+            if now < self._quiet_until or end <= local_blocks:
+                return miss
+            plan = policy.hit_plan(self._groups, local_blocks, end)
+            keys = [self._keys(state, g)[p] for g, p in plan]
+            result = self._query(keys)
+            if result is None:
+                return miss
+            hit = int(result.hit_blocks)
+            lease_id = result.lease_id if hit else None
+            if hit and only_full and hit % len(self._groups) == 0:
+                # Full attention only: the hit prefix is a hit by itself.
+                end = local_blocks + hit // len(self._groups)
+                return self._hit(local_blocks, end, lease_id, plan[:hit], result, now)
+            if hit == len(plan):
+                return self._hit(local_blocks, end, lease_id, plan, result, now)
+            if lease_id:
+                self._release(lease_id)
+            end = plan[hit][1]  # no hit reaches past the first missing block
+            if not policy.worth_loading(end - local_blocks, self._config.min_load_blocks):
+                return miss
+        return miss
+
+    def _hit(
+        self,
+        local_blocks: int,
+        end: int,
+        lease_id: str | None,
+        plan: list[tuple[int, int]],
+        result: Any,
+        now: float,
+    ) -> _Lookup:
+        # A remembered hit is trusted for half its lease, then looked up again.
+        trusted_until = now + result.lease_ttl_ms / 2000
+        return _Lookup(local_blocks, end - local_blocks, lease_id, trusted_until, plan)
+
+    def _query(self, keys: list[bytes]) -> Any:
+        """The server's answer for ``keys``, or None when it cannot be asked."""
         try:
             result = self._client.query(self._config.instance_id, keys, self._config.lease_ttl_ms)
         except PegaflowNotFound:
             # No worker of this instance is registered (yet, or since a server restart).
-            return miss
+            return None
         except PegaflowError as e:
             # Whatever went wrong on the server's side, the scheduler only sees a miss.
             self._server_failed(e)
-            return miss
+            return None
         self._server_ok()
-        if not result.hit_blocks:
-            return miss
-        # A remembered hit is trusted for half its lease, then looked up again.
-        trusted_until = now + result.lease_ttl_ms / 2000
-        return _Lookup(local_blocks, int(result.hit_blocks), result.lease_id, trusted_until)
+        return result
 
     def _server_failed(self, error: PegaflowError) -> None:
         """Stops asking the server for a while, doubling the pause while it keeps failing."""
@@ -207,10 +282,10 @@ class SchedulerSide:
     # ---- allocation and per-step metadata ----------------------------------------------
 
     def update_state_after_alloc(
-        self, request: Any, block_ids: Sequence[int], num_external_tokens: int
+        self, request: Any, block_ids: BlockIds, num_external_tokens: int
     ) -> None:
-        """vLLM allocated ``block_ids`` (all of the request's blocks) and will take
-        ``num_external_tokens`` from the cache: queue the load."""
+        """vLLM allocated ``block_ids`` (all of the request's blocks, one list per group)
+        and will take ``num_external_tokens`` from the cache: queue the load."""
         state = self._requests.setdefault(request.request_id, _RequestState(request))
         lookup = state.lookup
         if num_external_tokens <= 0:
@@ -222,22 +297,68 @@ class SchedulerSide:
                 f"request {request.request_id}: {num_external_tokens} external tokens "
                 "without a lookup"
             )
-        count = min(num_external_tokens // self._block_size, lookup.hit_blocks)
+        state.lookup = None  # the load consumes (or replaces) the lease
         start = lookup.local_blocks
-        destination = list(block_ids[start : start + count])
-        if len(destination) != count:
-            raise RuntimeError(
-                f"request {request.request_id}: {len(block_ids)} blocks allocated, "
-                f"need {start + count}"
+        end = start + min(num_external_tokens // self._block_size, lookup.hit_blocks)
+        plan = self._allocated_plan(request.request_id, block_ids, start, end)
+        lease_id: str | None = lookup.lease_id
+        if plan != lookup.plan:
+            # vLLM kept other blocks of a windowed or recurrent group than the lookup
+            # planned: lease exactly the blocks it kept.
+            self._release(lookup.lease_id)
+            lease_id = self._lease_exactly(self._requests[request.request_id], plan)
+        destination = [block_ids[g][p] for g, p in plan]
+        if lease_id is None:
+            logger.warning(
+                "request %s: the cached blocks vLLM allocated for are gone; it recomputes them",
+                request.request_id,
             )
-        state.lookup = None  # the load consumes the lease
-        self._pending_loads.append(LoadJob(request.request_id, lookup.lease_id, destination))
+            lease_id = ""  # the workers report these blocks as failed loads
+        self._pending_loads.append(LoadJob(request.request_id, lease_id, destination))
+
+    def _allocated_plan(
+        self, req_id: str, block_ids: BlockIds, start: int, end: int
+    ) -> list[tuple[int, int]]:
+        """The (group, position) blocks of a hit [start, end) that vLLM allocated, in
+        :func:`~pegaflow.connector.policy.hit_plan` order: every position of a full
+        group, the non-null blocks of the others (vLLM's null block 0 stands for a block
+        out of a window or an interior recurrent state)."""
+        if len(block_ids) != len(self._groups):
+            raise RuntimeError(
+                f"request {req_id}: {len(block_ids)} block-id groups, "
+                f"the model has {len(self._groups)}"
+            )
+        plan: list[tuple[int, int]] = []
+        full = [g for g, group in enumerate(self._groups) if group.kind is GroupKind.FULL]
+        for position in range(start, end):
+            plan.extend((g, position) for g in full)
+        for g, group in enumerate(self._groups):
+            if group.kind is not GroupKind.FULL:
+                ids = block_ids[g]
+                plan.extend((g, p) for p in range(start, min(end, len(ids))) if ids[p] != 0)
+        missing = [(g, p) for g, p in plan if p >= len(block_ids[g]) or block_ids[g][p] == 0]
+        if missing:
+            raise RuntimeError(f"request {req_id}: no block allocated for {missing[:4]}")
+        return plan
+
+    def _lease_exactly(self, state: _RequestState, plan: list[tuple[int, int]]) -> str | None:
+        """A lease on exactly ``plan``'s blocks, or None if one of them is not cached."""
+        if not plan:
+            return None
+        result = self._query([self._keys(state, g)[p] for g, p in plan])
+        if result is None or int(result.hit_blocks) != len(plan):
+            if result is not None and result.hit_blocks:
+                self._release(result.lease_id)
+            return None
+        return str(result.lease_id)
 
     def build_connector_meta(self, scheduler_output: Any) -> PegaConnectorMetadata:
         """This step's loads and saves; called once per step after scheduling."""
         meta = PegaConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
         meta.save = self._collect_saves(scheduler_output)
+        if self.hybrid:
+            meta.fence_block_ids = _allocated_this_step(scheduler_output)
         preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         for req_id in preempted:
             state = self._requests.get(req_id)
@@ -254,11 +375,7 @@ class SchedulerSide:
     def _collect_saves(self, scheduler_output: Any) -> SaveJob | None:
         if not self._saves:
             return None
-        block_ids: list[int] = []
-        hashes: list[bytes] = []
-        parents: list[bytes] = []
-        req_ids: list[str] = []
-        seen: set[bytes] = set()
+        job = _SaveBuilder()
         drafts = getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             state = self._requests.get(req_id)
@@ -277,19 +394,50 @@ class SchedulerSide:
                 continue
             if self._block_ids_of is None:
                 raise RuntimeError("build_connector_meta before the KV cache manager was bound")
-            ids = self._block_ids_of(req_id)
-            for i in range(state.saved_blocks, min(full, len(ids))):
-                if keys[i] not in seen:
-                    seen.add(keys[i])
-                    block_ids.append(ids[i])
-                    hashes.append(keys[i])
-                    parents.append(keys[i - 1] if i > 0 else b"")
+            block_ids = self._block_ids_of(req_id)
+            for g, group in enumerate(self._groups):
+                if group.kind is GroupKind.STATE:
+                    continue  # only the boundary states vLLM hands over are whole
+                ids, group_keys = block_ids[g], self._keys(state, g)
+                windowed = group.kind is GroupKind.SLIDING
+                for i in range(state.saved_blocks, min(full, len(ids))):
+                    if windowed and ids[i] == 0:
+                        continue  # vLLM's null block: out of the window already
+                    job.add(ids[i], group_keys[i], group_keys[i - 1] if i > 0 else b"")
             state.saved_blocks = full
             state.had_saves = True
-            req_ids.append(req_id)
-        if not block_ids:
-            return None
-        return SaveJob(block_ids, hashes, req_ids, parents)
+            job.req_ids.append(req_id)
+        self._collect_boundary_states(scheduler_output, job)
+        return job.build()
+
+    def _collect_boundary_states(self, scheduler_output: Any, job: _SaveBuilder) -> None:
+        """Recurrent states at block boundaries, which vLLM hands over in the step that
+        writes them (``boundary_state_offloads``: ``{req: [(group, block, tokens)]}``).
+        The block holds that state only until its request moves on, so the save is
+        queued with this step's and the workers fence the block against reuse."""
+        block_state = getattr(scheduler_output, "kv_connector_block_state", None)
+        offloads = getattr(block_state, "boundary_state_offloads", None) or {}
+        for req_id, entries in offloads.items():
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            added = False
+            for g, block_id, tokens in entries:
+                if not 0 <= g < len(self._groups) or self._groups[g].kind is not GroupKind.STATE:
+                    continue
+                position = tokens // self._block_size - 1
+                group_keys = self._keys(state, g)
+                if (
+                    block_id == 0
+                    or tokens % self._block_size
+                    or not 0 <= position < len(group_keys)
+                ):
+                    continue
+                added = job.add(block_id, group_keys[position], b"") or added
+            if added:
+                state.had_saves = True
+                if req_id not in job.req_ids:
+                    job.req_ids.append(req_id)
 
     # ---- request end ----------------------------------------------------------------------
 
@@ -307,6 +455,50 @@ class SchedulerSide:
         for state in self._requests.values():
             self._forget_lookup(state)
         self._requests.clear()
+
+
+class _SaveBuilder:
+    """One step's save job, each key once."""
+
+    def __init__(self) -> None:
+        self.block_ids: list[int] = []
+        self.hashes: list[bytes] = []
+        self.parents: list[bytes] = []
+        self.req_ids: list[str] = []
+        self._seen: set[bytes] = set()
+
+    def add(self, block_id: int, key: bytes, parent: bytes) -> bool:
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        self.block_ids.append(block_id)
+        self.hashes.append(key)
+        self.parents.append(parent)
+        return True
+
+    def build(self) -> SaveJob | None:
+        if not self.block_ids:
+            return None
+        return SaveJob(self.block_ids, self.hashes, self.req_ids, self.parents)
+
+
+def _allocated_this_step(scheduler_output: Any) -> set[int]:
+    """Blocks vLLM hands out (or overwrites) in this step: a save still reading one of
+    them must finish before the step runs. A hybrid model frees blocks mid-request
+    (out of a window, superseded recurrent states), so they can be reused at once."""
+    fenced: set[int] = set()
+    for new in getattr(scheduler_output, "scheduled_new_reqs", None) or ():
+        for ids in new.block_ids or ():
+            fenced.update(ids)
+    cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+    for groups in getattr(cached, "new_block_ids", None) or ():
+        for ids in groups or ():
+            fenced.update(ids)
+    for copy in getattr(scheduler_output, "kv_cache_block_copies", None) or ():
+        fenced.add(int(copy.dst_block_id))
+    fenced.update(getattr(scheduler_output, "new_block_ids_to_zero", None) or ())
+    fenced.discard(0)
+    return fenced
 
 
 __all__ = ["QueryClient", "SchedulerSide"]

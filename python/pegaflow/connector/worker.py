@@ -85,6 +85,8 @@ class WorkerSide:
         self._cuda = False
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pegaflow-save")
         self._saves: dict[str, list[Future[None]]] = {}
+        self._reading: list[tuple[Future[None], frozenset[int]]] = []
+        """Saves not known to be done, with the blocks they read (for fences)."""
         self._finishing: set[str] = set()
         self._loads: dict[str, _InflightLoad] = {}
         self._free_states: list[LoadState] = []
@@ -141,6 +143,7 @@ class WorkerSide:
             return
         ready = self._record_kv_written()
         future = self._saver.submit(self._save, link, job, ready)
+        self._reading.append((future, frozenset(job.block_ids)))
         self.counters.saves_submitted += 1
         for req_id in job.req_ids:
             self._saves.setdefault(req_id, []).append(future)
@@ -194,6 +197,16 @@ class WorkerSide:
             running = [f for f in futures if not f.cancel()]
             if running:
                 wait_futures(running)
+        self._fence(meta.fence_block_ids)
+
+    def _fence(self, block_ids: set[int]) -> None:
+        """Waits for the saves that read any of ``block_ids`` (handed to others, or
+        overwritten, in the step about to run); forgets the saves that are done."""
+        self._reading = [(f, ids) for f, ids in self._reading if not f.done()]
+        if block_ids:
+            reading = [f for f, ids in self._reading if not ids.isdisjoint(block_ids)]
+            if reading:
+                wait_futures(reading)
 
     # ---- loads --------------------------------------------------------------------------
 
@@ -203,6 +216,9 @@ class WorkerSide:
             self._start_load(job)
 
     def _start_load(self, job: LoadJob) -> None:
+        if not job.lease_id:
+            self._fail_load(job, "its cached blocks were evicted before the load")
+            return
         link = self.link
         if link is None or not link.registered:
             self._fail_load(job, "not registered with the server")
@@ -280,6 +296,7 @@ class WorkerSide:
                 self._finishing.discard(req_id)
                 del self._saves[req_id]
                 sending.add(req_id)
+        self._reading = [(f, ids) for f, ids in self._reading if not f.done()]
         # Prune finished futures of running requests so long generations stay small.
         for req_id, futures in self._saves.items():
             if req_id not in self._finishing and len(futures) > 8:
