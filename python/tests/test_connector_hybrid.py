@@ -158,4 +158,3 @@ def test_loaded_states_and_windows_are_what_the_engine_computes_from(
     tokens, cached, _ = generate(engines(server.endpoint), setup.prompt)
     assert cached == full_blocks(len(setup.prompt), setup.family.block)
     assert tokens != setup.reference["prompt"]
-
