@@ -13,6 +13,7 @@ at the shared prefix's end.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from conftest import ServerHandle, require_module
 from vllm_helpers import close_llm, generate, make_llm, on_finished_loads, prompt_ids, worker_side
 
-from pegaflow.connector.metadata import LoadJob
+from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata
 from pegaflow.connector.worker import WorkerSide
 
 require_module("vllm")
@@ -158,3 +159,76 @@ def test_loaded_states_and_windows_are_what_the_engine_computes_from(
     tokens, cached, _ = generate(engines(server.endpoint), setup.prompt)
     assert cached == full_blocks(len(setup.prompt), setup.family.block)
     assert tokens != setup.reference["prompt"]
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pegaflow.testing import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3-faults"))
+
+
+def gemma_run(model: Path, endpoint: str | None, args: dict[str, Any], prompts: Any) -> Any:
+    from vllm import SamplingParams
+
+    llm = make_llm(model, endpoint, {**SLIDING_ARGS, **args})
+    try:
+        params = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        if endpoint is not None:
+            drain_saves()
+            stats = worker_side().stats()
+        else:
+            stats = {}
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        return tokens, [o.num_cached_tokens for o in outs], stats
+    finally:
+        close_llm(llm)
+
+
+def test_hybrid_preemption_under_memory_pressure_keeps_outputs_exact(
+    server: ServerHandle, gemma: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six requests that outgrow a 40-block KV cache shared by Gemma-3's four groups:
+    vLLM preempts some while their saves (and sliding blocks freed mid-request) may be
+    in flight. Outputs stay vLLM's own, and a fresh engine loads every prompt's prefix."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    small = {"max_model_len": 288, "kv_cache_memory_bytes": 40 * 16384}
+    prompts = [{"prompt_token_ids": prompt_ids(20 + i, 120)} for i in range(6)]
+    preempted: list[str] = []
+    original = WorkerSide.handle_preemptions
+
+    def count(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
+        preempted.extend(meta.preempted_req_ids)
+        original(self, meta)
+
+    monkeypatch.setattr(WorkerSide, "handle_preemptions", count)
+    reference, _, _ = gemma_run(gemma, None, small, prompts)
+    cold, cached, _ = gemma_run(gemma, server.endpoint, small, prompts)
+    assert preempted, "the scenario no longer preempts: shrink the cache"
+    assert (cold, cached) == (reference, [0] * 6)
+    warm, cached, stats = gemma_run(gemma, server.endpoint, small, prompts)
+    assert warm == reference
+    assert cached == [96] * 6
+    assert stats["loads_failed"] == 0
+
+
+def test_hybrid_server_killed_between_lookup_and_load_is_recomputed(
+    server: ServerHandle, gemma: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    prompt = [{"prompt_token_ids": prompt_ids(30, 300)}]
+    reference, _, _ = gemma_run(gemma, None, {}, prompt)
+    gemma_run(gemma, server.endpoint, {}, prompt)
+    original_load = WorkerSide.start_load_kv
+
+    def kill_then_load(self: WorkerSide, meta: PegaConnectorMetadata) -> None:
+        if meta.loads and server.is_running():
+            server.stop(signal.SIGKILL)
+        original_load(self, meta)
+
+    monkeypatch.setattr(WorkerSide, "start_load_kv", kill_then_load)
+    tokens, _, stats = gemma_run(gemma, server.endpoint, {}, prompt)
+    assert not server.is_running()
+    assert tokens == reference
+    assert (stats["loads_ok"], stats["loads_failed"]) == (0, 1)

@@ -159,6 +159,9 @@ def test_failed_load_reports_its_blocks(server: ServerHandle, make_worker: MakeW
     assert worker.get_finished(set()) == (set(), {"r1"})
     assert worker.take_load_errors() == {5, 6}
     assert worker.take_load_errors() == set()
+    # Hybrid models take failures per request (their block ids repeat across groups).
+    assert worker.take_failed_requests() == {"r1"}
+    assert worker.take_failed_requests() == set()
 
 
 def test_a_fence_waits_only_for_saves_reading_reused_blocks(

@@ -21,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     SupportsHMA,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -82,12 +83,14 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         self._config = _config_of(vllm_config)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._hybrid = False
         reason = _unsupported_reason(vllm_config, kv_cache_config)
         if reason is not None:
             if role == KVConnectorRole.SCHEDULER:
                 logger.warning("PegaKVConnector disabled: %s", reason)
             return
         groups, block_size = cache_groups(kv_cache_config)
+        self._hybrid = len(groups) > 1
         if role == KVConnectorRole.SCHEDULER:
             # The cache is best effort: a failed load is recomputed unless asked otherwise.
             vllm_config.kv_transfer_config.kv_load_failure_policy = self._config.load_failure_policy
@@ -186,13 +189,23 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
             self._worker.wait_for_save(self._meta())
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        results = self.get_transfer_results(finished_req_ids)
+        return results.finished_sending or None, results.finished_recving or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         if self._worker is None:
-            return None, None
+            return KVConnectorTransferResults()
         sending, recving = self._worker.get_finished(finished_req_ids)
-        return sending or None, recving or None
+        failed = self._worker.take_failed_requests()
+        # A hybrid model's block ids repeat across groups: vLLM takes failed loads per
+        # request (recomputed whole); otherwise per block (recomputed from the first).
+        return KVConnectorTransferResults(sending, recving, failed if self._hybrid else set())
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return set() if self._worker is None else self._worker.take_load_errors()
+        if self._worker is None:
+            return set()
+        failed = self._worker.take_load_errors()
+        return set() if self._hybrid else failed
 
     def shutdown(self) -> None:
         if self._worker is not None:

@@ -92,6 +92,7 @@ class WorkerSide:
         self._free_states: list[LoadState] = []
         self._recv_done: set[str] = set()
         self._failed_blocks: set[int] = set()
+        self._failed_reqs: set[str] = set()
 
     # ---- registration -----------------------------------------------------------------
 
@@ -242,6 +243,7 @@ class WorkerSide:
         )
         self.counters.loads_failed += 1
         self._failed_blocks.update(job.block_ids)
+        self._failed_reqs.add(job.req_id)
         self._recv_done.add(job.req_id)
 
     def _recycle(self, state: LoadState) -> None:
@@ -308,6 +310,12 @@ class WorkerSide:
     def take_load_errors(self) -> set[int]:
         """Block ids whose load failed since the last call."""
         failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def take_failed_requests(self) -> set[str]:
+        """Requests whose load failed since the last call (they are also in the
+        loads-finished set of :meth:`get_finished`)."""
+        failed, self._failed_reqs = self._failed_reqs, set()
         return failed
 
     def drain(self, timeout_s: float) -> bool:
