@@ -1,12 +1,15 @@
-"""Which KV cache groups the connector serves, and what it refuses says why (vLLM then
-serves without it)."""
+"""Which KV cache groups the connector serves; what it refuses stops vLLM at startup
+and says why."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from conftest import require_module
+import pytest
+from conftest import ServerHandle, require_module
+from vllm_helpers import make_llm
 
 require_module("vllm")
 
@@ -42,8 +45,7 @@ def test_each_unsupported_case_names_its_reason() -> None:
     full = kv_config("FullAttentionSpec")
     assert _unsupported_reason(config(), full) is None
     assert _unsupported_reason(config(mla=True), kv_config("MLAAttentionSpec")) is None
-    reason = _unsupported_reason(config(pp=2), full)
-    assert reason is not None and "pipeline parallelism" in reason
+    assert _unsupported_reason(config(pp=2), full) is None  # stages are ranks of one instance
     reason = _unsupported_reason(config(prefix=False), full)
     assert reason is not None and "prefix caching is disabled" in reason and "AMX" not in reason
     reason = _unsupported_reason(config(prefix=False, mla=True), full)
@@ -76,3 +78,11 @@ def test_hybrid_groups_are_served_and_what_is_not_says_why() -> None:
     mixed = kv_config("FullAttentionSpec", spec("FullAttentionSpec", block_size=32))
     reason = _unsupported_reason(config(), mixed)
     assert reason is not None and "different block sizes [16, 32]" in reason
+
+
+def test_an_engine_the_connector_cannot_serve_does_not_start(
+    tiny_model: Path, server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    with pytest.raises(Exception, match="PegaKVConnector cannot serve this engine: prefix"):
+        make_llm(tiny_model, server.endpoint, {"enable_prefix_caching": False})

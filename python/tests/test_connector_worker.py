@@ -326,3 +326,45 @@ def test_mla_ranks_share_one_stored_copy(server: ServerHandle, instance_id: str)
     finally:
         for worker in workers:
             worker.shutdown()
+
+
+def test_pipeline_stages_are_ranks_of_one_instance(server: ServerHandle, instance_id: str) -> None:
+    """Pipeline parallelism (vLLM's CPU build cannot run PP=2, so this is tested at the
+    worker level): two stages with different layers (1 and 3) register as ranks 0 and 1
+    of one instance under one namespace; a block is a hit only once both stages saved
+    it, and each stage loads its own layers back."""
+    config = ConnectorConfig(
+        instance_id=instance_id, endpoint=server.endpoint, retry_interval_s=0.2
+    )
+    factors = {"model": "pp-test", "pp": 2, "tp": 1}
+    workers = [
+        WorkerSide(config, stage, 2, factors, layouts_in_namespace=False) for stage in (0, 1)
+    ]
+    caches = [vllm_like_caches(1), vllm_like_caches(3)]
+    try:
+        for worker, cache in zip(workers, caches, strict=True):
+            worker.register_kv_caches(cache, NUM_BLOCKS)
+            wait_until(is_registered(worker), 10, "registered")
+        assert workers[0].namespace == workers[1].namespace
+        hashes = random_hashes(4)
+        src, dst = [1, 2, 3, 4], [50, 51, 52, 53]
+        client = server.client()
+        workers[0].wait_for_save(PegaConnectorMetadata(save=SaveJob(src, hashes, ["r1"])))
+        assert workers[0].drain(10.0)
+        assert client.query(instance_id, hashes).hit_blocks == 0, "stage 1 has not saved"
+        workers[1].wait_for_save(PegaConnectorMetadata(save=SaveJob(src, hashes, ["r1"])))
+        assert workers[1].drain(10.0)
+        q = client.query(instance_id, hashes)
+        assert q.hit_blocks == 4 and q.lease_id is not None
+        for worker, cache in zip(workers, caches, strict=True):
+            expected = {name: t[src].clone() for name, t in cache.items()}
+            for t in cache.values():
+                t[dst] = 0
+            worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r2", q.lease_id, dst)]))
+            assert finish_loads(worker) == {"r2"}
+            for name, t in cache.items():
+                assert torch.equal(t[dst], expected[name])
+        assert server.metric("pegaflow_leases") == 0, "both stages loaded"
+    finally:
+        for worker in workers:
+            worker.shutdown()

@@ -421,14 +421,14 @@ fn validate_ids(req: &RegisterRequest) -> Result<()> {
 
 fn check_matches(existing: &Instance, req: &RegisterRequest) -> Result<()> {
     check_owner(existing, &req.instance_id, req.owner_uid)?;
-    if *existing.namespace != *req.namespace || existing.tp_size != req.tp_size || existing.num_layers != req.num_layers
-    {
+    // Ranks may register different numbers of layers: pipeline-parallel stages hold
+    // different layers, and each rank's part of a block has its own geometry.
+    if *existing.namespace != *req.namespace || existing.tp_size != req.tp_size {
         return Err(EngineError::invalid(format!(
-            "instance {} is registered with namespace {}, tp_size {}, num_layers {}",
+            "instance {} is registered with namespace {}, tp_size {}",
             shown(&req.instance_id),
             shown(&existing.namespace),
-            existing.tp_size,
-            existing.num_layers
+            existing.tp_size
         )));
     }
     if existing.replicated_kv != req.replicated_kv {

@@ -61,17 +61,19 @@ def cache_groups(kv_cache_config: Any) -> tuple[list[CacheGroup], int]:
     return [cache_group(s, block_size) for s in specs], block_size
 
 
-def groups_factor(kv_cache_config: Any, groups: list[CacheGroup]) -> list[dict[str, object]]:
+def groups_factor(
+    kv_cache_config: Any, groups: list[CacheGroup], *, layers: bool = True
+) -> list[dict[str, object]]:
     """What a hybrid model's groups mean, for its namespace: the keys of group ``i``
-    hold the bytes of these layers."""
-    return [
-        {
-            "kind": group.kind.value,
-            "window_blocks": group.window_blocks,
-            "layers": list(spec_group.layer_names),
-        }
-        for group, spec_group in zip(groups, kv_cache_config.kv_cache_groups, strict=True)
-    ]
+    hold the bytes of these layers (``layers=False``: only the groups' kinds, for
+    pipeline stages, which each see their own layers)."""
+    factor: list[dict[str, object]] = []
+    for group, spec_group in zip(groups, kv_cache_config.kv_cache_groups, strict=True):
+        entry: dict[str, object] = {"kind": group.kind.value, "window_blocks": group.window_blocks}
+        if layers:
+            entry["layers"] = list(spec_group.layer_names)
+        factor.append(entry)
+    return factor
 
 
 __all__ = ["UnsupportedModel", "cache_group", "cache_groups", "groups_factor"]

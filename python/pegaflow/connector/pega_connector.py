@@ -54,8 +54,6 @@ def _config_of(vllm_config: Any) -> ConnectorConfig:
 
 def _unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
     """Why this model cannot use the connector (then vLLM serves without it), or None."""
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        return "pipeline parallelism is not supported yet"
     if not vllm_config.cache_config.enable_prefix_caching:
         device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
         if device == "cpu" and getattr(vllm_config.model_config, "use_mla", False):
@@ -86,9 +84,11 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         self._hybrid = False
         reason = _unsupported_reason(vllm_config, kv_cache_config)
         if reason is not None:
-            if role == KVConnectorRole.SCHEDULER:
-                logger.warning("PegaKVConnector disabled: %s", reason)
-            return
+            # Loudly, at startup: an engine that silently never hits is worse.
+            raise UnsupportedModel(
+                f"PegaKVConnector cannot serve this engine: {reason}. "
+                "Fix that, or start vLLM without the connector (no kv_transfer_config)."
+            )
         groups, block_size = cache_groups(kv_cache_config)
         self._hybrid = len(groups) > 1
         if role == KVConnectorRole.SCHEDULER:
@@ -121,7 +121,8 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
             rank = get_pipeline_model_parallel_rank() * tp + get_tensor_model_parallel_rank()
             model = vllm_config.model_config
             # MLA's latent KV is the same on every TP rank: stored once, and engines of any
-            # TP size share it. Pipeline stages hold different layers, so not across PP.
+            # TP size share it. Pipeline stages hold different layers: each (stage, TP
+            # rank) is a rank of the instance, its part of a block its stage's layers.
             replicated = bool(getattr(model, "use_mla", False)) and pp == 1
             factors: dict[str, object] = {
                 "model": model.model,
@@ -135,10 +136,18 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                 factors["mla"] = True
             else:
                 factors["tp"] = tp
+            if pp > 1:
+                # Every stage must name the same namespace, but sees only its own layers.
+                factors["kv_cache_layout"] = self._config.kv_cache_layout
             if len(groups) > 1:
-                factors["groups"] = groups_factor(kv_cache_config, groups)
+                factors["groups"] = groups_factor(kv_cache_config, groups, layers=pp == 1)
             self._worker = WorkerSide(
-                self._config, rank, tp * pp, factors, replicated_kv=replicated
+                self._config,
+                rank,
+                tp * pp,
+                factors,
+                replicated_kv=replicated,
+                layouts_in_namespace=pp == 1,
             )
 
     @property

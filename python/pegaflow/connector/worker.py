@@ -68,6 +68,7 @@ class WorkerSide:
         namespace_factors: Mapping[str, object],
         clock: Callable[[], float] = time.monotonic,
         replicated_kv: bool = False,
+        layouts_in_namespace: bool = True,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -76,6 +77,7 @@ class WorkerSide:
         self._world_size = world_size
         self._namespace_factors = dict(namespace_factors)
         self._replicated_kv = replicated_kv
+        self._layouts_in_namespace = layouts_in_namespace
         self._clock = clock
         self.link: ServerLink | None = None
         self.registration: KvRegistration | None = None
@@ -111,13 +113,12 @@ class WorkerSide:
         server is not there yet, keeps trying in the background."""
         registration = describe_kv_caches(kv_caches, num_blocks, held)
         self.kv_caches = dict(kv_caches)
-        namespace = self.config.namespace or policy.namespace(
-            {
-                **self._namespace_factors,
-                "device": registration.device_type,
-                "layers": registration.layout_factors,
-            }
-        )
+        factors = {**self._namespace_factors, "device": registration.device_type}
+        if self._layouts_in_namespace:
+            # Pipeline stages hold different layers, yet share one namespace: there the
+            # factors name the model and layout instead of each stage's shapes.
+            factors["layers"] = registration.layout_factors
+        namespace = self.config.namespace or policy.namespace(factors)
         self.registration = registration
         self._cuda = registration.device_type == "cuda"
         identity = RankIdentity(
