@@ -228,6 +228,7 @@ def test_views_of_one_buffer_register_once_through_the_widest(
     worker.wait_for_save(PegaConnectorMetadata(save=SaveJob([3], hashes, ["r1"])))
     assert worker.drain(10.0)
     lease = server.client().query(worker.config.instance_id, hashes).lease_id
+    assert lease is not None
     worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r2", lease, [9])]))
     assert finish_loads(worker) == {"r2"}
     assert torch.equal(attention[9], attention[3])  # the whole page, past the state's end
