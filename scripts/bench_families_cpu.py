@@ -34,6 +34,7 @@ from pegaflow.testing import (
     build_tiny_deepseek,
     build_tiny_gemma3,
     build_tiny_gpt_oss,
+    build_tiny_granite_hybrid,
     build_tiny_llama,
     build_tiny_qwen3_next,
     cpu_check_keeping_mla_prefix_caching,
@@ -50,8 +51,16 @@ FAMILIES: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
     ),
     "gemma-3 (sliding window + full)": (build_tiny_gemma3, F32),
     "gpt-oss (sliding window + full)": (build_tiny_gpt_oss, {**F32, "dtype": "bfloat16"}),
-    # vLLM raises the block size to 544 to fit a recurrent state; one-block prefill steps
-    # with every state kept store a state at each block boundary.
+    # vLLM raises the block size to fit a recurrent state (Granite: 96, Qwen3-Next: 544);
+    # one-block prefill steps with every state kept store a state at each block boundary.
+    "granite-4.0-h (mamba2 + attention)": (
+        build_tiny_granite_hybrid,
+        {
+            "dtype": "float32",
+            "max_num_batched_tokens": 96,
+            "prefix_cache_retention_interval": None,
+        },
+    ),
     "qwen3-next (linear attention + full)": (
         build_tiny_qwen3_next,
         {

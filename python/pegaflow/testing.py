@@ -178,6 +178,46 @@ def build_tiny_qwen3_next(path: Path, seed: int = 1234) -> Path:
     return path
 
 
+def build_tiny_granite_hybrid(path: Path, seed: int = 1234) -> Path:
+    """Saves a 4-layer Granite-4.0-H model (three Mamba2 layers, then one attention
+    layer; dense MLPs; float32) with random weights and the same tokenizer to ``path``;
+    returns ``path``. vLLM raises its block size to 96 to fit a Mamba2 state; its CPU
+    Mamba2 kernel needs prefill steps of at most one block with prefix caching."""
+    import torch
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    config = GraniteMoeHybridConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=0,
+        num_experts_per_tok=0,
+        shared_intermediate_size=256,
+        layer_types=["mamba", "mamba", "mamba", "attention"],
+        mamba_n_heads=4,
+        mamba_n_groups=1,
+        mamba_d_state=32,
+        mamba_d_head=64,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=64,
+        position_embedding_type="rope",
+        max_position_embeddings=4096,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    GraniteMoeHybridForCausalLM(config).to(torch.float32).save_pretrained(path)
+    _save_tokenizer(path)
+    return path
+
+
 def _save_tokenizer(path: Path) -> None:
     """The word-level tokenizer ``t0`` … ``t511`` of every tiny model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -214,6 +254,7 @@ __all__ = [
     "build_tiny_deepseek",
     "build_tiny_gemma3",
     "build_tiny_gpt_oss",
+    "build_tiny_granite_hybrid",
     "build_tiny_llama",
     "build_tiny_qwen3_next",
     "cpu_check_keeping_mla_prefix_caching",

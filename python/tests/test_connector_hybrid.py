@@ -1,7 +1,7 @@
 """Hybrid models through vLLM's hybrid KV cache manager (the connector declares
 ``SupportsHMA``), in real vLLM CPU engines with tiny random models: Gemma-3 and gpt-oss
 (sliding-window + full attention groups), Qwen3-Next (gated-delta-net linear attention
-+ full attention: recurrent states).
++ full attention) and Granite-4.0-H (Mamba2 + attention): recurrent states.
 
 Each model: a reference engine without the connector, a cold engine that saves, then a
 fresh engine that must give the reference's tokens for the same prompt and for a third
@@ -47,6 +47,19 @@ FAMILIES = {
     "gpt-oss": Family("build_tiny_gpt_oss", 32, 300, 200, {**SLIDING_ARGS, "dtype": "bfloat16"}),
     # Recurrent states exist only where a prefill step ends: chunks of one block, each
     # state kept (retention None), so a later prompt can resume at any block boundary.
+    # (One-block chunks also keep vLLM's CPU Mamba2 kernel within what it supports.)
+    "granite-4.0-h": Family(
+        "build_tiny_granite_hybrid",
+        96,
+        300,
+        200,
+        {
+            "dtype": "float32",
+            "enable_prefix_caching": True,
+            "max_num_batched_tokens": 96,
+            "prefix_cache_retention_interval": None,
+        },
+    ),
     "qwen3-next": Family(
         "build_tiny_qwen3_next",
         544,
