@@ -114,6 +114,19 @@ def test_alloc_queues_a_load_into_the_right_blocks(
     assert s.build_connector_meta(FakeOutput(num_scheduled_tokens={})).loads == []
 
 
+def test_a_shorter_load_than_the_hit_uses_a_prefix_of_the_lease(
+    server: ServerHandle, stored: list[bytes], instance_id: str
+) -> None:
+    s = side(server, instance_id)
+    req = FakeRequest("r1", num_tokens=10 * BLOCK + 1, block_hashes=stored)
+    assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
+    queries = server.metric_total("pegaflow_lookups_total")
+    s.update_state_after_alloc(req, [list(range(100, 111))], 3 * BLOCK)
+    (job,) = s.build_connector_meta(FakeOutput(num_scheduled_tokens={})).loads
+    assert job.block_ids == [100, 101, 102]
+    assert server.metric_total("pegaflow_lookups_total") == queries  # no second lookup
+
+
 def test_declined_hit_releases_the_lease(
     server: ServerHandle, stored: list[bytes], instance_id: str
 ) -> None:

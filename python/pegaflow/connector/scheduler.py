@@ -302,9 +302,10 @@ class SchedulerSide:
         end = start + min(num_external_tokens // self._block_size, lookup.hit_blocks)
         plan = self._allocated_plan(request.request_id, block_ids, start, end)
         lease_id: str | None = lookup.lease_id
-        if plan != lookup.plan:
+        if plan != lookup.plan[: len(plan)]:
             # vLLM kept other blocks of a windowed or recurrent group than the lookup
-            # planned: lease exactly the blocks it kept.
+            # planned (a load takes a prefix of its lease, no more): lease exactly the
+            # blocks it kept.
             self._release(lookup.lease_id)
             lease_id = self._lease_exactly(self._requests[request.request_id], plan)
         destination = [block_ids[g][p] for g, p in plan]
