@@ -57,6 +57,7 @@ FAMILIES: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
         build_tiny_granite_hybrid,
         {
             "dtype": "float32",
+            "block_size": TINY_BLOCK_SIZE,  # raised by vLLM to fit a state
             "max_num_batched_tokens": 96,
             "prefix_cache_retention_interval": None,
         },
@@ -66,6 +67,7 @@ FAMILIES: dict[str, tuple[Callable[[Path], Path], dict[str, Any]]] = {
         {
             "dtype": "bfloat16",
             "max_model_len": 4096,
+            "block_size": TINY_BLOCK_SIZE,  # raised by vLLM to fit a state
             "max_num_batched_tokens": 544,
             "prefix_cache_retention_interval": None,
         },
