@@ -75,68 +75,83 @@ def build_tiny_deepseek(path: Path, seed: int = 1234) -> Path:
     return path
 
 
+_TINY_COMMON: dict[str, Any] = {
+    "vocab_size": TINY_VOCAB,
+    "initializer_range": 0.2,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+"""Config fields every tiny hybrid model shares: the tokenizer's vocabulary and special
+ids, and a large init range (see the module's docstring)."""
+
+
+def _save_model(path: Path, seed: int, model_class: Any, config: Any, dtype: str) -> Path:
+    """Builds ``model_class(config)`` with weights drawn from ``seed``, saves it in
+    ``dtype`` with the tiny tokenizer to ``path``; returns ``path``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model_class(config).to(getattr(torch, dtype)).save_pretrained(path)
+    _save_tokenizer(path)
+    return path
+
+
 def build_tiny_gemma3(path: Path, seed: int = 1234) -> Path:
     """Saves a 4-layer Gemma-3 text model (three sliding-window layers with a 64-token
     window, then one full-attention layer; head_dim 64, float32) with random weights and
-    the same tokenizer to ``path``; returns ``path``. vLLM runs it with two KV cache
-    groups (sliding window and full attention) under its hybrid manager."""
-    import torch
+    the same tokenizer to ``path``; returns ``path``. Under its hybrid manager vLLM gives
+    it four KV cache groups of one layer each (three sliding, one full) over one buffer."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    config = Gemma3TextConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        query_pre_attn_scalar=64,
-        sliding_window=64,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
-        max_position_embeddings=2048,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+    return _save_model(
+        path,
+        seed,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig(
+            **_TINY_COMMON,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=64,
+            query_pre_attn_scalar=64,
+            sliding_window=64,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"],
+            max_position_embeddings=2048,
+        ),
+        "float32",
     )
-    torch.manual_seed(seed)
-    Gemma3ForCausalLM(config).to(torch.float32).save_pretrained(path)
-    _save_tokenizer(path)
-    return path
 
 
 def build_tiny_gpt_oss(path: Path, seed: int = 1234) -> Path:
     """Saves a 2-layer gpt-oss model (a 64-token sliding-window layer, then a full one;
     4 experts; bfloat16, which vLLM requires for gpt-oss) with random weights and the same
     tokenizer to ``path``; returns ``path``."""
-    import torch
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    config = GptOssConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        sliding_window=64,
-        layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=2048,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+    return _save_model(
+        path,
+        seed,
+        GptOssForCausalLM,
+        GptOssConfig(
+            **_TINY_COMMON,
+            hidden_size=128,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            sliding_window=64,
+            layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=2048,
+        ),
+        "bfloat16",
     )
-    torch.manual_seed(seed)
-    GptOssForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    _save_tokenizer(path)
-    return path
 
 
 def build_tiny_qwen3_next(path: Path, seed: int = 1234) -> Path:
@@ -144,38 +159,34 @@ def build_tiny_qwen3_next(path: Path, seed: int = 1234) -> Path:
     then one full-attention layer; 4 experts; bfloat16, which vLLM's CPU kernels need)
     with random weights and the same tokenizer to ``path``; returns ``path``. vLLM's
     kernels need linear head dims of 128."""
-    import torch
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-    config = Qwen3NextConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        linear_conv_kernel_dim=4,
-        linear_key_head_dim=128,
-        linear_value_head_dim=128,
-        linear_num_key_heads=1,
-        linear_num_value_heads=2,
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=64,
-        num_experts=4,
-        num_experts_per_tok=2,
-        layer_types=["linear_attention"] * 3 + ["full_attention"],
-        max_position_embeddings=4096,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+    return _save_model(
+        path,
+        seed,
+        Qwen3NextForCausalLM,
+        Qwen3NextConfig(
+            **_TINY_COMMON,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=64,
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_num_key_heads=1,
+            linear_num_value_heads=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["linear_attention"] * 3 + ["full_attention"],
+            max_position_embeddings=4096,
+        ),
+        "bfloat16",
     )
-    torch.manual_seed(seed)
-    Qwen3NextForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    _save_tokenizer(path)
-    return path
 
 
 def build_tiny_granite_hybrid(path: Path, seed: int = 1234) -> Path:
@@ -183,39 +194,35 @@ def build_tiny_granite_hybrid(path: Path, seed: int = 1234) -> Path:
     layer; dense MLPs; float32) with random weights and the same tokenizer to ``path``;
     returns ``path``. vLLM raises its block size to 96 to fit a Mamba2 state; its CPU
     Mamba2 kernel needs prefill steps of at most one block with prefix caching."""
-    import torch
     from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
 
-    config = GraniteMoeHybridConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=0,
-        num_experts_per_tok=0,
-        shared_intermediate_size=256,
-        layer_types=["mamba", "mamba", "mamba", "attention"],
-        mamba_n_heads=4,
-        mamba_n_groups=1,
-        mamba_d_state=32,
-        mamba_d_head=64,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        mamba_chunk_size=64,
-        position_embedding_type="rope",
-        max_position_embeddings=4096,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+    return _save_model(
+        path,
+        seed,
+        GraniteMoeHybridForCausalLM,
+        GraniteMoeHybridConfig(
+            **_TINY_COMMON,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=0,
+            num_experts_per_tok=0,
+            shared_intermediate_size=256,
+            layer_types=["mamba", "mamba", "mamba", "attention"],
+            mamba_n_heads=4,
+            mamba_n_groups=1,
+            mamba_d_state=32,
+            mamba_d_head=64,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_chunk_size=64,
+            position_embedding_type="rope",
+            max_position_embeddings=4096,
+        ),
+        "float32",
     )
-    torch.manual_seed(seed)
-    GraniteMoeHybridForCausalLM(config).to(torch.float32).save_pretrained(path)
-    _save_tokenizer(path)
-    return path
 
 
 def _save_tokenizer(path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -54,6 +55,16 @@ def make_kv_cache(
 def block_bytes(kv: SharedKvCache) -> int:
     """Bytes one block of ``kv`` takes over all layers (K and V)."""
     return sum(int(layer[:, 0].nbytes) for layer in kv.layers)
+
+
+@dataclass
+class FakeRequest:
+    """What the connector's scheduler half reads of a vLLM request."""
+
+    request_id: str
+    num_tokens: int
+    block_hashes: list[bytes]
+    num_computed_tokens: int = 0
 
 
 def random_hashes(n: int, rng: np.random.Generator | None = None) -> list[bytes]:

@@ -21,7 +21,15 @@ from typing import Any
 
 import pytest
 from conftest import ServerHandle, require_module
-from vllm_helpers import close_llm, generate, make_llm, on_finished_loads, prompt_ids, worker_side
+from vllm_helpers import (
+    close_llm,
+    generate,
+    make_llm,
+    on_finished_loads,
+    one_engine_at_a_time,
+    prompt_ids,
+    worker_side,
+)
 
 from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata
 from pegaflow.connector.worker import WorkerSide
@@ -115,18 +123,10 @@ Engines = Callable[[str | None], Any]
 @pytest.fixture
 def engines(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engines]:
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    live: list[Any] = []
-
-    def make(endpoint: str | None) -> Any:
-        while live:
-            close_llm(live.pop())
-        llm = make_llm(setup.model, endpoint, setup.family.engine_args)
-        live.append(llm)
-        return llm
-
-    yield make
-    while live:
-        close_llm(live.pop())
+    with one_engine_at_a_time() as start:
+        yield lambda endpoint: start(
+            lambda: make_llm(setup.model, endpoint, setup.family.engine_args)
+        )
 
 
 def drain_saves() -> None:

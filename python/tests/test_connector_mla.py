@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from conftest import ServerHandle, require_module
 from vllm_helpers import (
-    close_llm,
     generate,
     loaded_blocks,
     make_llm,
+    one_engine_at_a_time,
     prompt_ids,
     record_saves,
     worker_side,
@@ -58,20 +58,19 @@ def mla_engines(mla_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
     # Two TP ranks on a 2-core machine: one core each, none held back.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    live: list[Any] = []
+    with one_engine_at_a_time() as start:
 
-    def make(endpoint: str | None, tp: int = 1) -> Any:
-        while live:
-            close_llm(live.pop())
-        args = {"block_size": MLA_BLOCK, "enable_prefix_caching": True, "tensor_parallel_size": tp}
-        llm = make_llm(mla_model, endpoint, args)
-        assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
-        live.append(llm)
-        return llm
+        def make(endpoint: str | None, tp: int = 1) -> Any:
+            args = {
+                "block_size": MLA_BLOCK,
+                "enable_prefix_caching": True,
+                "tensor_parallel_size": tp,
+            }
+            llm = start(lambda: make_llm(mla_model, endpoint, args))
+            assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+            return llm
 
-    yield make
-    while live:
-        close_llm(live.pop())
+        yield make
 
 
 def test_a_fresh_mla_engine_loads_the_cold_latent_kv_stored_once(

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import KvFactory, ServerHandle
-from e2e_helpers import random_hashes
+from e2e_helpers import FakeRequest, random_hashes
 
 from pegaflow import EngineClient
 from pegaflow.connector.config import ConnectorConfig
@@ -18,14 +18,6 @@ from pegaflow.connector.scheduler import SchedulerSide
 from pegaflow.errors import PegaflowInternalError
 
 BLOCK = 16
-
-
-@dataclass
-class FakeRequest:
-    request_id: str
-    num_tokens: int
-    block_hashes: list[bytes]
-    num_computed_tokens: int = 0
 
 
 @dataclass

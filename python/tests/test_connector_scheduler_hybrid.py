@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import KvFactory, ServerHandle
-from e2e_helpers import random_hashes
+from e2e_helpers import FakeRequest, random_hashes
 
 from pegaflow import EngineClient
 from pegaflow.connector.config import ConnectorConfig
@@ -21,14 +21,6 @@ BLOCK = 16
 GROUPS = [FULL_GROUP, CacheGroup(GroupKind.SLIDING, window_blocks=2), CacheGroup(GroupKind.STATE)]
 FULL, SLIDING, STATE = range(3)
 BLOCKS = 8  # a request of 8 full blocks (+1 token): up to 8 blocks may be loaded
-
-
-@dataclass
-class FakeRequest:
-    request_id: str
-    num_tokens: int
-    block_hashes: list[bytes]
-    num_computed_tokens: int = 0
 
 
 @dataclass
@@ -52,6 +44,11 @@ class Stored:
 
     def key(self, group: int, position: int) -> bytes:
         return group_key(self.hashes[position], group, len(GROUPS))
+
+    def save_all(self) -> None:
+        """Every block of every group, under block ids 0.., 10.., 20.."""
+        for group in (FULL, SLIDING, STATE):
+            self.save(group, list(range(BLOCKS)), 10 * group)
 
 
 @pytest.fixture
@@ -116,9 +113,7 @@ def allocation(start: int, window: int) -> tuple[list[int], ...]:
 def test_the_load_fills_the_blocks_vllm_kept_per_group(
     server: ServerHandle, stored: Stored
 ) -> None:
-    stored.save(FULL, list(range(BLOCKS)))
-    stored.save(SLIDING, list(range(BLOCKS)), 10)
-    stored.save(STATE, list(range(BLOCKS)), 20)
+    stored.save_all()
     req = request(stored)
     s = side(server, stored)
     assert s.get_num_new_matched_tokens(req, 0) == 8 * BLOCK
@@ -133,9 +128,7 @@ def test_the_load_fills_the_blocks_vllm_kept_per_group(
 def test_a_wider_allocated_window_is_leased_again_exactly(
     server: ServerHandle, stored: Stored
 ) -> None:
-    stored.save(FULL, list(range(BLOCKS)))
-    stored.save(SLIDING, list(range(BLOCKS)), 10)
-    stored.save(STATE, list(range(BLOCKS)), 20)
+    stored.save_all()
     req = request(stored)
     s = side(server, stored)
     assert s.get_num_new_matched_tokens(req, 0) == 8 * BLOCK

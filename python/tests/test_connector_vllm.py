@@ -22,6 +22,7 @@ from vllm_helpers import (
     loaded_blocks,
     make_llm,
     on_finished_loads,
+    one_engine_at_a_time,
     prompt_ids,
     record_saves,
     worker_side,
@@ -60,18 +61,14 @@ def engines(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engin
     """``engines(endpoint, **extra)``: an in-process engine with the connector; only one
     lives at a time (the previous one is closed first), all closed at teardown."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    live: list[Any] = []
+    with one_engine_at_a_time() as start:
 
-    def make(endpoint: str | None, engine_args: dict[str, Any] | None = None, **extra: Any) -> Any:
-        while live:
-            close_llm(live.pop())
-        llm = make_llm(tiny_model, endpoint, engine_args, **extra)
-        live.append(llm)
-        return llm
+        def make(
+            endpoint: str | None, engine_args: dict[str, Any] | None = None, **extra: Any
+        ) -> Any:
+            return start(lambda: make_llm(tiny_model, endpoint, engine_args, **extra))
 
-    yield make
-    while live:
-        close_llm(live.pop())
+        yield make
 
 
 def drain_saves() -> None:

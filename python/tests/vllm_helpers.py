@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,25 @@ def close_llm(llm: Any) -> None:
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
+
+
+@contextmanager
+def one_engine_at_a_time() -> Iterator[Callable[[Callable[[], Any]], Any]]:
+    """``start(build)``: closes the engine started before (two never live together in one
+    process), then returns ``build()``; the last one is closed on exit."""
+    live: list[Any] = []
+
+    def start(build: Callable[[], Any]) -> Any:
+        while live:
+            close_llm(live.pop())
+        live.append(build())
+        return live[-1]
+
+    try:
+        yield start
+    finally:
+        while live:
+            close_llm(live.pop())
 
 
 def generate(llm: Any, tokens: list[int]) -> tuple[list[int], int, float]:
