@@ -21,12 +21,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
-    KVConnectorTransferResults,
     SupportsHMA,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from pegaflow._native import EngineClient
+from pegaflow.connector import compat
+from pegaflow.connector.block_table import BlockTable
 from pegaflow.connector.config import ConnectorConfig
 from pegaflow.connector.groups import UnsupportedModel, cache_groups, groups_factor
 from pegaflow.connector.metadata import PegaConnectorMetadata
@@ -65,16 +65,22 @@ def _unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
     if kv_cache_config is None:
         return "vLLM passed no KV cache config"
     try:
-        cache_groups(kv_cache_config)
+        groups, _ = cache_groups(kv_cache_config)
     except UnsupportedModel as e:
         return str(e)
+    if len(groups) > 1 and not compat.TAKES_FAILED_REQUESTS:
+        return (
+            f"{len(groups)} KV cache groups (a hybrid model) need vLLM 0.32 or later: this "
+            "vLLM cannot take a failed load of such a model back"
+        )
     return None
 
 
 class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     """PegaFlow's vLLM connector: a shared prefix cache in a ``pegaflow-server``."""
 
-    _cache_hit_source = CacheHitSource.HOST
+    if compat.HOST_HIT_SOURCE is not None:
+        _cache_hit_source = compat.HOST_HIT_SOURCE
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -82,6 +88,7 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         self._hybrid = False
+        self._block_table: BlockTable | None = None
         reason = _unsupported_reason(vllm_config, kv_cache_config)
         if reason is not None:
             # Loudly, at startup: an engine that silently never hits is worse.
@@ -92,6 +99,12 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         groups, block_size = cache_groups(kv_cache_config)
         self._hybrid = len(groups) > 1
         if role == KVConnectorRole.SCHEDULER:
+            if compat.block_hashes_differ_per_process():
+                logger.warning(
+                    "PYTHONHASHSEED is not set: this vLLM seeds its block hashes at random "
+                    "in every engine, so cached blocks are shared only within this engine. "
+                    "Set PYTHONHASHSEED to one value for every engine to share them."
+                )
             # The cache is best effort: a failed load is recomputed unless asked otherwise.
             vllm_config.kv_transfer_config.kv_load_failure_policy = self._config.load_failure_policy
             hash_block_size = getattr(kv_cache_config, "hash_block_size", None) or block_size
@@ -110,15 +123,15 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
                 saves=transfer.is_kv_producer,
                 groups=groups,
             )
+            if not compat.BINDS_KV_CACHE_MANAGER:
+                self._block_table = BlockTable()
+                self._scheduler.bind_block_ids(self._block_table)
         else:
-            from vllm.distributed.parallel_state import (
-                get_pipeline_model_parallel_rank,
-                get_tensor_model_parallel_rank,
-            )
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             parallel = vllm_config.parallel_config
             tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-            rank = get_pipeline_model_parallel_rank() * tp + get_tensor_model_parallel_rank()
+            rank = compat.pipeline_rank() * tp + get_tensor_model_parallel_rank()
             model = vllm_config.model_config
             # MLA's latent KV is the same on every TP rank: stored once, and engines of any
             # TP size share it. Pipeline stages hold different layers: each (stage, TP
@@ -158,12 +171,19 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
         """On CUDA, vLLM's cross-layer layout: a block of all layers is one contiguous
-        run, which the server copies with one DMA and no kernel."""
+        run, which the server copies with one DMA and no kernel. (vLLM 0.26 knows only
+        per-layer layouts here: it is asked through ``prefer_cross_layer_blocks``.)"""
         from vllm.platforms import current_platform
 
-        if not current_platform.is_cuda_alike():
+        if not current_platform.is_cuda_alike() or compat.CROSS_LAYER_BY_PREFERENCE:
             return None
         return _config_of(vllm_config).kv_cache_layout
+
+    @property
+    def prefer_cross_layer_blocks(self) -> bool:
+        """vLLM 0.26: cross-layer blocks (one tensor, a block of all layers contiguous),
+        where vLLM can (one KV cache group of attention layers, on CUDA)."""
+        return self._worker is not None
 
     # ---- worker role ------------------------------------------------------------------
 
@@ -176,6 +196,19 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         if self._worker is not None:
             held = _layer_held_caches(self._vllm_config)
             self._worker.register_kv_caches(kv_caches, self._kv_cache_config.num_blocks, held)
+
+    def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any) -> None:
+        """vLLM 0.26's cross-layer blocks: one tensor whose first dimension is the block
+        (or, for backends without a stride order, the layer); registered as it is."""
+        if self._worker is None:
+            return
+        num_blocks = self._kv_cache_config.num_blocks
+        if kv_cache.shape[0] % num_blocks and kv_cache.dim() > 1:
+            # [layers, blocks, ...]: each layer's view is one registered layer.
+            caches = {f"layers.{i}": kv_cache[i] for i in range(kv_cache.shape[0])}
+        else:
+            caches = {"cross_layers": kv_cache}
+        self._worker.register_kv_caches(caches, num_blocks, _layer_held_caches(self._vllm_config))
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         if self._worker is not None and isinstance(kv_connector_metadata, PegaConnectorMetadata):
@@ -201,14 +234,14 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         results = self.get_transfer_results(finished_req_ids)
         return results.finished_sending or None, results.finished_recving or None
 
-    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
         if self._worker is None:
-            return KVConnectorTransferResults()
+            return compat.TransferResults()
         sending, recving = self._worker.get_finished(finished_req_ids)
         failed = self._worker.take_failed_requests()
         # A hybrid model's block ids repeat across groups: vLLM takes failed loads per
         # request (recomputed whole); otherwise per block (recomputed from the first).
-        return KVConnectorTransferResults(sending, recving, failed if self._hybrid else set())
+        return compat.TransferResults(sending, recving, failed if self._hybrid else set())
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         if self._worker is None:
@@ -250,6 +283,8 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         if self._scheduler is None:
             return PegaConnectorMetadata()
+        if self._block_table is not None:
+            self._block_table.update(scheduler_output)
         return self._scheduler.build_connector_meta(scheduler_output)
 
     def request_finished(
@@ -257,6 +292,8 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     ) -> tuple[bool, dict[str, Any] | None]:
         if self._scheduler is None:
             return False, None
+        if self._block_table is not None:
+            self._block_table.forget(request.request_id)
         return self._scheduler.request_finished(request), None
 
     def request_finished_all_groups(
