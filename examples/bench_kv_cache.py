@@ -129,7 +129,15 @@ def run_passes(options: argparse.Namespace, passes: list[str]) -> None:
     llm.generate({"prompt_token_ids": warmup}, one, use_tqdm=False)
     for name in passes:
         if name == "warm-reset":
-            llm.reset_prefix_cache()
+            # vLLM refuses while finished requests still hold blocks (their saves are
+            # reported done by engine steps, which the offline engine runs only while
+            # it has requests): step the idle engine until it can.
+            deadline = time.monotonic() + 30
+            while llm.reset_prefix_cache() is False:
+                if time.monotonic() > deadline:
+                    raise SystemExit("vLLM did not reset its prefix cache within 30 s")
+                llm.llm_engine.step()
+                time.sleep(0.05)
         ttft: list[float] = []
         cached: list[int] = []
         for tokens in batch:
@@ -162,6 +170,9 @@ def child(options: argparse.Namespace, passes: list[str]) -> list[dict[str, Any]
     # the fresh engine must hash as the first did.
     env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
     proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+    if options.log_dir:
+        log = Path(options.log_dir) / f"{options.connector}-{'-'.join(passes)}.log"
+        log.write_text(proc.stdout + proc.stderr)
     results = [
         json.loads(line[len("RESULT ") :])
         for line in proc.stdout.splitlines()
@@ -192,6 +203,7 @@ def main() -> None:
     parser.add_argument("--pool-size", default="32gb", help="pool of a spawned server")
     parser.add_argument("--offloading-gib", type=float, default=40.0)
     parser.add_argument("--settle-s", type=float, default=2.0)
+    parser.add_argument("--log-dir", help="keep each engine process's output here")
     parser.add_argument("--passes", help=argparse.SUPPRESS)
     parser.add_argument("--dummy", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()

@@ -369,3 +369,25 @@ def test_pipeline_stages_are_ranks_of_one_instance(server: ServerHandle, instanc
     finally:
         for worker in workers:
             worker.shutdown()
+
+
+def test_a_permuted_cross_layer_tensor_registers_as_whole_blocks(
+    server: ServerHandle, make_worker: MakeWorker
+) -> None:
+    """vLLM 0.26's cross-layer tensor is a permuted view of its buffer (here stored
+    block, head, layer, token, content; viewed block, layer, token, head, content): each
+    block is still one run, registered as such and copied whole."""
+    physical = torch.randn(NUM_BLOCKS, HEADS, 3, BLOCK, CONTENT)
+    view = physical.permute(0, 2, 3, 1, 4)
+    worker = make_worker(server.endpoint)
+    worker.register_kv_caches({"cross_layers": view}, NUM_BLOCKS)
+    assert worker.stats()["registered"]
+    hashes = random_hashes(2)
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob([4, 5], hashes, ["r1"])))
+    assert worker.drain(10.0)
+    lease = server.client().query(worker.config.instance_id, hashes).lease_id
+    assert lease is not None
+    worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r2", lease, [30, 31])]))
+    assert finish_loads(worker) == {"r2"}
+    # (Registration moved the view's memory into shared memory: read through the view.)
+    assert torch.equal(view[30:32], view[4:6])

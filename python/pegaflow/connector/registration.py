@@ -50,6 +50,24 @@ def _manager_block_view(name: str, tensor: torch.Tensor, num_blocks: int) -> tor
     return tensor.unflatten(0, (num_blocks, rows // num_blocks))
 
 
+def _dense_blocks(tensor: torch.Tensor) -> torch.Tensor:
+    """The layer as ``[blocks, elements]`` when each block is one contiguous run whose
+    dimensions are stored in another order than their shape's (vLLM's cross-layer
+    tensors are permuted views of the physical buffer): the server copies block bytes
+    and needs no interior order. Other tensors are returned as they are."""
+    if tensor.dim() < 3:
+        return tensor
+    interior = sorted(zip(tensor.stride()[1:], tensor.shape[1:], strict=True))
+    expected = 1
+    for stride, size in interior:
+        if size > 1 and stride != expected:
+            return tensor  # gaps or overlaps inside a block: not one run
+        expected *= size
+    if expected != tensor.stride(0) or tensor.is_contiguous():
+        return tensor
+    return tensor.as_strided((tensor.shape[0], expected), (expected, 1))
+
+
 def _block_bytes(tensor: torch.Tensor) -> int:
     return int(tensor[0].numel()) * int(tensor.element_size())
 
@@ -108,8 +126,9 @@ def describe_kv_caches(
 
     names: list[str] = []
     layers: list[KvLayer] = []
-    for name, tensor in chosen.values():
+    for name, view in chosen.values():
         index = len(layers)
+        tensor = _dense_blocks(view)
         if device_type == "cuda":
             from pegaflow.cuda import cuda_layer_spec
 
