@@ -16,9 +16,10 @@ TINY_BLOCK_SIZE = 32
 """vLLM's CPU attention needs a block size that is a multiple of 32 and head_dim ≥ 32."""
 
 
-def build_tiny_llama(path: Path, seed: int = 1234) -> Path:
+def build_tiny_llama(path: Path, seed: int = 1234, head_dim: int = 32) -> Path:
     """Saves a 2-layer Llama (head_dim 32, 2 KV heads, float32) with random weights and a
-    word-level tokenizer (``t0`` … ``t511``) to ``path``; returns ``path``."""
+    word-level tokenizer (``t0`` … ``t511``) to ``path``; returns ``path``. GPU attention
+    kernels want a larger ``head_dim`` (e.g. 128)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,7 +30,7 @@ def build_tiny_llama(path: Path, seed: int = 1234) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=32,
+        head_dim=head_dim,
         max_position_embeddings=2048,
         initializer_range=0.2,
         tie_word_embeddings=False,
