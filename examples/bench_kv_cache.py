@@ -8,7 +8,9 @@ with every other prompt), one output token each, one request at a time:
 - ``warm-reset``: the same engine after ``reset_prefix_cache()``, so vLLM's GPU prefix
   cache is empty and every hit comes from the connector;
 - ``warm-fresh``: a new engine in another process (PegaFlow only: vLLM's offloading
-  keeps its cache inside the engine, so a fresh engine cannot see it).
+  keeps its cache inside the engine, so a fresh engine cannot see it);
+- ``warm-gpu`` (no connector): the same engine again, served by vLLM's own GPU prefix
+  cache without any copy: the floor every warm pass is compared with.
 
 Each pass runs in its own Python process (the engine in-process there), so GPU memory
 is free between engines. Prints one JSON line per pass (TTFT mean / p50 / p99 in ms,
@@ -239,8 +241,12 @@ def main() -> None:
             server = spawn_server(pool_size=options.pool_size, startup_timeout_s=120.0)
             options.endpoint = stack.enter_context(server)
         options.forwarded = forwarded
-        passes = {"pegaflow": ["cold", "warm-reset"], "offloading": ["cold", "warm-reset"]}
-        results = child(options, passes.get(options.connector, ["cold"]))
+        passes = {
+            "pegaflow": ["cold", "warm-reset"],
+            "offloading": ["cold", "warm-reset"],
+            "none": ["cold", "warm-gpu"],
+        }
+        results = child(options, passes[options.connector])
         if options.connector == "pegaflow":
             results += child(options, ["warm-fresh"])
     print(f"\n{'pass':<12} {'TTFT mean':>10} {'p50':>9} {'p99':>9} {'cached':>7} {'start':>7}")
