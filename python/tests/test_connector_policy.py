@@ -99,6 +99,13 @@ def test_hit_plan_puts_full_prefixes_first_position_by_position() -> None:
         (3, 3),  # the recurrent state at block 4
     ]  # fmt: skip
     assert policy.hit_plan(groups, 4, 4) == []
+    # The blocks an engine kept instead of the ones needed: same order.
+    kept = {(1, 1), (1, 3), (3, 2)}
+    assert policy.hit_plan(groups, 1, 4, kept=lambda g, p: (g, p) in kept) == [
+        (0, 1), (2, 1), (0, 2), (2, 2), (0, 3), (2, 3),
+        (1, 1), (1, 3),
+        (3, 2),
+    ]  # fmt: skip
     assert policy.hit_plan([policy.FULL_GROUP], 0, 3) == [(0, 0), (0, 1), (0, 2)]
 
 

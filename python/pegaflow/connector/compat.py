@@ -13,6 +13,7 @@ place by what their connector interface has, never by version number.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +34,6 @@ TAKES_FAILED_REQUESTS = hasattr(_base, "KVConnectorTransferResults")
 def block_hashes_differ_per_process() -> bool:
     """Whether this vLLM seeds its block hashes at random in every process (0.26 does
     unless ``PYTHONHASHSEED`` is set): engines then share no block."""
-    import os
-
     from vllm.v1.core import kv_cache_utils
 
     if hasattr(kv_cache_utils, "resolve_none_hash_seed"):

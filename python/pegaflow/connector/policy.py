@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -87,8 +87,7 @@ class GroupKind(Enum):
     FULL = "full"
     """Every block of the prefix (full attention, MLA)."""
     SLIDING = "sliding"
-    """Only the last ``window_blocks`` blocks before the next token (sliding window,
-    chunked local attention)."""
+    """Only the last ``window_blocks`` blocks before the next token (sliding window)."""
     STATE = "state"
     """Only the recurrent state at the block boundary (Mamba, linear attention)."""
 
@@ -131,19 +130,28 @@ def sliding_window_blocks(window_tokens: int, block_size: int, extra_tokens: int
 
 
 def hit_plan(
-    groups: Sequence[CacheGroup], local_blocks: int, hit_blocks: int
+    groups: Sequence[CacheGroup],
+    local_blocks: int,
+    hit_blocks: int,
+    kept: Callable[[int, int], bool] | None = None,
 ) -> list[tuple[int, int]]:
     """The (group, position) blocks a hybrid hit ending at ``hit_blocks`` loads, in the
     order they are looked up and loaded: positions of the full-attention groups first
     (position by position, so the first miss names the longest full prefix), then each
-    windowed group's last blocks and each recurrent group's boundary state."""
+    windowed group's last blocks and each recurrent group's boundary state. With
+    ``kept(group, position)``, the other groups' blocks are those it accepts in the hit
+    (the blocks the engine actually allocated) instead of the ones they need."""
     plan: list[tuple[int, int]] = []
     full = [g for g, group in enumerate(groups) if group.kind is GroupKind.FULL]
     for position in range(local_blocks, max(local_blocks, hit_blocks)):
         plan.extend((g, position) for g in full)
     for g, group in enumerate(groups):
-        if group.kind is not GroupKind.FULL:
+        if group.kind is GroupKind.FULL:
+            continue
+        if kept is None:
             plan.extend((g, position) for position in group.needed(local_blocks, hit_blocks))
+        else:
+            plan.extend((g, p) for p in range(local_blocks, hit_blocks) if kept(g, p))
     return plan
 
 

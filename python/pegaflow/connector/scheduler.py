@@ -154,6 +154,11 @@ class SchedulerSide:
     def _keys(self, state: _RequestState, group: int) -> list[bytes]:
         return state.group_keys(group, len(self._groups), self._blocks_per_hash_block)
 
+    def _plan_keys(self, state: _RequestState, plan: list[tuple[int, int]]) -> list[bytes]:
+        """The cache keys of ``plan``'s blocks (each group's key list read once)."""
+        keys = {g: self._keys(state, g) for g in {g for g, _ in plan}}
+        return [keys[g][p] for g, p in plan]
+
     def bind_block_ids(self, block_ids_of: Callable[[str], BlockIds]) -> None:
         """Sets how to read a request's allocated block ids, one list per KV cache group
         (vLLM's KV cache manager)."""
@@ -199,8 +204,7 @@ class SchedulerSide:
             if now < self._quiet_until or end <= local_blocks:
                 return miss
             plan = policy.hit_plan(self._groups, local_blocks, end)
-            keys = [self._keys(state, g)[p] for g, p in plan]
-            result = self._query(keys)
+            result = self._query(self._plan_keys(state, plan))
             if result is None:
                 return miss
             hit = int(result.hit_blocks)
@@ -307,7 +311,7 @@ class SchedulerSide:
             # planned (a load takes a prefix of its lease, no more): lease exactly the
             # blocks it kept.
             self._release(lookup.lease_id)
-            lease_id = self._lease_exactly(self._requests[request.request_id], plan)
+            lease_id = self._lease_exactly(state, plan)
         destination = [block_ids[g][p] for g, p in plan]
         if lease_id is None:
             logger.warning(
@@ -329,14 +333,11 @@ class SchedulerSide:
                 f"request {req_id}: {len(block_ids)} block-id groups, "
                 f"the model has {len(self._groups)}"
             )
-        plan: list[tuple[int, int]] = []
-        full = [g for g, group in enumerate(self._groups) if group.kind is GroupKind.FULL]
-        for position in range(start, end):
-            plan.extend((g, position) for g in full)
-        for g, group in enumerate(self._groups):
-            if group.kind is not GroupKind.FULL:
-                ids = block_ids[g]
-                plan.extend((g, p) for p in range(start, min(end, len(ids))) if ids[p] != 0)
+
+        def allocated(g: int, p: int) -> bool:
+            return p < len(block_ids[g]) and block_ids[g][p] != 0
+
+        plan = policy.hit_plan(self._groups, start, end, kept=allocated)
         missing = [(g, p) for g, p in plan if p >= len(block_ids[g]) or block_ids[g][p] == 0]
         if missing:
             raise RuntimeError(f"request {req_id}: no block allocated for {missing[:4]}")
@@ -346,7 +347,7 @@ class SchedulerSide:
         """A lease on exactly ``plan``'s blocks, or None if one of them is not cached."""
         if not plan:
             return None
-        result = self._query([self._keys(state, g)[p] for g, p in plan])
+        result = self._query(self._plan_keys(state, plan))
         if result is None or int(result.hit_blocks) != len(plan):
             if result is not None and result.hit_blocks:
                 self._release(result.lease_id)

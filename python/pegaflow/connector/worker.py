@@ -203,8 +203,7 @@ class WorkerSide:
 
     def _fence(self, block_ids: set[int]) -> None:
         """Waits for the saves that read any of ``block_ids`` (handed to others, or
-        overwritten, in the step about to run); forgets the saves that are done."""
-        self._reading = [(f, ids) for f, ids in self._reading if not f.done()]
+        overwritten, in the step about to run)."""
         if block_ids:
             reading = [f for f, ids in self._reading if not ids.isdisjoint(block_ids)]
             if reading:
@@ -299,7 +298,7 @@ class WorkerSide:
                 self._finishing.discard(req_id)
                 del self._saves[req_id]
                 sending.add(req_id)
-        self._reading = [(f, ids) for f, ids in self._reading if not f.done()]
+        self._reading = [(f, ids) for f, ids in self._reading if not f.done()]  # fences
         # Prune finished futures of running requests so long generations stay small.
         for req_id, futures in self._saves.items():
             if req_id not in self._finishing and len(futures) > 8:
