@@ -12,12 +12,20 @@ with every other prompt), one output token each, one request at a time:
 - ``warm-gpu`` (no connector): the same engine again, served by vLLM's own GPU prefix
   cache without any copy: the floor every warm pass is compared with.
 
-Each pass runs in its own Python process (the engine in-process there), so GPU memory
-is free between engines. Prints one JSON line per pass (TTFT mean / p50 / p99 in ms,
-prompt tokens per second, engine start seconds), then a table.
+With ``--decode``, one engine instead streams ``--decode-requests`` long generations and
+lets the N prompts arrive meanwhile (their prefills run, and are saved, while the others
+decode): ``decode`` reports inter-token latency, over all steps and over the steps
+without a prefill, so a connector's saves show as slower decode steps.
+
+Engines run one per Python process (in-process there), so GPU memory is free between
+them. Prints one JSON line per pass (TTFT mean / p50 / p99 in ms, prompt tokens per
+second, engine start seconds; for PegaFlow also the KV layout it registered, the mean
+load time from the load call until the engine saw it done, and — with the server's
+metrics — the server's copy time), then a table.
 
     python examples/bench_kv_cache.py --llama-8b-dummy --connector pegaflow --spawn-server
     python examples/bench_kv_cache.py --model PATH --connector offloading
+    python examples/bench_kv_cache.py --llama-8b-dummy --connector none --decode
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -70,12 +79,14 @@ def write_llama_8b(directory: Path) -> Path:
     return directory
 
 
-def prompts(count: int, length: int, shared: int, vocab: int) -> list[list[int]]:
-    """``count`` prompts of ``length`` token ids; the first ``shared`` are common."""
+def prompts(count: int, length: int, shared: int, vocab: int, salt: int = 0) -> list[list[int]]:
+    """``count`` prompts of ``length`` token ids; the first ``shared`` are common
+    (another ``salt``: other prompts)."""
     span = max(vocab - 10, 1)
-    common = [(i * 7919) % span + 5 for i in range(shared)]
+    common = [(i * 7919 + salt) % span + 5 for i in range(shared)]
     return [
-        common + [(p * 104729 + i * 7907 + 1) % span + 5 for i in range(length - shared)]
+        common
+        + [(p * 104729 + i * 7907 + 1 + salt * 31) % span + 5 for i in range(length - shared)]
         for p in range(count)
     ]
 
@@ -114,10 +125,179 @@ def engine_kwargs(options: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+class Probe:
+    """PegaFlow's side of a pass: the worker's counters and the server's metrics, read
+    before and after it, so TTFT splits into load and the rest."""
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.pegaflow = options.connector == "pegaflow"
+        self.metrics_addr = options.server_metrics
+
+    def snapshot(self) -> dict[str, float]:
+        if not self.pegaflow:
+            return {}
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        worker = get_kv_transfer_group()._worker  # in-process engine: its worker half
+        stats = dict(worker.stats()) if worker is not None else {}
+        if self.metrics_addr:
+            from pegaflow.server import read_metrics
+
+            try:
+                metrics = read_metrics(self.metrics_addr)
+            except (OSError, urllib.error.URLError) as e:
+                print(f"server metrics unreadable: {e}", file=sys.stderr)
+                metrics = {}
+            for direction in ("load", "save"):
+                for name in ("duration_seconds_sum", "duration_seconds_count", "bytes_sum"):
+                    stats[f"{direction}_{name}"] = sum(
+                        v
+                        for k, v in metrics.items()
+                        if k.startswith(f"pegaflow_transfer_{name}{{")
+                        and f'direction="{direction}"' in k
+                    )
+            capacity = metrics.get("pegaflow_pool_capacity_bytes", 0.0)
+            pinned = metrics.get("pegaflow_pool_dma_ready_bytes", 0.0)
+            stats["pool_pinned"] = pinned / capacity if capacity else 0.0
+        return stats
+
+    @staticmethod
+    def split(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+        if not after:
+            return {}
+        out: dict[str, Any] = {
+            "kv_layout": "cross-layer"
+            if after.get("cross_layer")
+            else f"per-layer ({after.get('kv_tensors', 0)} tensors)",
+        }
+        loads = after["loads_ok"] - before["loads_ok"]
+        out["loads"] = loads
+        if loads:
+            wait = after["load_wait_s"] - before["load_wait_s"]
+            out["load_wait_ms_mean"] = round(wait / loads * 1e3, 2)
+        for direction in ("load", "save"):
+            count = after.get(f"{direction}_duration_seconds_count", 0) - before.get(
+                f"{direction}_duration_seconds_count", 0
+            )
+            if count:
+                seconds = (
+                    after[f"{direction}_duration_seconds_sum"]
+                    - before[f"{direction}_duration_seconds_sum"]
+                )
+                moved = after[f"{direction}_bytes_sum"] - before[f"{direction}_bytes_sum"]
+                out[f"server_{direction}_ms_mean"] = round(seconds / count * 1e3, 2)
+                out[f"server_{direction}_gb_per_s"] = round(moved / seconds / 1e9, 2)
+        if "pool_pinned" in before:
+            out["pool_pinned_at_start"] = round(before["pool_pinned"], 3)
+        return out
+
+
+def reset_gpu_prefix_cache(llm: Any) -> None:
+    """vLLM refuses while finished requests still hold blocks (their saves are reported
+    done by engine steps, which the offline engine runs only while it has requests):
+    step the idle engine until it can."""
+    deadline = time.monotonic() + 30
+    while llm.reset_prefix_cache() is False:
+        if time.monotonic() > deadline:
+            raise SystemExit("vLLM did not reset its prefix cache within 30 s")
+        llm.llm_engine.step()
+        time.sleep(0.05)
+
+
+def ttft_pass(llm: Any, batch: list[list[int]], one: Any, probe: Probe) -> dict[str, Any]:
+    ttft: list[float] = []
+    cached: list[int] = []
+    waits: list[float] = []
+    copies: list[float] = []
+    for tokens in batch:
+        before = probe.snapshot()
+        t0 = time.perf_counter()
+        out = llm.generate({"prompt_token_ids": tokens}, one, use_tqdm=False)[0]
+        ttft.append((time.perf_counter() - t0) * 1e3)
+        cached.append(int(out.num_cached_tokens or 0))
+        split = probe.split(before, probe.snapshot())
+        waits.append(split.get("load_wait_ms_mean", 0.0))
+        copies.append(split.get("server_load_ms_mean", 0.0))
+    result: dict[str, Any] = {
+        "ttft_mean_ms": round(statistics.fmean(ttft), 2),
+        "ttft_p50_ms": round(percentile(ttft, 50), 2),
+        "ttft_p99_ms": round(percentile(ttft, 99), 2),
+        "prompt_tokens_per_s": round(sum(map(len, batch)) / (sum(ttft) / 1e3)),
+        "cached_tokens_mean": round(statistics.fmean(cached)),
+        "ttft_ms": [round(t, 2) for t in ttft],
+    }
+    if any(waits):
+        result["load_wait_ms"] = waits
+    if any(copies):
+        result["server_load_ms"] = copies
+    return result
+
+
+def decode_pass(
+    llm: Any, options: argparse.Namespace, arrivals: list[list[int]], vocab: int
+) -> dict[str, Any]:
+    """Streams long generations while ``arrivals`` come in one every ``--arrival-steps``
+    engine steps; inter-token latency of the generations, in ms."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    def params(max_tokens: int) -> Any:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    engine = llm.llm_engine
+    streams = prompts(options.decode_requests, 256, 0, vocab, salt=977)
+    for i, tokens in enumerate(streams):
+        request = {"prompt_token_ids": tokens}
+        engine.add_request(f"decode-{i}", request, params(options.decode_tokens))
+    pending = list(enumerate(arrivals))
+    last: dict[str, float] = {}
+    gaps: list[float] = []
+    quiet_gaps: list[float] = []  # steps that ran no prefill of an arrival
+    step = 0
+    prefilling: set[str] = set()
+    while engine.has_unfinished_requests():
+        if pending and step % options.arrival_steps == 0 and step > 0:
+            i, tokens = pending.pop(0)
+            engine.add_request(f"arrival-{i}", {"prompt_token_ids": tokens}, params(1))
+            prefilling.add(f"arrival-{i}")
+        outputs = engine.step()
+        now = time.perf_counter()
+        prefill_done = {o.request_id for o in outputs if o.request_id in prefilling}
+        prefilling -= prefill_done
+        for out in outputs:
+            rid = out.request_id
+            if not rid.startswith("decode-") or not out.outputs or not out.outputs[0].token_ids:
+                continue
+            if rid in last:
+                gap = (now - last[rid]) * 1e3
+                gaps.append(gap)
+                if not prefill_done and not prefilling:
+                    quiet_gaps.append(gap)
+            last[rid] = now
+        step += 1
+    return {
+        "decode_requests": options.decode_requests,
+        "decode_tokens": options.decode_tokens,
+        "arrivals": len(arrivals),
+        "itl_mean_ms": round(statistics.fmean(gaps), 3),
+        "itl_p50_ms": round(percentile(gaps, 50), 3),
+        "itl_p99_ms": round(percentile(gaps, 99), 3),
+        "itl_no_prefill_p50_ms": round(percentile(quiet_gaps, 50), 3),
+        "itl_no_prefill_p99_ms": round(percentile(quiet_gaps, 99), 3),
+    }
+
+
 def run_passes(options: argparse.Namespace, passes: list[str]) -> None:
     """In this process: one engine, the given passes; one JSON line each."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    if options.model_runner != "default":
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if options.model_runner == "v2" else "0"
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
@@ -129,24 +309,15 @@ def run_passes(options: argparse.Namespace, passes: list[str]) -> None:
     # Warm-up on an unrelated prompt: CUDA graphs, kernels, the connector's registration.
     warmup = [(i * 31) % max(vocab - 10, 1) + 5 for i in range(options.prompt_tokens)]
     llm.generate({"prompt_token_ids": warmup}, one, use_tqdm=False)
+    probe = Probe(options)
     for name in passes:
         if name == "warm-reset":
-            # vLLM refuses while finished requests still hold blocks (their saves are
-            # reported done by engine steps, which the offline engine runs only while
-            # it has requests): step the idle engine until it can.
-            deadline = time.monotonic() + 30
-            while llm.reset_prefix_cache() is False:
-                if time.monotonic() > deadline:
-                    raise SystemExit("vLLM did not reset its prefix cache within 30 s")
-                llm.llm_engine.step()
-                time.sleep(0.05)
-        ttft: list[float] = []
-        cached: list[int] = []
-        for tokens in batch:
-            t0 = time.perf_counter()
-            out = llm.generate({"prompt_token_ids": tokens}, one, use_tqdm=False)[0]
-            ttft.append((time.perf_counter() - t0) * 1e3)
-            cached.append(int(out.num_cached_tokens or 0))
+            reset_gpu_prefix_cache(llm)
+        before = probe.snapshot()
+        if name == "decode":
+            measured = decode_pass(llm, options, batch, vocab)
+        else:
+            measured = ttft_pass(llm, batch, one, probe)
         if name == "cold":
             time.sleep(options.settle_s)  # let the last saves finish before the next pass
         result = {
@@ -155,12 +326,10 @@ def run_passes(options: argparse.Namespace, passes: list[str]) -> None:
             "prompts": len(batch),
             "prompt_tokens": options.prompt_tokens,
             "enforce_eager": options.enforce_eager,
+            "model_runner": options.model_runner,
             "engine_start_s": round(start_s, 2),
-            "ttft_mean_ms": round(statistics.fmean(ttft), 2),
-            "ttft_p50_ms": round(percentile(ttft, 50), 2),
-            "ttft_p99_ms": round(percentile(ttft, 99), 2),
-            "prompt_tokens_per_s": round(sum(map(len, batch)) / (sum(ttft) / 1e3)),
-            "cached_tokens_mean": round(statistics.fmean(cached)),
+            **measured,
+            **probe.split(before, probe.snapshot()),
         }
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -206,6 +375,21 @@ def main() -> None:
     parser.add_argument("--offloading-gib", type=float, default=40.0)
     parser.add_argument("--settle-s", type=float, default=2.0)
     parser.add_argument("--log-dir", help="keep each engine process's output here")
+    parser.add_argument(
+        "--model-runner",
+        choices=("default", "v1", "v2"),
+        default="default",
+        help="vLLM's model runner (VLLM_USE_V2_MODEL_RUNNER); default: vLLM's choice",
+    )
+    parser.add_argument(
+        "--server-metrics",
+        default="",
+        help="HOST:PORT of the server's /metrics (a spawned server gets one), to split TTFT",
+    )
+    parser.add_argument("--decode", action="store_true", help="inter-token latency instead")
+    parser.add_argument("--decode-requests", type=int, default=8)
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--arrival-steps", type=int, default=20, help="steps between arrivals")
     parser.add_argument("--passes", help=argparse.SUPPRESS)
     parser.add_argument("--dummy", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -223,6 +407,10 @@ def main() -> None:
         "--settle-s", str(options.settle_s),
         "--dtype", options.dtype,
         "--kv-cache-gib", str(options.kv_cache_gib),
+        "--model-runner", options.model_runner,
+        "--decode-requests", str(options.decode_requests),
+        "--decode-tokens", str(options.decode_tokens),
+        "--arrival-steps", str(options.arrival_steps),
     ]  # fmt: skip
     if options.enforce_eager:
         forwarded.append("--enforce-eager")
@@ -236,25 +424,59 @@ def main() -> None:
         if options.connector == "pegaflow" and not options.endpoint:
             if not options.spawn_server:
                 parser.error("--connector pegaflow needs --endpoint or --spawn-server")
-            from pegaflow.server import spawn_server
+            from pegaflow.server import free_port, spawn_server
 
-            server = spawn_server(pool_size=options.pool_size, startup_timeout_s=120.0)
+            if not options.server_metrics:
+                options.server_metrics = f"127.0.0.1:{free_port()}"
+            server = spawn_server(
+                pool_size=options.pool_size,
+                startup_timeout_s=120.0,
+                metrics_addr=options.server_metrics,
+            )
             options.endpoint = stack.enter_context(server)
+        forwarded += ["--server-metrics", options.server_metrics]
         options.forwarded = forwarded
         passes = {
             "pegaflow": ["cold", "warm-reset"],
             "offloading": ["cold", "warm-reset"],
             "none": ["cold", "warm-gpu"],
         }
-        results = child(options, passes[options.connector])
-        if options.connector == "pegaflow":
-            results += child(options, ["warm-fresh"])
-    print(f"\n{'pass':<12} {'TTFT mean':>10} {'p50':>9} {'p99':>9} {'cached':>7} {'start':>7}")
+        if options.decode:
+            results = child(options, ["decode"])
+        else:
+            results = child(options, passes[options.connector])
+            if options.connector == "pegaflow":
+                results += child(options, ["warm-fresh"])
+    print_table(results)
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
     for r in results:
+        print(json.dumps(r))
+    if results and results[0]["pass"] == "decode":
+        print(f"\n{'ITL (ms)':<10} {'mean':>8} {'p50':>8} {'p99':>8} {'quiet p50':>10} {'p99':>8}")
+        for r in results:
+            print(
+                f"{r['connector']:<10} {r['itl_mean_ms']:>8.2f} {r['itl_p50_ms']:>8.2f} "
+                f"{r['itl_p99_ms']:>8.2f} {r['itl_no_prefill_p50_ms']:>10.2f} "
+                f"{r['itl_no_prefill_p99_ms']:>8.2f}"
+            )
+        return
+    print(
+        f"\n{'pass':<12} {'TTFT mean':>10} {'p50':>9} {'p99':>9} {'cached':>7} {'start':>7}"
+        f" {'load wait':>10} {'server copy':>12}"
+    )
+    for r in results:
+        wait = f"{r['load_wait_ms_mean']:.1f}ms" if "load_wait_ms_mean" in r else "-"
+        copy = f"{r['server_load_ms_mean']:.1f}ms" if "server_load_ms_mean" in r else "-"
         print(
             f"{r['pass']:<12} {r['ttft_mean_ms']:>8.1f}ms {r['ttft_p50_ms']:>7.1f}ms "
             f"{r['ttft_p99_ms']:>7.1f}ms {r['cached_tokens_mean']:>7} {r['engine_start_s']:>6.1f}s"
+            f" {wait:>10} {copy:>12}"
         )
+    layouts = {r["kv_layout"] for r in results if "kv_layout" in r}
+    if layouts:
+        print(f"PegaFlow registered vLLM's KV cache as: {', '.join(sorted(layouts))}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""The ``pegaflow-server`` console script, and :func:`spawn_server` for scripts.
+"""The ``pegaflow-server`` console script, :func:`spawn_server` and :func:`read_metrics`
+for scripts.
 
 The console script runs the server built into the extension; :func:`spawn_server` starts
-it as a child process for the length of a ``with`` block (examples, notebooks, tests).
+it as a child process for the length of a ``with`` block (examples, notebooks, tests);
+:func:`read_metrics` reads a server's ``/metrics`` (benchmarks split times with it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 
 from pegaflow._native import EngineClient, run_server
@@ -23,7 +26,34 @@ def main(argv: list[str] | None = None) -> int:
     return run_server(["pegaflow-server", *args])
 
 
-def _free_port() -> int:
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus/OpenMetrics text → {sample name (with labels, if any): value}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.rpartition(" ")
+        if not name:
+            continue
+        try:
+            out[name.strip()] = float(rest)
+        except ValueError:
+            # "name value timestamp": drop the timestamp and retry.
+            name2, _, value = name.rpartition(" ")
+            out[name2.strip()] = float(value)
+    return out
+
+
+def read_metrics(http_addr: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """GET ``http://{http_addr}/metrics`` of a running server, parsed by
+    :func:`parse_metrics`."""
+    with urllib.request.urlopen(f"http://{http_addr}/metrics", timeout=timeout_s) as resp:
+        return parse_metrics(resp.read().decode())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -35,15 +65,18 @@ def spawn_server(
     pool_size: str = "256mb",
     extra_args: Sequence[str] = (),
     startup_timeout_s: float = 20.0,
+    metrics_addr: str = "",
 ) -> Iterator[str]:
-    """Starts ``pegaflow-server`` on a free loopback port (metrics off) and yields its
-    endpoint once it is healthy; stops it with SIGTERM on exit.
+    """Starts ``pegaflow-server`` on a free loopback port and yields its endpoint once it
+    is healthy; stops it with SIGTERM on exit. Its HTTP metrics are off unless
+    ``metrics_addr`` (``host:port``) is given.
 
     Raises ``RuntimeError`` if it exits or is not healthy within ``startup_timeout_s``.
     """
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     argv = [sys.executable, "-m", "pegaflow.server", "--addr", endpoint, "--pool-size", pool_size]
-    proc = subprocess.Popen([*argv, "--metrics-addr", "", *extra_args], stdin=subprocess.DEVNULL)
+    argv += ["--metrics-addr", metrics_addr, *extra_args]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     try:
         _wait_healthy(proc, endpoint, startup_timeout_s)
         yield endpoint

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,17 +40,11 @@ from e2e_helpers import (  # noqa: E402
 )
 
 from pegaflow import EngineClient, PegaflowError, SharedKvCache  # noqa: E402
+from pegaflow.server import free_port as free_port  # noqa: E402
+from pegaflow.server import parse_metrics as parse_metrics  # noqa: E402
 
 STARTUP_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def server_executable() -> str:
@@ -60,25 +53,6 @@ def server_executable() -> str:
     if candidate.exists():
         return str(candidate)
     return "pegaflow-server"
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus/OpenMetrics text → {sample name (with labels, if any): value}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, _, rest = line.rpartition(" ")
-        if not name:
-            continue
-        try:
-            out[name.strip()] = float(rest)
-        except ValueError:
-            # "name value timestamp": drop the timestamp and retry.
-            name2, _, value = name.rpartition(" ")
-            out[name2.strip()] = float(value)
-    return out
 
 
 def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, str, str]:

@@ -128,7 +128,10 @@ def test_save_then_load_into_other_blocks(server: ServerHandle, make_worker: Mak
     for t in caches.values():
         for s, d in zip(src, dst, strict=True):
             assert torch.equal(t[s], t[d])
-    assert worker.stats()["loads_ok"] == 1
+    stats = worker.stats()
+    assert (stats["loads_ok"], stats["blocks_loaded"]) == (1, 4)
+    assert stats["load_wait_s"] > 0
+    assert (stats["kv_tensors"], stats["cross_layer"]) == (len(caches), False)
 
 
 def test_preemption_drops_queued_saves_and_forgets_them(
@@ -381,7 +384,9 @@ def test_a_permuted_cross_layer_tensor_registers_as_whole_blocks(
     view = physical.permute(0, 2, 3, 1, 4)
     worker = make_worker(server.endpoint)
     worker.register_kv_caches({"cross_layers": view}, NUM_BLOCKS)
-    assert worker.stats()["registered"]
+    stats = worker.stats()
+    assert stats["registered"]
+    assert (stats["kv_tensors"], stats["cross_layer"]) == (1, True)
     hashes = random_hashes(2)
     worker.wait_for_save(PegaConnectorMetadata(save=SaveJob([4, 5], hashes, ["r1"])))
     assert worker.drain(10.0)

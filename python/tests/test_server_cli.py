@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import urllib.error
+from pathlib import Path
 
 import pytest
 from conftest import KvFactory, ServerHandle, StartServer, free_port, http_get, server_executable
@@ -144,3 +145,20 @@ def test_sigterm_with_open_session_exits(start_server: StartServer, kv_cache: Kv
     finally:
         client.close()
     assert rc == 0, f"exit code {rc} on SIGTERM:\n{server.log()[-3000:]}"
+
+
+def test_spawn_server_serves_metrics_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pegaflow.server import read_metrics, spawn_server
+
+    monkeypatch.chdir(tmp_path)  # `python -m pegaflow.server` imports the installed package
+    addr = f"127.0.0.1:{free_port()}"
+    with spawn_server(pool_size="64mb", metrics_addr=addr) as endpoint:
+        assert EngineClient(endpoint).health()
+        metrics = read_metrics(addr)
+        assert metrics["pegaflow_pool_capacity_bytes"] == 64 << 20
+        series = 'pegaflow_transfer_duration_seconds_count{direction="load",backend="host"}'
+        assert series in metrics
+    with spawn_server(pool_size="64mb"), pytest.raises(OSError):
+        read_metrics(addr, timeout_s=1.0)

@@ -44,6 +44,7 @@ class _InflightLoad:
     job: LoadJob
     state: LoadState
     deadline: float
+    issued: float
 
 
 @dataclass
@@ -55,6 +56,10 @@ class WorkerCounters:
     saves_submitted: int = 0
     saves_failed: int = 0
     blocks_saved: int = 0
+    blocks_loaded: int = 0
+    load_wait_s: float = 0.0
+    """Summed over finished loads: from the load call until a poll saw it done (the
+    copy plus the wait for vLLM's next poll), for benchmarks that split TTFT."""
 
 
 class WorkerSide:
@@ -226,13 +231,15 @@ class WorkerSide:
             return
         state = self._free_states.pop() if self._free_states else LoadState()
         ident = link.identity
+        issued = self._clock()
         try:
             link.client.load(ident.instance_id, ident.rank, job.lease_id, job.block_ids, state)
         except PegaflowError as e:
             self._recycle(state)
             self._fail_load(job, str(e))
             return
-        self._loads[job.req_id] = _InflightLoad(job, state, self._clock() + self.config.load_warn_s)
+        deadline = self._clock() + self.config.load_warn_s
+        self._loads[job.req_id] = _InflightLoad(job, state, deadline, issued)
 
     def _fail_load(self, job: LoadJob, reason: str) -> None:
         logger.warning(
@@ -262,6 +269,8 @@ class WorkerSide:
             if status == "done":
                 del self._loads[req_id]
                 self.counters.loads_ok += 1
+                self.counters.blocks_loaded += len(load.job.block_ids)
+                self.counters.load_wait_s += now - load.issued
                 self._recv_done.add(req_id)
                 self._recycle(load.state)
             elif status == "failed":
@@ -332,11 +341,14 @@ class WorkerSide:
             self.link.close()
 
     def stats(self) -> dict[str, Any]:
-        """Counters and registration state, for logs and tests."""
+        """Counters, registration state and the registered layout, for logs and tests."""
+        registration = self.registration
         return {
             **vars(self.counters),
             "registered": bool(self.link and self.link.registered),
             "registrations": 0 if self.link is None else self.link.registrations,
+            "kv_tensors": 0 if registration is None else len(registration.layers),
+            "cross_layer": bool(registration and registration.layer_names == ["cross_layers"]),
         }
 
 
