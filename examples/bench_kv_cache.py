@@ -38,10 +38,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
+from bench_kv_probe import Probe, Timeline
 
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"],
@@ -125,73 +126,6 @@ def engine_kwargs(options: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-class Probe:
-    """PegaFlow's side of a pass: the worker's counters and the server's metrics, read
-    before and after it, so TTFT splits into load and the rest."""
-
-    def __init__(self, options: argparse.Namespace) -> None:
-        self.pegaflow = options.connector == "pegaflow"
-        self.metrics_addr = options.server_metrics
-
-    def snapshot(self) -> dict[str, float]:
-        if not self.pegaflow:
-            return {}
-        from vllm.distributed.kv_transfer import get_kv_transfer_group
-
-        worker = get_kv_transfer_group()._worker  # in-process engine: its worker half
-        stats = dict(worker.stats()) if worker is not None else {}
-        if self.metrics_addr:
-            from pegaflow.server import read_metrics
-
-            try:
-                metrics = read_metrics(self.metrics_addr)
-            except (OSError, urllib.error.URLError) as e:
-                print(f"server metrics unreadable: {e}", file=sys.stderr)
-                metrics = {}
-            for direction in ("load", "save"):
-                for name in ("duration_seconds_sum", "duration_seconds_count", "bytes_sum"):
-                    stats[f"{direction}_{name}"] = sum(
-                        v
-                        for k, v in metrics.items()
-                        if k.startswith(f"pegaflow_transfer_{name}{{")
-                        and f'direction="{direction}"' in k
-                    )
-            capacity = metrics.get("pegaflow_pool_capacity_bytes", 0.0)
-            pinned = metrics.get("pegaflow_pool_dma_ready_bytes", 0.0)
-            stats["pool_pinned"] = pinned / capacity if capacity else 0.0
-        return stats
-
-    @staticmethod
-    def split(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-        if not after:
-            return {}
-        out: dict[str, Any] = {
-            "kv_layout": "cross-layer"
-            if after.get("cross_layer")
-            else f"per-layer ({after.get('kv_tensors', 0)} tensors)",
-        }
-        loads = after["loads_ok"] - before["loads_ok"]
-        out["loads"] = loads
-        if loads:
-            wait = after["load_wait_s"] - before["load_wait_s"]
-            out["load_wait_ms_mean"] = round(wait / loads * 1e3, 2)
-        for direction in ("load", "save"):
-            count = after.get(f"{direction}_duration_seconds_count", 0) - before.get(
-                f"{direction}_duration_seconds_count", 0
-            )
-            if count:
-                seconds = (
-                    after[f"{direction}_duration_seconds_sum"]
-                    - before[f"{direction}_duration_seconds_sum"]
-                )
-                moved = after[f"{direction}_bytes_sum"] - before[f"{direction}_bytes_sum"]
-                out[f"server_{direction}_ms_mean"] = round(seconds / count * 1e3, 2)
-                out[f"server_{direction}_gb_per_s"] = round(moved / seconds / 1e9, 2)
-        if "pool_pinned" in before:
-            out["pool_pinned_at_start"] = round(before["pool_pinned"], 3)
-        return out
-
-
 def reset_gpu_prefix_cache(llm: Any) -> None:
     """vLLM refuses while finished requests still hold blocks (their saves are reported
     done by engine steps, which the offline engine runs only while it has requests):
@@ -204,16 +138,22 @@ def reset_gpu_prefix_cache(llm: Any) -> None:
         time.sleep(0.05)
 
 
-def ttft_pass(llm: Any, batch: list[list[int]], one: Any, probe: Probe) -> dict[str, Any]:
+def ttft_pass(
+    llm: Any, batch: list[list[int]], one: Any, probe: Probe, timeline: Timeline
+) -> dict[str, Any]:
     ttft: list[float] = []
     cached: list[int] = []
     waits: list[float] = []
     copies: list[float] = []
+    phases: list[dict[str, float]] = []
     for tokens in batch:
         before = probe.snapshot()
+        timeline.marks.clear()
         t0 = time.perf_counter()
         out = llm.generate({"prompt_token_ids": tokens}, one, use_tqdm=False)[0]
-        ttft.append((time.perf_counter() - t0) * 1e3)
+        t_end = time.perf_counter()
+        ttft.append((t_end - t0) * 1e3)
+        phases.append(timeline.request(t0, t_end))
         cached.append(int(out.num_cached_tokens or 0))
         split = probe.split(before, probe.snapshot())
         waits.append(split.get("load_wait_ms_mean", 0.0))
@@ -230,6 +170,8 @@ def ttft_pass(llm: Any, batch: list[list[int]], one: Any, probe: Probe) -> dict[
         result["load_wait_ms"] = waits
     if any(copies):
         result["server_load_ms"] = copies
+    if probe.pegaflow:
+        result["phases"] = Timeline.summary(phases)
     return result
 
 
@@ -309,7 +251,10 @@ def run_passes(options: argparse.Namespace, passes: list[str]) -> None:
     # Warm-up on an unrelated prompt: CUDA graphs, kernels, the connector's registration.
     warmup = [(i * 31) % max(vocab - 10, 1) + 5 for i in range(options.prompt_tokens)]
     llm.generate({"prompt_token_ids": warmup}, one, use_tqdm=False)
-    probe = Probe(options)
+    probe = Probe(options.connector == "pegaflow", options.server_metrics)
+    timeline = Timeline()
+    if probe.pegaflow:
+        timeline.install()
     for name in passes:
         if name == "warm-reset":
             reset_gpu_prefix_cache(llm)
@@ -317,7 +262,7 @@ def run_passes(options: argparse.Namespace, passes: list[str]) -> None:
         if name == "decode":
             measured = decode_pass(llm, options, batch, vocab)
         else:
-            measured = ttft_pass(llm, batch, one, probe)
+            measured = ttft_pass(llm, batch, one, probe, timeline)
         if name == "cold":
             time.sleep(options.settle_s)  # let the last saves finish before the next pass
         result = {
@@ -464,15 +409,19 @@ def print_table(results: list[dict[str, Any]]) -> None:
         return
     print(
         f"\n{'pass':<12} {'TTFT mean':>10} {'p50':>9} {'p99':>9} {'cached':>7} {'start':>7}"
-        f" {'load wait':>10} {'server copy':>12}"
+        f" {'lookup':>7} {'load wait':>10} {'server copy':>12} {'after load':>11}"
     )
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}ms"
+
     for r in results:
-        wait = f"{r['load_wait_ms_mean']:.1f}ms" if "load_wait_ms_mean" in r else "-"
-        copy = f"{r['server_load_ms_mean']:.1f}ms" if "server_load_ms_mean" in r else "-"
+        phases = r.get("phases", {})
         print(
             f"{r['pass']:<12} {r['ttft_mean_ms']:>8.1f}ms {r['ttft_p50_ms']:>7.1f}ms "
             f"{r['ttft_p99_ms']:>7.1f}ms {r['cached_tokens_mean']:>7} {r['engine_start_s']:>6.1f}s"
-            f" {wait:>10} {copy:>12}"
+            f" {ms(phases.get('lookup_ms_mean')):>7} {ms(r.get('load_wait_ms_mean')):>10}"
+            f" {ms(r.get('server_load_ms_mean')):>12} {ms(phases.get('after_load_ms_mean')):>11}"
         )
     layouts = {r["kv_layout"] for r in results if "kv_layout" in r}
     if layouts:

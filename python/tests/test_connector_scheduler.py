@@ -119,6 +119,32 @@ def test_a_shorter_load_than_the_hit_uses_a_prefix_of_the_lease(
     assert server.metric_total("pegaflow_lookups_total") == queries  # no second lookup
 
 
+def test_loaded_blocks_are_not_offered_for_saving_again(
+    server: ServerHandle, stored: list[bytes], instance_id: str
+) -> None:
+    blocks = {"r1": list(range(100, 111)), "r2": list(range(120, 131))}
+    s = side(server, instance_id, blocks=blocks)
+    req = FakeRequest("r1", num_tokens=10 * BLOCK + 1, block_hashes=stored)
+    assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
+    s.update_state_after_alloc(req, [blocks["r1"]], 6 * BLOCK)
+    s.build_connector_meta(FakeOutput({}))
+    req.num_computed_tokens = 6 * BLOCK
+    # The rest of the prompt: only blocks 6..9 are new to the cache.
+    meta = s.build_connector_meta(FakeOutput({"r1": 4 * BLOCK + 1}))
+    assert meta.save is not None
+    assert meta.save.block_ids == blocks["r1"][6:10]
+    assert meta.save.block_hashes == stored[6:10]
+    # A local (vLLM) hit before the loaded blocks was not offered by this request: the
+    # whole prefix still is (the server skips what it has).
+    req2 = FakeRequest("r2", num_tokens=10 * BLOCK + 1, block_hashes=stored)
+    assert s.get_num_new_matched_tokens(req2, 2 * BLOCK) == 4 * BLOCK
+    s.update_state_after_alloc(req2, [blocks["r2"]], 4 * BLOCK)
+    req2.num_computed_tokens = 6 * BLOCK
+    meta = s.build_connector_meta(FakeOutput({"r2": 4 * BLOCK + 1}))
+    assert meta.save is not None
+    assert meta.save.block_ids == blocks["r2"][:10]
+
+
 def test_declined_hit_releases_the_lease(
     server: ServerHandle, stored: list[bytes], instance_id: str
 ) -> None:

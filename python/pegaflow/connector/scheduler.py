@@ -319,6 +319,10 @@ class SchedulerSide:
                 request.request_id,
             )
             lease_id = ""  # the workers report these blocks as failed loads
+        elif state.saved_blocks >= start:
+            # The loaded blocks are stored already: offering them back would only make the
+            # server look them up to skip them, and vLLM hold them until it has.
+            state.saved_blocks = max(state.saved_blocks, end)
         self._pending_loads.append(LoadJob(request.request_id, lease_id, destination))
 
     def _allocated_plan(
