@@ -42,7 +42,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench_kv_probe import Probe, Timeline
+from bench_kv_probe import Probe, Timeline, percentile
 
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"],
@@ -90,11 +90,6 @@ def prompts(count: int, length: int, shared: int, vocab: int, salt: int = 0) -> 
         + [(p * 104729 + i * 7907 + 1 + salt * 31) % span + 5 for i in range(length - shared)]
         for p in range(count)
     ]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def engine_kwargs(options: argparse.Namespace) -> dict[str, Any]:
@@ -332,6 +327,24 @@ def main() -> None:
         help="HOST:PORT of the server's /metrics (a spawned server gets one), to split TTFT",
     )
     parser.add_argument("--decode", action="store_true", help="inter-token latency instead")
+    parser.add_argument(
+        "--openai-url",
+        default="",
+        help="time a running vLLM OpenAI server (http://HOST:PORT) instead of an offline engine",
+    )
+    parser.add_argument(
+        "--openai-passes",
+        default="cold,warm-reset",
+        help="passes against --openai-url: cold, warm-reset, warm-gpu, warm-fresh",
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=32000, help="token ids stay below it (--openai-url)"
+    )
+    parser.add_argument(
+        "--expect-hits",
+        action="store_true",
+        help="fail unless every warm pass had cached tokens (smoke tests)",
+    )
     parser.add_argument("--decode-requests", type=int, default=8)
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--arrival-steps", type=int, default=20, help="steps between arrivals")
@@ -340,6 +353,17 @@ def main() -> None:
     options = parser.parse_args()
     if options.passes:  # an engine process started by main()
         run_passes(options, options.passes.split(","))
+        return
+    if options.openai_url:
+        from bench_kv_openai import run_pass
+
+        url = options.openai_url.rstrip("/")
+        batch = prompts(
+            options.prompts, options.prompt_tokens, options.shared_prefix, options.vocab_size
+        )
+        results = [run_pass(url, name, batch) for name in options.openai_passes.split(",")]
+        print_table(results)
+        check_hits(options, results)
         return
 
     forwarded = [
@@ -393,6 +417,19 @@ def main() -> None:
             if options.connector == "pegaflow":
                 results += child(options, ["warm-fresh"])
     print_table(results)
+    check_hits(options, results)
+
+
+def check_hits(options: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    if not options.expect_hits:
+        return
+    missed = [
+        r["pass"]
+        for r in results
+        if r["pass"].startswith("warm") and not r.get("cached_tokens_mean")
+    ]
+    if missed:
+        raise SystemExit(f"no cached tokens in {', '.join(missed)}")
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -419,7 +456,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         phases = r.get("phases", {})
         print(
             f"{r['pass']:<12} {r['ttft_mean_ms']:>8.1f}ms {r['ttft_p50_ms']:>7.1f}ms "
-            f"{r['ttft_p99_ms']:>7.1f}ms {r['cached_tokens_mean']:>7} {r['engine_start_s']:>6.1f}s"
+            f"{r['ttft_p99_ms']:>7.1f}ms {r.get('cached_tokens_mean', '-'):>7}"
+            f" {r['engine_start_s']:>6.1f}s"
             f" {ms(phases.get('lookup_ms_mean')):>7} {ms(r.get('load_wait_ms_mean')):>10}"
             f" {ms(r.get('server_load_ms_mean')):>12} {ms(phases.get('after_load_ms_mean')):>11}"
         )

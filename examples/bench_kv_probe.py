@@ -4,6 +4,7 @@
 - :class:`Probe`: the worker's counters and the server's ``/metrics`` before and after,
   so a pass's TTFT splits into the load (as the worker saw it, and the server's copy)
   and the rest.
+- :func:`percentile`: the nearest-rank percentile every pass reports.
 - :class:`Timeline`: timestamps of one request's way through the connector — the
   scheduler's lookup, the worker's load call, the poll that saw the load done — by
   wrapping those methods of the connector's two halves; the time after that poll is
@@ -18,6 +19,11 @@ import sys
 import time
 import urllib.error
 from typing import Any
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 class Probe:
@@ -161,4 +167,4 @@ class Timeline:
         }
 
 
-__all__ = ["Probe", "Timeline"]
+__all__ = ["Probe", "Timeline", "percentile"]

