@@ -10,7 +10,7 @@ pub mod memory;
 
 pub use engine::{
     Caller, Engine, EngineConfig, EngineInitError, EngineLimits, EngineMetrics, InstanceInfo, LayerRegistration,
-    LoadTraceConfig, MAX_ID_LEN, MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, RankRef, RegisterRequest,
-    SaveBlocks, SaveOutcome, TOKEN_BYTES,
+    LeaseRef, LoadTraceConfig, MAX_ID_LEN, MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, RankRef,
+    RegisterRequest, SaveBlocks, SaveOutcome, TOKEN_BYTES,
 };
 pub use error::{EngineError, ErrorCategory, MAX_SHOWN_CHARS, Result, Shown, shown};

@@ -12,8 +12,8 @@ use pegaflow_core::cache::{BlockHash, PolicyKind};
 use pegaflow_core::device::RegionSource;
 use pegaflow_core::layout::TensorSpec;
 use pegaflow_core::{
-    Caller, Engine, EngineConfig, EngineError, LayerRegistration, MemoryKind, MemoryToken, RankRef, RegisterRequest,
-    SaveBlocks, SaveOutcome,
+    Caller, Engine, EngineConfig, EngineError, LayerRegistration, LeaseRef, MemoryKind, MemoryToken, RankRef,
+    RegisterRequest, SaveBlocks, SaveOutcome,
 };
 
 /// The descriptor connection and Unix user these tests hand memory over as.
@@ -173,7 +173,7 @@ fn load(
     layers: &[u32],
     state: &MemoryToken,
 ) -> pegaflow_core::Result<u32> {
-    e.load(RankRef { instance_id, tp_rank, caller }, lease_id, block_ids, layers, state)
+    e.load(RankRef { instance_id, tp_rank, caller }, LeaseRef::whole(lease_id), block_ids, layers, state)
 }
 
 async fn wait(state: &LoadState) -> LoadStatus {

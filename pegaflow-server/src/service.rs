@@ -7,7 +7,9 @@ use pegaflow_common::spin::KeepWarm;
 use pegaflow_core::cache::{QueryOutcome, Tier, parse_hashes, parse_parents};
 use pegaflow_core::device::RegionSource;
 use pegaflow_core::layout::TensorSpec;
-use pegaflow_core::{Caller, Engine, LayerRegistration, MemoryToken, RankRef, RegisterRequest, SaveBlocks, shown};
+use pegaflow_core::{
+    Caller, Engine, LayerRegistration, LeaseRef, MemoryToken, RankRef, RegisterRequest, SaveBlocks, shown,
+};
 use pegaflow_proto as pb;
 use pegaflow_proto::engine_server::Engine as EngineApi;
 use tonic::{Request, Response, Status};
@@ -233,9 +235,10 @@ impl EngineApi for EngineService {
         let state = token(&req.load_state_token)?;
         let caller = Caller { session_id: &req.session_id, uid };
         let target = RankRef { instance_id: &req.instance_id, tp_rank: req.tp_rank, caller };
+        let lease = LeaseRef { id: &req.lease_id, offset: req.lease_offset, more: req.more_ranges };
         let blocks = self
             .engine
-            .load(target, &req.lease_id, &req.block_ids, &req.layers, &state)
+            .load(target, lease, &req.block_ids, &req.layers, &state)
             .map_err(|e| failed("load", &req.instance_id, Some(&req.lease_id), e))?;
         Ok(Response::new(pb::LoadResponse { blocks }))
     }

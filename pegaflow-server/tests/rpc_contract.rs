@@ -102,6 +102,7 @@ async fn every_rpc_answers_its_documented_codes() {
         block_ids: ids,
         layers: vec![],
         load_state_token: token.to_vec(),
+        ..Default::default()
     };
     let load = |lease: &str, token: &[u8], ids: Vec<u64>| load_as(&session, lease, token, ids);
     assert_eq!(code(&c.load(load("nope", &state_token, vec![9])).await), Code::NotFound);

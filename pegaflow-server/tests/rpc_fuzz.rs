@@ -113,6 +113,8 @@ fn random_message(rng: &mut Rng, method: &str, known: &Known) -> Vec<u8> {
             block_ids: (0..rng.below(9)).map(|_| rng.below(BLOCKS + 8)).collect(),
             layers: (0..rng.below(3)).map(|_| rng.below(6) as u32).collect(),
             load_state_token: random_token(rng, known),
+            lease_offset: rng.below(40) as u32,
+            more_ranges: rng.below(2) == 1,
         }
         .encode_to_vec(),
         "ReleaseLease" => pb::ReleaseLeaseRequest { lease_id: random_id(rng, "no-such-lease") }.encode_to_vec(),
@@ -253,6 +255,8 @@ async fn fuzzed_requests_never_crash_corrupt_or_answer_internal() {
         block_ids: dst.clone(),
         layers: vec![],
         load_state_token: state_token,
+        lease_offset: 0,
+        more_ranges: false,
     })
     .await
     .unwrap();

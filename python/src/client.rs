@@ -384,9 +384,13 @@ impl PyEngineClient {
         })
     }
 
-    /// Starts loading the first len(block_ids) leased blocks into `block_ids`; wait on
-    /// `load_state` for completion. Returns the number of blocks queued.
-    #[pyo3(signature = (instance_id, tp_rank, lease_id, block_ids, load_state, layers = None))]
+    /// Starts loading len(block_ids) leased blocks, from leased block `lease_offset` on,
+    /// into `block_ids`; `more_ranges` when this rank loads further ranges of the lease
+    /// afterwards. Wait on `load_state` for completion. Returns the number of blocks queued.
+    #[pyo3(signature = (
+        instance_id, tp_rank, lease_id, block_ids, load_state, layers = None, lease_offset = 0,
+        more_ranges = false
+    ))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword signature
     fn load(
         &self,
@@ -397,6 +401,8 @@ impl PyEngineClient {
         block_ids: Vec<u64>,
         load_state: PyRef<'_, PyLoadState>,
         layers: Option<Vec<u32>>,
+        lease_offset: u32,
+        more_ranges: bool,
     ) -> PyResult<u32> {
         let token = self.load_state_token(py, &load_state)?;
         let session = self.session(&instance_id);
@@ -410,6 +416,8 @@ impl PyEngineClient {
             block_ids,
             layers: layers.unwrap_or_default(),
             load_state_token: token.bytes.to_vec(),
+            lease_offset,
+            more_ranges,
         };
         Ok(self.call(py, |mut c| async move { c.load(req).await })?.blocks)
     }

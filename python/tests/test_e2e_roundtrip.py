@@ -16,7 +16,7 @@ from e2e_helpers import (
     zero_blocks,
 )
 
-from pegaflow import EngineClient, PegaflowInvalidArgument
+from pegaflow import EngineClient, LoadState, PegaflowInvalidArgument
 
 NUM_SAVED = 256
 
@@ -86,6 +86,41 @@ def test_single_rank_roundtrip(
     assert metrics["pegaflow_loaded_blocks_total"] == 2 * NUM_SAVED + 10
     assert metrics['pegaflow_transfer_failures_total{direction="load",backend="host"}'] == 0
     assert metrics["pegaflow_leases"] == 0, "a single-rank load releases its lease"
+
+
+def test_a_lease_loads_in_ranges(
+    server: ServerHandle, client: EngineClient, kv_cache: KvFactory, instance_id: str
+) -> None:
+    """A rank may load its lease in forward ranges (a bounded staging buffer does); the
+    lease stays for the ranges still to come and goes with the last."""
+    kv = kv_cache(num_blocks=64, seed=4)
+    client.register_kv_layers(instance_id, "ranges", 0, 1, kv.layer_specs())
+    hashes = random_hashes(12)
+    originals = snapshot(kv, list(range(12)))
+    client.save(instance_id, 0, list(range(12)), hashes)
+    lease = client.query(instance_id, hashes).lease_id
+    assert lease is not None
+
+    def load_range(dest: list[int], offset: int, more: bool) -> None:
+        state = LoadState()
+        queued = client.load(
+            instance_id, 0, lease, dest, state, lease_offset=offset, more_ranges=more
+        )
+        assert queued == len(dest)
+        state.wait(20.0)
+        assert state.status() == "done"
+
+    dest = list(range(40, 52))
+    zero_blocks(kv, dest)
+    load_range(dest[:5], 0, True)
+    assert server.metric("pegaflow_leases") == 1, "more ranges to come: the lease stays"
+    with pytest.raises(PegaflowInvalidArgument, match="ranges go forward"):
+        client.load(instance_id, 0, lease, [60], LoadState(), lease_offset=4, more_ranges=True)
+    with pytest.raises(PegaflowInvalidArgument, match="outside a lease of 12 blocks"):
+        client.load(instance_id, 0, lease, [60, 61], LoadState(), lease_offset=11)
+    load_range(dest[5:], 5, False)
+    assert_blocks_equal(kv, dest, originals, "two ranges of one lease")
+    assert server.metric("pegaflow_leases") == 0, "the last range released the lease"
 
 
 def test_read_your_writes(client: EngineClient, kv_cache: KvFactory, instance_id: str) -> None:

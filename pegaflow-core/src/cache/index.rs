@@ -1,14 +1,14 @@
 //! `BlockCache`: the index (records by key, copies per tier, prefix links), leases, the
 //! query and load halves, and eviction through the tier's policy.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
 
 use super::block::Block;
-use super::lease::{Lease, LeaseLimits, LeaseTable, MAX_LEASE_TTL};
+use super::lease::{Lease, LeaseLimits, LeaseRange, LeaseTable, MAX_LEASE_TTL, RankProgress};
 use super::policy::{Choice, EntryStore, Policy, PolicyEntry, PolicyKind};
 use super::{BlockHash, BlockKey, DEFAULT_LEASE_TTL, EvictReason, PartGeometry, QueryOutcome, Tier, Victim};
 use crate::error::{EngineError, Result, shown};
@@ -199,14 +199,14 @@ impl BlockCache {
             expires_at: now + ttl,
             created_at: now,
             tp_size: loaders.max(1),
-            started_ranks: HashSet::new(),
+            ranks: HashMap::new(),
         });
         Ok(QueryOutcome::Hit { lease_id, tiers })
     }
 
-    /// Phase one of a load: checks the lease and pins its first `count` blocks for TP
-    /// `rank`'s copy out of stored part `part` (the rank's own, or part 0 when every rank
-    /// holds the same bytes). Once every TP rank has started its load, the lease is
+    /// Phase one of a load: checks the lease and pins its blocks `range` for TP `rank`'s
+    /// copy out of stored part `part` (the rank's own, or part 0 when every rank holds
+    /// the same bytes). Once every TP rank has started its last range, the lease is
     /// released.
     #[allow(clippy::too_many_arguments)] // the load's coordinates, each checked here
     pub fn prepare_load(
@@ -216,7 +216,7 @@ impl BlockCache {
         lease_id: &str,
         rank: u32,
         part: u32,
-        count: usize,
+        range: LeaseRange,
         geometry: &Arc<PartGeometry>,
     ) -> Result<LoadTicket> {
         self.expire_leases(now);
@@ -228,19 +228,29 @@ impl BlockCache {
             // Leases never cross namespaces: different models must not read each other.
             return Err(EngineError::not_found(format!("unknown or expired lease {}", shown(lease_id))));
         }
-        if count == 0 || count > lease.keys.len() {
+        let LeaseRange { offset, count, more } = range;
+        let end = offset.saturating_add(count);
+        if count == 0 || end > lease.keys.len() {
             return Err(EngineError::invalid(format!(
-                "{count} destination blocks for a lease of {} blocks",
+                "destination blocks {offset}..{end} outside a lease of {} blocks",
                 lease.keys.len()
             )));
         }
         if rank >= lease.tp_size {
             return Err(EngineError::invalid(format!("rank {rank} outside the lease's TP size {}", lease.tp_size)));
         }
-        if lease.started_ranks.contains(&rank) {
+        let progress = lease.ranks.get(&rank).copied().unwrap_or_default();
+        if progress.done {
             return Err(EngineError::invalid(format!("rank {rank} already loaded lease {}", shown(lease_id))));
         }
-        let keys: Vec<BlockKey> = lease.keys[..count].to_vec();
+        if offset < progress.next {
+            return Err(EngineError::invalid(format!(
+                "rank {rank} already loaded lease {} up to block {}: ranges go forward",
+                shown(lease_id),
+                progress.next
+            )));
+        }
+        let keys: Vec<BlockKey> = lease.keys[offset..end].to_vec();
         let leased_at = lease.created_at;
         let mut part_offsets = Vec::with_capacity(count);
         for key in &keys {
@@ -264,8 +274,8 @@ impl BlockCache {
             }
         }
         if let Some(lease) = self.leases.get_mut(lease_id) {
-            lease.started_ranks.insert(rank);
-            if lease.started_ranks.len() as u32 == lease.tp_size {
+            lease.ranks.insert(rank, RankProgress { next: end, done: !more });
+            if lease.ranks.values().filter(|p| p.done).count() as u32 == lease.tp_size {
                 self.release_lease(lease_id)?;
             }
         }

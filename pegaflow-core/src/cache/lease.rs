@@ -1,7 +1,7 @@
-//! Leases: a query hit pins its blocks until every rank has started loading them, the
-//! lease is released, or it expires.
+//! Leases: a query hit pins its blocks until every rank has started loading its last
+//! range of them, the lease is released, or it expires.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::BlockKey;
@@ -35,7 +35,39 @@ pub(super) struct Lease {
     /// When the query that took it ran (the start of the load path).
     pub created_at: Instant,
     pub tp_size: u32,
-    pub started_ranks: HashSet<u32>,
+    /// Per rank that loaded from it: where its next range may start, and whether it
+    /// loaded its last range.
+    pub ranks: HashMap<u32, RankProgress>,
+}
+
+/// How far one rank has loaded a lease.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct RankProgress {
+    /// Leased blocks before this one were loaded (or skipped) by the rank.
+    pub next: usize,
+    /// The rank loaded its last range.
+    pub done: bool,
+}
+
+/// Which leased blocks one load copies: `count` blocks from `offset`; `more` when the
+/// rank loads further ranges of the lease afterwards (through a bounded staging buffer,
+/// say). A rank's ranges go forward and never overlap; the lease is released once every
+/// rank has started its last range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRange {
+    /// The first leased block of the range.
+    pub offset: usize,
+    /// Blocks in the range.
+    pub count: usize,
+    /// The rank loads further ranges after this one.
+    pub more: bool,
+}
+
+impl LeaseRange {
+    /// The first `count` blocks, and no more ranges: a whole load in one call.
+    pub fn prefix(count: usize) -> Self {
+        Self { offset: 0, count, more: false }
+    }
 }
 
 #[derive(Default)]

@@ -25,7 +25,7 @@ mod tests;
 use std::sync::Arc;
 
 pub use index::{BlockCache, CacheStats, LoadTicket};
-pub use lease::{DEFAULT_LEASE_TTL, LeaseLimits};
+pub use lease::{DEFAULT_LEASE_TTL, LeaseLimits, LeaseRange};
 pub use policy::PolicyKind;
 pub use save::{RoomPlan, SaveSpec, SaveTicket};
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::metrics::{LookupLabel, OutcomeLabel, TransferLabels};
 use super::validate::{check_block_ids, destination_order, select_layers};
 use super::{Engine, MemoryToken, RankRef, transfer};
-use crate::cache::{BlockHash, QueryOutcome, Tier};
+use crate::cache::{BlockHash, LeaseRange, QueryOutcome, Tier};
 use crate::error::{EngineError, Result, shown};
 
 /// Which loads log their stage durations (target `pegaflow::trace`, level info).
@@ -90,6 +90,24 @@ impl LoadStages {
     }
 }
 
+/// The lease a load copies from, and which of its blocks.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseRef<'a> {
+    /// The lease id a query returned.
+    pub id: &'a str,
+    /// The first leased block this load copies.
+    pub offset: u32,
+    /// The rank loads further ranges of this lease after this one.
+    pub more: bool,
+}
+
+impl<'a> LeaseRef<'a> {
+    /// The lease from its first block, in one load.
+    pub fn whole(id: &'a str) -> Self {
+        Self { id, offset: 0, more: false }
+    }
+}
+
 /// Names for a load's log lines.
 struct LoadWho {
     instance: String,
@@ -122,18 +140,20 @@ impl Engine {
         Ok(outcome)
     }
 
-    /// Starts copying the first `block_ids.len()` blocks of a lease into `block_ids` of
-    /// the rank (all layers, or `layers`). Returns once the copy is queued; the outcome is
-    /// written to the client's load state named by `load_state` (see
+    /// Starts copying `block_ids.len()` blocks of a lease, from its block `lease.offset`
+    /// on, into `block_ids` of the rank (all layers, or `layers`); `lease.more` when the
+    /// rank loads further ranges of the lease afterwards. Returns once the copy is queued;
+    /// the outcome is written to the client's load state named by `load_state` (see
     /// [`Engine::add_memory`]), which the caller's user (when known) must have handed over.
     pub fn load(
         &self,
         target: RankRef<'_>,
-        lease_id: &str,
+        lease: LeaseRef<'_>,
         block_ids: &[u64],
         layers: &[u32],
         load_state: &MemoryToken,
     ) -> Result<u32> {
+        let lease_id = lease.id;
         let called = Instant::now();
         self.check_request_size("block ids", block_ids.len())?;
         let (tp_rank, caller) = (target.tp_rank, target.caller);
@@ -148,7 +168,7 @@ impl Engine {
             lease_id,
             tp_rank,
             rank.part,
-            block_ids.len(),
+            LeaseRange { offset: lease.offset as usize, count: block_ids.len(), more: lease.more },
             &rank.geometry,
         )?;
         let job = transfer::load_job(&self.pool, &rank, &order, &layers, &ticket);

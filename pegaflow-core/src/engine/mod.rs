@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 pub use handles::{MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, TOKEN_BYTES};
-pub use load::LoadTraceConfig;
+pub use load::{LeaseRef, LoadTraceConfig};
 pub use metrics::EngineMetrics;
 pub use registry::{Caller, InstanceInfo, LayerRegistration, MAX_ID_LEN, RegisterRequest};
 

@@ -11,7 +11,7 @@ tensors are shared by IPC handle (:mod:`pegaflow.cuda`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pegaflow._native import KvLayer
@@ -30,6 +30,8 @@ class KvRegistration:
     device_type: str
     layout_factors: list[dict[str, object]]
     """The distinct block layouts of the layers (what makes their bytes differ)."""
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    """The registered views, one per layer (blocks first, each block one dense run)."""
 
 
 def _manager_block_view(name: str, tensor: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -126,9 +128,11 @@ def describe_kv_caches(
 
     names: list[str] = []
     layers: list[KvLayer] = []
+    tensors: list[torch.Tensor] = []
     for name, view in chosen.values():
         index = len(layers)
         tensor = _dense_blocks(view)
+        tensors.append(tensor)
         if device_type == "cuda":
             from pegaflow.cuda import cuda_layer_spec
 
@@ -138,7 +142,7 @@ def describe_kv_caches(
 
             layers.append(cpu_layer_spec(index, tensor, block_dim=0))
         names.append(name)
-    return KvRegistration(names, layers, device_type, factors)
+    return KvRegistration(names, layers, device_type, factors, tensors)
 
 
 __all__ = ["KvRegistration", "describe_kv_caches"]

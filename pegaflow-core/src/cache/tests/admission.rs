@@ -199,7 +199,7 @@ fn a_query_says_loading_while_the_first_block_is_being_saved() {
     assert_eq!(tiers, vec![Tier::Ram]);
     let key = BlockKey { namespace: n.clone(), hash: h(1) };
     assert_eq!(c.copies(&key), vec![(Tier::Ram, CopyState::Readable)]);
-    let load = c.prepare_load(Instant::now(), &n, &lease_id, 0, 0, 1, &g).unwrap();
+    let load = c.prepare_load(Instant::now(), &n, &lease_id, 0, 0, LeaseRange::prefix(1), &g).unwrap();
     assert_eq!(c.copies(&key), vec![(Tier::Ram, CopyState::Reading)]);
     c.complete_load(load);
     assert_eq!(c.copies(&key), vec![(Tier::Ram, CopyState::Readable)]);

@@ -252,7 +252,7 @@ fn leases_expire_and_unpin() {
     let lease = lease.unwrap();
     assert_eq!(c.stats().leases, 1);
     let later = t0 + Duration::from_millis(51);
-    let err = c.prepare_load(later, &n, &lease, 0, 0, 1, &g).unwrap_err();
+    let err = c.prepare_load(later, &n, &lease, 0, 0, LeaseRange::prefix(1), &g).unwrap_err();
     assert!(matches!(err, EngineError::NotFound(_)), "{err}");
     assert_eq!(c.stats().leases, 0);
     assert!(matches!(c.release_lease(&lease), Err(EngineError::NotFound(_))));
@@ -274,22 +274,74 @@ fn a_lease_is_released_once_every_rank_started_loading() {
     let (hit, lease) = q_ranks(&mut c, now, &n, "inst", 2, &[h(1), h(2)], None).unwrap();
     assert_eq!(hit, 2);
     let lease = lease.unwrap();
-    assert!(matches!(c.prepare_load(now, &n, &lease, 0, 0, 3, &g), Err(EngineError::InvalidArgument(_))));
-    assert!(matches!(c.prepare_load(now, &n, &lease, 2, 2, 1, &g), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(
+        c.prepare_load(now, &n, &lease, 0, 0, LeaseRange::prefix(3), &g),
+        Err(EngineError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        c.prepare_load(now, &n, &lease, 2, 2, LeaseRange::prefix(1), &g),
+        Err(EngineError::InvalidArgument(_))
+    ));
     let other = geometry(1);
-    assert!(matches!(c.prepare_load(now, &n, &lease, 0, 0, 1, &other), Err(EngineError::InvalidArgument(_))));
+    assert!(matches!(
+        c.prepare_load(now, &n, &lease, 0, 0, LeaseRange::prefix(1), &other),
+        Err(EngineError::InvalidArgument(_))
+    ));
     assert!(
-        matches!(c.prepare_load(now, &ns("other"), &lease, 0, 0, 2, &g), Err(EngineError::NotFound(_))),
+        matches!(
+            c.prepare_load(now, &ns("other"), &lease, 0, 0, LeaseRange::prefix(2), &g),
+            Err(EngineError::NotFound(_))
+        ),
         "a lease never serves another namespace"
     );
-    let r0 = c.prepare_load(now, &n, &lease, 0, 0, 2, &g).unwrap();
+    let r0 = c.prepare_load(now, &n, &lease, 0, 0, LeaseRange::prefix(2), &g).unwrap();
     assert_eq!(r0.part_offsets.len(), 2);
-    assert!(c.prepare_load(now, &n, &lease, 0, 0, 2, &g).is_err(), "a rank loads a lease once");
+    assert!(c.prepare_load(now, &n, &lease, 0, 0, LeaseRange::prefix(2), &g).is_err(), "a rank loads a lease once");
     assert_eq!(c.stats().leases, 1);
-    let r1 = c.prepare_load(now, &n, &lease, 1, 1, 1, &g).unwrap();
+    let r1 = c.prepare_load(now, &n, &lease, 1, 1, LeaseRange::prefix(1), &g).unwrap();
     assert_eq!(c.stats().leases, 0);
     c.complete_load(r0);
     c.complete_load(r1);
+}
+
+#[test]
+fn a_rank_may_load_its_lease_in_forward_ranges() {
+    let mut c = BlockCache::new(PoolAllocator::new(1 << 20, None));
+    let n = ns("m");
+    let g = geometry(2);
+    let blocks = [h(1), h(2), h(3), h(4)];
+    save_all(&mut c, &n, &blocks, 0, 2, &g);
+    save_all(&mut c, &n, &blocks, 1, 2, &g);
+    let now = Instant::now();
+    let lease = q_ranks(&mut c, now, &n, "inst", 2, &blocks, None).unwrap().1.unwrap();
+    let range = |offset, count, more| LeaseRange { offset, count, more };
+    let first = c.prepare_load(now, &n, &lease, 0, 0, range(0, 2, true), &g).unwrap();
+    assert_eq!(first.part_offsets.len(), 2);
+    for (bad, why) in [
+        (range(1, 1, true), "overlaps a loaded range"),
+        (range(3, 2, false), "past the lease's end"),
+        (range(usize::MAX, 2, false), "offset overflows"),
+        (range(2, 0, false), "no blocks"),
+    ] {
+        let err = c.prepare_load(now, &n, &lease, 0, 0, bad, &g).unwrap_err();
+        assert!(matches!(err, EngineError::InvalidArgument(_)), "{why}: {err}");
+    }
+    let second = c.prepare_load(now, &n, &lease, 0, 0, range(2, 2, false), &g).unwrap();
+    let mut offsets: Vec<u64> = first.part_offsets.iter().chain(&second.part_offsets).copied().collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    assert_eq!(offsets.len(), 4, "the two ranges are the lease's four blocks");
+    assert!(c.prepare_load(now, &n, &lease, 0, 0, range(3, 1, false), &g).is_err(), "rank 0 loaded its last range");
+    assert_eq!(c.stats().leases, 1, "rank 1 has not started its last range");
+    // Rank 1 skips the first block and loads the rest at once.
+    let other = c.prepare_load(now, &n, &lease, 1, 1, range(1, 3, false), &g).unwrap();
+    assert_eq!(other.part_offsets.len(), 3);
+    assert_eq!(c.stats().leases, 0, "every rank started its last range: released");
+    for ticket in [first, second, other] {
+        c.complete_load(ticket);
+    }
+    // Nothing stays pinned: all four blocks can be dropped.
+    assert_eq!(c.drop_unpinned().len(), 4);
 }
 
 #[test]
@@ -300,7 +352,7 @@ fn load_pins_outlive_the_lease() {
     save_all(&mut c, &n, &[h(1), h(2)], 0, 1, &g);
     let now = Instant::now();
     let (_, lease) = q(&mut c, now, &n, "inst", &[h(1)], None).unwrap();
-    let ticket = c.prepare_load(now, &n, &lease.unwrap(), 0, 0, 1, &g).unwrap();
+    let ticket = c.prepare_load(now, &n, &lease.unwrap(), 0, 0, LeaseRange::prefix(1), &g).unwrap();
     assert_eq!(c.stats().leases, 0, "the only rank started: lease released");
     // Block 1 is still being copied: only block 2 may go.
     let t = prep(&mut c, &n, &[h(3)], 0, 1, &g, &[0]).unwrap();
@@ -403,9 +455,9 @@ fn one_stored_copy_serves_every_rank_of_a_replicated_instance() {
     let (hit, lease) = q_ranks(&mut c, now, &n, "inst", 2, &[h(1)], None).unwrap();
     assert_eq!(hit, 1);
     let lease = lease.unwrap();
-    let r1 = c.prepare_load(now, &n, &lease, 1, 0, 1, &g).unwrap();
+    let r1 = c.prepare_load(now, &n, &lease, 1, 0, LeaseRange::prefix(1), &g).unwrap();
     assert_eq!(c.stats().leases, 1, "rank 0 has not loaded yet");
-    let r0 = c.prepare_load(now, &n, &lease, 0, 0, 1, &g).unwrap();
+    let r0 = c.prepare_load(now, &n, &lease, 0, 0, LeaseRange::prefix(1), &g).unwrap();
     assert_eq!(r0.part_offsets, r1.part_offsets, "both ranks read the same bytes");
     assert_eq!(c.stats().leases, 0);
     c.complete_load(r0);
