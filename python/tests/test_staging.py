@@ -101,12 +101,12 @@ def test_staging_checks_its_bounds() -> None:
 
     registration = per_layer_caches()["registration"]
     block_bytes = LAYERS * HEADS * BLOCK * CONTENT * 4
-    with pytest.raises(ValueError, match="fewer than 2 blocks"):
-        StagingBuffer(registration.tensors, capacity_bytes=block_bytes)
-    staging = StagingBuffer(registration.tensors, capacity_bytes=3 * block_bytes)
-    with pytest.raises(ValueError, match="outside the 3 staging slots"):
-        staging.gather([1, 2], 2)
-    with pytest.raises(ValueError, match="outside the 3 staging slots"):
+    with pytest.raises(ValueError, match="fewer than 4 blocks"):
+        StagingBuffer(registration.tensors, capacity_bytes=3 * block_bytes)
+    staging = StagingBuffer(registration.tensors, capacity_bytes=5 * block_bytes)
+    with pytest.raises(ValueError, match="outside the 5 staging slots"):
+        staging.gather([1, 2], 4)
+    with pytest.raises(ValueError, match="outside the 5 staging slots"):
         staging.scatter(-1, [1])
     with pytest.raises(ValueError, match="no KV layers"):
         StagingBuffer([], capacity_bytes=block_bytes)

@@ -56,6 +56,14 @@ class ConnectorConfig:
     kv_cache_layout: str = "BLHNC"
     """KV cache layout to ask vLLM for on CUDA: "BLHNC" puts each block of all layers in
     one contiguous run, copied with one DMA. Ignored on CPU."""
+    staging: str = "auto"
+    """Move KV through a staging buffer on the KV cache's device: the worker gathers a
+    chunk of blocks into it (in its own CUDA context) and the server copies whole blocks
+    by large DMAs. "auto": where a block is several pieces on a GPU (per-layer tensors);
+    "on": always (also on the CPU); "off": never (the server copies each piece)."""
+    staging_bytes: int = 128 << 20
+    """Size of the staging buffer, bytes (device memory beside vLLM's KV cache, taken
+    from what ``gpu_memory_utilization`` leaves free): a quarter is one chunk."""
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -74,6 +82,10 @@ class ConnectorConfig:
             raise ValueError(f"min_load_blocks must be >= 1, got {self.min_load_blocks}")
         if not self.kv_cache_layout:
             raise ValueError("kv_cache_layout must not be empty")
+        if self.staging not in ("auto", "on", "off"):
+            raise ValueError(f"staging must be 'auto', 'on' or 'off', got {self.staging!r}")
+        if self.staging_bytes <= 0:
+            raise ValueError(f"staging_bytes must be > 0, got {self.staging_bytes}")
         if self.load_failure_policy not in ("recompute", "fail"):
             raise ValueError(
                 "load_failure_policy must be 'recompute' or 'fail', "

@@ -29,6 +29,7 @@ from pegaflow.connector.config import ConnectorConfig
 from pegaflow.connector.link import RankIdentity, ServerLink
 from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
 from pegaflow.connector.registration import KvRegistration, describe_kv_caches
+from pegaflow.connector.staging import StagedTransfers, StagingBuffer
 from pegaflow.errors import PegaflowError, PegaflowNotFound
 
 if TYPE_CHECKING:
@@ -42,9 +43,23 @@ _LOAD_STATE_POOL = 64
 @dataclass
 class _InflightLoad:
     job: LoadJob
-    state: LoadState
+    state: LoadState | None
+    """The server's completion flag (a direct load)."""
     deadline: float
     issued: float
+    staged: Future[None] | None = None
+    """The loader thread's run of a staged load."""
+
+    def status(self) -> tuple[str, str | None]:
+        """("done" | "failed" | "pending", the error of a failed load)."""
+        if self.staged is not None:
+            if not self.staged.done():
+                return "pending", None
+            error = self.staged.exception()
+            return ("failed", str(error)) if error else ("done", None)
+        assert self.state is not None
+        status = self.state.status()
+        return status, self.state.error if status == "failed" else None
 
 
 @dataclass
@@ -91,6 +106,9 @@ class WorkerSide:
         self.counters = WorkerCounters()
         self._cuda = False
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pegaflow-save")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pegaflow-load")
+        self.staging: StagedTransfers | None = None
+        """Set when blocks move through a staging buffer (config ``staging``)."""
         self._saves: dict[str, list[Future[None]]] = {}
         self._reading: list[tuple[Future[None], frozenset[int]]] = []
         """Saves not known to be done, with the blocks they read (for fences)."""
@@ -118,6 +136,19 @@ class WorkerSide:
         server is not there yet, keeps trying in the background."""
         registration = describe_kv_caches(kv_caches, num_blocks, held)
         self.kv_caches = dict(kv_caches)
+        server_layers = registration.layers
+        if self._stages(registration):
+            # The server sees only the staging buffer, laid out as the pool's blocks: the
+            # namespace and the stored bytes stay those of the KV tensors.
+            buffer = StagingBuffer(registration.tensors, self.config.staging_bytes)
+            self.staging = StagedTransfers(buffer, self.config.load_warn_s)
+            server_layers = buffer.layer_specs()
+            logger.info(
+                "staging %d-layer blocks through %d MiB (%d blocks a chunk)",
+                len(registration.layers),
+                buffer.capacity_bytes >> 20,
+                self.staging.chunk,
+            )
         factors = {**self._namespace_factors, "device": registration.device_type}
         if self._layouts_in_namespace:
             # Pipeline stages hold different layers, yet share one namespace: there the
@@ -132,8 +163,14 @@ class WorkerSide:
         client = EngineClient(
             self.config.endpoint, self.config.timeout_s, self.config.auth_token_file
         )
-        self.link = ServerLink(client, identity, registration.layers, self.config.retry_interval_s)
+        self.link = ServerLink(client, identity, server_layers, self.config.retry_interval_s)
         self.link.start()
+
+    def _stages(self, registration: KvRegistration) -> bool:
+        mode = self.config.staging
+        if mode == "auto":
+            return registration.device_type == "cuda" and len(registration.layers) > 1
+        return mode == "on"
 
     # ---- saves --------------------------------------------------------------------------
 
@@ -174,13 +211,24 @@ class WorkerSide:
             return  # the server went away while this save waited: skip, do not stall
         ident = link.identity
         try:
-            result = link.client.save(
-                ident.instance_id,
-                ident.rank,
-                job.block_ids,
-                job.block_hashes,
-                parent_hashes=job.parent_hashes or None,
-            )
+            if self.staging is not None:
+                saved = self.staging.save(
+                    link.client,
+                    ident.instance_id,
+                    ident.rank,
+                    job.block_ids,
+                    job.block_hashes,
+                    job.parent_hashes,
+                )
+            else:
+                result = link.client.save(
+                    ident.instance_id,
+                    ident.rank,
+                    job.block_ids,
+                    job.block_hashes,
+                    parent_hashes=job.parent_hashes or None,
+                )
+                saved = int(result.saved_blocks)
         except PegaflowNotFound as e:
             # The server no longer knows this instance (it restarted): register again.
             self.counters.saves_failed += 1
@@ -191,7 +239,7 @@ class WorkerSide:
             self.counters.saves_failed += 1
             logger.warning("save of %d blocks failed: %s", len(job.block_ids), e)
         else:
-            self.counters.blocks_saved += int(result.saved_blocks)
+            self.counters.blocks_saved += saved
 
     def handle_preemptions(self, meta: PegaConnectorMetadata) -> None:
         """Before vLLM hands the blocks of preempted requests to others: drops their saves
@@ -229,8 +277,21 @@ class WorkerSide:
         if link is None or not link.registered:
             self._fail_load(job, "not registered with the server")
             return
-        state = self._free_states.pop() if self._free_states else LoadState()
         ident = link.identity
+        if self.staging is not None:
+            issued = self._clock()
+            run = self._loader.submit(
+                self.staging.load,
+                link.client,
+                ident.instance_id,
+                ident.rank,
+                job.lease_id,
+                job.block_ids,
+            )
+            deadline = issued + self.config.load_warn_s
+            self._loads[job.req_id] = _InflightLoad(job, None, deadline, issued, staged=run)
+            return
+        state = self._free_states.pop() if self._free_states else LoadState()
         issued = self._clock()
         try:
             link.client.load(ident.instance_id, ident.rank, job.lease_id, job.block_ids, state)
@@ -265,18 +326,24 @@ class WorkerSide:
         link = self.link
         server_gone = link is None or not link.client.session_alive(link.identity.instance_id)
         for req_id, load in list(self._loads.items()):
-            status = load.state.status()
+            status, error = load.status()
             if status == "done":
                 del self._loads[req_id]
                 self.counters.loads_ok += 1
                 self.counters.blocks_loaded += len(load.job.block_ids)
                 self.counters.load_wait_s += now - load.issued
                 self._recv_done.add(req_id)
-                self._recycle(load.state)
+                if load.state is not None:
+                    self._recycle(load.state)
             elif status == "failed":
                 del self._loads[req_id]
-                self._fail_load(load.job, load.state.error or "copy failed")
-                self._recycle(load.state)
+                self._fail_load(load.job, error or "copy failed")
+                if load.state is not None:
+                    self._recycle(load.state)
+            elif load.staged is not None:
+                # The loader thread sees a dead server itself (its flags' sessions): the
+                # staged load fails then; until then it may still be scattering.
+                continue
             elif server_gone:
                 # Never reuse this flag: a server that comes back never writes it, but
                 # the old one might have been about to.
@@ -337,6 +404,7 @@ class WorkerSide:
     def shutdown(self) -> None:
         """Finishes queued saves, then closes the session (the server drops this rank)."""
         self._saver.shutdown(wait=True)
+        self._loader.shutdown(wait=True)
         if self.link is not None:
             self.link.close()
 

@@ -1,0 +1,121 @@
+"""The worker half moving blocks through its staging buffer (``staging="on"``; CUDA
+workers with per-layer tensors do so by default), against a real server on the host
+backend: chunked saves and loads byte for byte, blocks shared with a worker that does
+not stage, and a load whose server dies fails at once."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import ServerHandle, StartServer, require_module
+from e2e_helpers import random_hashes
+from test_connector_worker import NUM_BLOCKS, finish_loads, vllm_like_caches
+
+from pegaflow.connector.config import ConnectorConfig
+from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
+from pegaflow.connector.worker import WorkerSide
+
+torch = require_module("torch")
+
+BLOCK_BYTES = 3 * 2 * 32 * 64 * 4  # vllm_like_caches(): 3 layers of [2, 32, 64] f32
+STAGING = {"staging": "on", "staging_bytes": 8 * BLOCK_BYTES}  # chunks of 2 blocks
+
+
+@pytest.fixture
+def workers(instance_id: str) -> Iterator[Any]:
+    made: list[WorkerSide] = []
+
+    def make(endpoint: str, suffix: str = "", **cfg: Any) -> WorkerSide:
+        config = ConnectorConfig(
+            instance_id=instance_id + suffix, endpoint=endpoint, retry_interval_s=0.2, **cfg
+        )
+        worker = WorkerSide(config, 0, 1, {"model": "test"})
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.shutdown()
+
+
+def test_a_staged_worker_saves_and_loads_in_chunks(server: ServerHandle, workers: Any) -> None:
+    caches = vllm_like_caches()
+    worker = workers(server.endpoint, **STAGING)
+    worker.register_kv_caches(caches, NUM_BLOCKS)
+    assert worker.staging is not None and worker.staging.chunk == 2
+    src, dst = [9, 3, 40, 41, 42, 17, 5], [50, 51, 52, 53, 30, 31, 60]
+    hashes = random_hashes(len(src))
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob(src, hashes, ["r1"])))
+    assert worker.drain(10.0)
+    assert worker.stats()["blocks_saved"] == len(src)
+
+    lease = server.client().query(worker.config.instance_id, hashes).lease_id
+    assert lease is not None
+    worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r2", lease, dst)]))
+    assert finish_loads(worker) == {"r2"}
+    assert worker.take_load_errors() == set()
+    for t in caches.values():
+        for s, d in zip(src, dst, strict=True):
+            assert torch.equal(t[s], t[d])
+    assert server.metric("pegaflow_leases") == 0, "the last range released the lease"
+    # The staging buffer is reused: a second load of the first blocks.
+    for t in caches.values():
+        t[20:23].zero_()
+    lease = server.client().query(worker.config.instance_id, hashes[:3]).lease_id
+    assert lease is not None
+    worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r3", lease, [20, 21, 22])]))
+    assert finish_loads(worker) == {"r3"}
+    for t in caches.values():
+        assert torch.equal(t[20:23], t[[9, 3, 40]])
+
+
+def test_staged_and_direct_workers_share_blocks(server: ServerHandle, workers: Any) -> None:
+    staged_caches, direct_caches = vllm_like_caches(), vllm_like_caches()
+    staged = workers(server.endpoint, "-staged", **STAGING)
+    direct = workers(server.endpoint, "-direct", staging="off")
+    staged.register_kv_caches(staged_caches, NUM_BLOCKS)
+    direct.register_kv_caches(direct_caches, NUM_BLOCKS)
+    assert direct.staging is None
+    assert staged.namespace == direct.namespace
+    for t in direct_caches.values():
+        t.zero_()
+    hashes = random_hashes(5)
+    staged.wait_for_save(PegaConnectorMetadata(save=SaveJob([1, 2, 3, 4, 5], hashes, ["r"])))
+    assert staged.drain(10.0)
+    lease = server.client().query(direct.config.instance_id, hashes).lease_id
+    assert lease is not None
+    direct.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r", lease, [11, 12, 13, 14, 15])]))
+    assert finish_loads(direct) == {"r"}
+    for mine, theirs in zip(direct_caches.values(), staged_caches.values(), strict=True):
+        assert torch.equal(mine[11:16], theirs[1:6])
+
+
+def test_a_staged_load_fails_at_once_when_the_server_dies(
+    start_server: StartServer, workers: Any
+) -> None:
+    server = start_server()
+    worker = workers(server.endpoint, **STAGING)
+    worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)
+    hashes = random_hashes(6)
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob(list(range(6)), hashes, ["r1"])))
+    assert worker.drain(10.0)
+    lease = server.client().query(worker.config.instance_id, hashes).lease_id
+    assert lease is not None
+    server.stop(signal.SIGKILL)
+    started = time.monotonic()
+    worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r2", lease, list(range(30, 36)))]))
+    assert finish_loads(worker) == {"r2"}
+    assert time.monotonic() - started < 5.0
+    assert worker.take_load_errors() == set(range(30, 36))
+    assert worker.stats()["loads_failed"] == 1
+
+
+def test_staging_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="staging must be"):
+        ConnectorConfig(instance_id="i", staging="maybe")
+    with pytest.raises(ValueError, match="staging_bytes must be > 0"):
+        ConnectorConfig(instance_id="i", staging_bytes=0)
