@@ -1,5 +1,5 @@
-"""The worker half moving blocks through its staging buffer (``staging="on"``; CUDA
-workers with per-layer tensors do so by default), against a real server on the host
+"""The worker half moving blocks through its staging buffer (``staging="on"``; with
+``"auto"`` CUDA workers with per-layer tensors do), against a real server on the host
 backend: chunked saves and loads byte for byte, blocks shared with a worker that does
 not stage, and a load whose server dies fails at once."""
 
@@ -112,6 +112,15 @@ def test_a_staged_load_fails_at_once_when_the_server_dies(
     assert time.monotonic() - started < 5.0
     assert worker.take_load_errors() == set(range(30, 36))
     assert worker.stats()["loads_failed"] == 1
+
+
+def test_auto_staging_is_for_gpu_tensors_of_several_pieces(
+    server: ServerHandle, workers: Any
+) -> None:
+    worker = workers(server.endpoint, staging="auto")
+    worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)
+    assert worker.staging is None, "CPU tensors: the host backend copies them directly"
+    assert ConnectorConfig(instance_id="i").staging == "off", "off until measured on a GPU"
 
 
 def test_staging_settings_are_checked() -> None:

@@ -2,7 +2,8 @@
 (marker ``gpu``; skipped where torch or a GPU is missing): one int8 allocation viewed as
 ``[blocks, heads, block_size, 2*head_dim]`` per layer, layer after layer (LBHNC) or block
 after block (BLHNC, the layout the connector asks for on CUDA). Saves wait on a CUDA
-event for the step's KV writes; loads land byte for byte in other blocks."""
+event for the step's KV writes; loads land byte for byte in other blocks — directly, or
+through the worker's staging buffer (gathered and scattered in this process, in chunks)."""
 
 from __future__ import annotations
 
@@ -47,16 +48,28 @@ def vllm_views(layout: str) -> dict[str, Any]:
     return views
 
 
+PAGE_BYTES = HEADS * BLOCK * 2 * HEAD_DIM * 2
+STAGING_BYTES = 8 * LAYERS * PAGE_BYTES  # chunks of 2 blocks: many chunks per request
+
+
+@pytest.mark.parametrize("staging", ["off", "on", "auto"])
 @pytest.mark.parametrize("layout", ["LBHNC", "BLHNC"])
 def test_connector_worker_round_trip_on_cuda(
-    server: ServerHandle, instance_id: str, layout: str
+    server: ServerHandle, instance_id: str, layout: str, staging: str
 ) -> None:
     caches = vllm_views(layout)
-    config = ConnectorConfig(instance_id=instance_id, endpoint=server.endpoint)
+    config = ConnectorConfig(
+        instance_id=instance_id,
+        endpoint=server.endpoint,
+        staging=staging,
+        staging_bytes=STAGING_BYTES,
+    )
     worker = WorkerSide(config, 0, 1, {"model": "gpu-test"})
     try:
         worker.register_kv_caches(caches, BLOCKS)
         assert worker.stats()["registered"]
+        # Per-layer views (even of BLHNC): staged unless staging is off.
+        assert (worker.staging is not None) == (staging != "off")
         # The "forward pass": KV written on the current stream right before the save.
         for t in caches.values():
             t.normal_()
@@ -74,6 +87,103 @@ def test_connector_worker_round_trip_on_cuda(
             done = worker.get_finished(set())[1]
         assert done == {"r2"}
         assert worker.take_load_errors() == set()
+        torch.cuda.synchronize()
+        for t in caches.values():
+            assert torch.equal(t[src], t[dst])
+    finally:
+        worker.shutdown()
+
+
+def test_two_staged_workers_save_and_load_at_once(server: ServerHandle, instance_id: str) -> None:
+    """Two instances (one GPU) through their own staging buffers: one saves while the
+    other loads what a third save stored, both byte for byte."""
+    workers, caches = [], []
+    for name in ("a", "b"):
+        config = ConnectorConfig(
+            instance_id=f"{instance_id}-{name}",
+            endpoint=server.endpoint,
+            staging="on",
+            staging_bytes=STAGING_BYTES,
+        )
+        workers.append(WorkerSide(config, 0, 1, {"model": "gpu-test"}))
+        caches.append(vllm_views("LBHNC"))
+    try:
+        for worker, views in zip(workers, caches, strict=True):
+            worker.register_kv_caches(views, BLOCKS)
+            for t in views.values():
+                t.normal_()
+        a, b = workers
+        first = random_hashes(32)
+        a.wait_for_save(PegaConnectorMetadata(save=SaveJob(list(range(32)), first, ["s1"])))
+        assert a.drain(20.0)
+        hit = server.client().query(b.config.instance_id, first)
+        assert hit.hit_blocks == 32 and hit.lease_id is not None
+        second = random_hashes(32)
+        # At once: a saves 32 more blocks while b loads the first 32 into 64..95.
+        a.wait_for_save(PegaConnectorMetadata(save=SaveJob(list(range(32, 64)), second, ["s2"])))
+        load = LoadJob("l", hit.lease_id, list(range(64, 96)))
+        b.start_load_kv(PegaConnectorMetadata(loads=[load]))
+        deadline = time.monotonic() + 20.0
+        done: set[str] = set()
+        while not done and time.monotonic() < deadline:
+            done = b.get_finished(set())[1]
+        assert done == {"l"} and b.take_load_errors() == set()
+        assert a.drain(20.0)
+        assert a.stats()["blocks_saved"] == 64
+        torch.cuda.synchronize()
+        for mine, theirs in zip(caches[1].values(), caches[0].values(), strict=True):
+            assert torch.equal(mine[64:96], theirs[0:32])
+    finally:
+        for worker in workers:
+            worker.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("interior", "dtype"),
+    [
+        ((BLOCK, 576), torch.bfloat16),  # MLA-like: one latent segment per block
+        ((BLOCK, 1, 2 * 64), torch.bfloat16),  # TP-sharded GQA: 4 KiB per block and layer
+        ((BLOCK, HEADS, 2 * HEAD_DIM), torch.uint8),  # fp8-sized (1-byte) elements
+        ((2, BLOCK, HEADS, HEAD_DIM), torch.bfloat16),  # blocks first, K and V apart
+    ],
+)
+def test_staged_layouts_round_trip_byte_for_byte(
+    server: ServerHandle, instance_id: str, interior: tuple[int, ...], dtype: Any
+) -> None:
+    layers = 6
+    caches = {
+        f"model.layers.{i}.attn": torch.randint(0, 255, (BLOCKS, *interior), device="cuda").to(
+            dtype
+        )
+        for i in range(layers)
+    }
+    block_bytes = (
+        layers
+        * caches["model.layers.0.attn"][0].numel()
+        * caches["model.layers.0.attn"].element_size()
+    )
+    config = ConnectorConfig(
+        instance_id=instance_id,
+        endpoint=server.endpoint,
+        staging="auto",
+        staging_bytes=12 * block_bytes,  # chunks of 3 blocks
+    )
+    worker = WorkerSide(config, 0, 1, {"model": f"gpu-{interior}-{dtype}"})
+    try:
+        worker.register_kv_caches(caches, BLOCKS)
+        assert worker.staging is not None and worker.staging.chunk == 3
+        src, dst = [7, 1, 90, 91, 92, 40, 3, 12, 50, 51], list(range(100, 110))
+        keys = random_hashes(len(src))
+        worker.wait_for_save(PegaConnectorMetadata(save=SaveJob(src, keys, ["r1"])))
+        assert worker.drain(20.0)
+        hit = server.client().query(instance_id, keys)
+        assert hit.lease_id is not None
+        worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob("r2", hit.lease_id, dst)]))
+        deadline = time.monotonic() + 20.0
+        done: set[str] = set()
+        while not done and time.monotonic() < deadline:
+            done = worker.get_finished(set())[1]
+        assert done == {"r2"} and worker.take_load_errors() == set()
         torch.cuda.synchronize()
         for t in caches.values():
             assert torch.equal(t[src], t[dst])

@@ -56,11 +56,12 @@ class ConnectorConfig:
     kv_cache_layout: str = "BLHNC"
     """KV cache layout to ask vLLM for on CUDA: "BLHNC" puts each block of all layers in
     one contiguous run, copied with one DMA. Ignored on CPU."""
-    staging: str = "auto"
+    staging: str = "off"
     """Move KV through a staging buffer on the KV cache's device: the worker gathers a
     chunk of blocks into it (in its own CUDA context) and the server copies whole blocks
     by large DMAs. "auto": where a block is several pieces on a GPU (per-layer tensors);
-    "on": always (also on the CPU); "off": never (the server copies each piece)."""
+    "on": always (also on the CPU); "off": never (the server copies each piece). Off by
+    default until it is measured on a GPU (issue 13)."""
     staging_bytes: int = 128 << 20
     """Size of the staging buffer, bytes (device memory beside vLLM's KV cache, taken
     from what ``gpu_memory_utilization`` leaves free): a quarter is one chunk."""

@@ -178,7 +178,9 @@ class StagedTransfers:
         self.chunk = buffer.slots // 4
         self._save_slots = (0, self.chunk)
         self._load_slots = (2 * self.chunk, 3 * self.chunk)
-        self._marks = _Marks(buffer.device)
+        # One stream per direction: a load's scatter never queues behind a save's gather.
+        self._save_marks = _Marks(buffer.device)
+        self._load_marks = _Marks(buffer.device)
         self._load_warn_s = load_warn_s
         self._states = [LoadState(), LoadState()]
 
@@ -202,7 +204,7 @@ class StagedTransfers:
         def gather(k: int) -> Callable[[], None]:
             start, end = chunks[k]
             first = self._save_slots[k % 2]
-            return self._marks.run(self.buffer.gather, block_ids[start:end], first)
+            return self._save_marks.run(self.buffer.gather, block_ids[start:end], first)
 
         ready = gather(0) if chunks else None
         for k, (start, end) in enumerate(chunks):
@@ -255,7 +257,7 @@ class StagedTransfers:
         for k, (start, end) in enumerate(chunks):
             self._wait(self._states[k % 2], lease_id)
             first = self._load_slots[k % 2]
-            done = self._marks.run(self.buffer.scatter, first, block_ids[start:end])
+            done = self._load_marks.run(self.buffer.scatter, first, block_ids[start:end])
             if k + 2 < len(chunks):
                 done()  # the server may write this half again only once it is scattered
                 self._issue_or_forget(issue, k + 2)
