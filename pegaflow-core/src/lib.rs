@@ -7,6 +7,7 @@ mod engine;
 mod error;
 pub mod layout;
 pub mod memory;
+pub mod ssd;
 
 pub use engine::{
     Caller, Engine, EngineConfig, EngineInitError, EngineLimits, EngineMetrics, InstanceInfo, LayerRegistration,

@@ -1,0 +1,163 @@
+//! The store on real files: round trips, restarts, corruption, torn records, wrap-around,
+//! locking and bad paths.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use super::file::{ALIGN, DATA_FILE};
+use super::{BlockFile, BlockId, SsdError};
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("pegaflow-ssd-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn id(n: u8) -> BlockId {
+    BlockId { namespace: "llama".into(), hash: [n; 32], part: 0, layout: 9 }
+}
+
+fn payload(n: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(n)).collect()
+}
+
+fn read(file: &BlockFile, n: u8) -> Result<Vec<u8>, SsdError> {
+    let rec = file.blocks().into_iter().find(|r| r.id == id(n)).cloned().expect("stored");
+    let mut out = vec![0u8; rec.len as usize];
+    file.read(&rec, &mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn blocks_round_trip_and_survive_a_restart() {
+    let dir = TempDir::new();
+    {
+        let mut file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+        for n in 0..3u8 {
+            let (rec, evicted) = file.write(id(n), &payload(n, 5000 + usize::from(n))).unwrap();
+            assert!(evicted.is_empty());
+            assert_eq!(rec.offset % ALIGN, 0);
+        }
+        assert_eq!(read(&file, 1).unwrap(), payload(1, 5001));
+    } // dropped without any shutdown step: like a killed process
+    let file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+    assert_eq!(file.blocks().len(), 3);
+    for n in 0..3u8 {
+        assert_eq!(read(&file, n).unwrap(), payload(n, 5000 + usize::from(n)));
+    }
+    assert!(dir.0.join(DATA_FILE).exists());
+}
+
+#[test]
+fn a_corrupted_block_is_an_error_and_can_be_dropped_for_good() {
+    let dir = TempDir::new();
+    let mut file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+    let (rec, _) = file.write(id(1), &payload(1, 9000)).unwrap();
+    file.write(id(2), &payload(2, 9000)).unwrap();
+    let data = OpenOptions::new().write(true).open(dir.0.join(DATA_FILE)).unwrap();
+    data.write_all_at(&[0xAA], rec.offset + 100).unwrap();
+    assert!(matches!(read(&file, 1), Err(SsdError::Corrupt { offset, .. }) if offset == rec.offset));
+    assert_eq!(read(&file, 2).unwrap(), payload(2, 9000));
+    assert!(file.drop_block(rec.offset).unwrap().is_some());
+    drop(file);
+    let file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+    assert_eq!(file.blocks().iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![id(2)], "the drop is durable");
+}
+
+#[test]
+fn a_torn_index_record_is_never_served_and_is_cut_off() {
+    let dir = TempDir::new();
+    let index = dir.0.join(format!("{DATA_FILE}.index"));
+    {
+        let mut file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+        file.write(id(1), &payload(1, 4096)).unwrap();
+        file.write(id(2), &payload(2, 4096)).unwrap();
+    }
+    // The process died while appending block 2's record: only part of it reached the file.
+    let len = std::fs::metadata(&index).unwrap().len();
+    OpenOptions::new().write(true).open(&index).unwrap().set_len(len - 7).unwrap();
+    {
+        let mut file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+        assert_eq!(file.blocks().iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![id(1)]);
+        file.write(id(3), &payload(3, 4096)).unwrap();
+    }
+    let file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+    let ids: Vec<BlockId> = file.blocks().iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids, vec![id(1), id(3)], "records after the cut replay");
+    assert_eq!(read(&file, 3).unwrap(), payload(3, 4096));
+}
+
+#[test]
+fn a_full_cache_reuses_its_oldest_blocks_also_after_a_restart() {
+    let dir = TempDir::new();
+    let capacity = 4 * ALIGN;
+    let mut file = BlockFile::open(&dir.0, capacity).unwrap();
+    for n in 0..4u8 {
+        assert!(file.write(id(n), &payload(n, 4000)).unwrap().1.is_empty());
+    }
+    let (_, evicted) = file.write(id(4), &payload(4, 6000)).unwrap();
+    assert_eq!(evicted.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![id(0), id(1)]);
+    drop(file);
+    let mut file = BlockFile::open(&dir.0, capacity).unwrap();
+    let ids: Vec<BlockId> = file.blocks().iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids, vec![id(2), id(3), id(4)]);
+    // The head continues after block 4: block 2 goes next.
+    let (_, evicted) = file.write(id(5), &payload(5, 100)).unwrap();
+    assert_eq!(evicted.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![id(2)]);
+    assert_eq!(read(&file, 4).unwrap(), payload(4, 6000));
+    assert!(matches!(file.write(id(6), &payload(6, 5 * 4096)), Err(SsdError::Config(_))));
+}
+
+#[test]
+fn the_index_log_is_compacted_as_blocks_are_replaced() {
+    let dir = TempDir::new();
+    let index = dir.0.join(format!("{DATA_FILE}.index"));
+    let mut file = BlockFile::open(&dir.0, 8 * ALIGN).unwrap();
+    for n in 0..20_000u32 {
+        file.write(BlockId { hash: [0; 32], layout: u64::from(n), ..id(0) }, &[n as u8; 100]).unwrap();
+    }
+    assert_eq!(file.blocks().len(), 8);
+    assert!(std::fs::metadata(&index).unwrap().len() < 1 << 20, "not every replaced record is kept");
+    drop(file);
+    let file = BlockFile::open(&dir.0, 8 * ALIGN).unwrap();
+    assert_eq!(file.blocks().len(), 8);
+    assert_eq!(file.blocks().last().unwrap().id.layout, 19_999);
+}
+
+#[test]
+fn a_second_opener_of_the_same_path_is_refused() {
+    let dir = TempDir::new();
+    let _first = BlockFile::open(&dir.0, 1 << 20).unwrap();
+    let err = BlockFile::open(&dir.0, 1 << 20).unwrap_err();
+    assert!(matches!(err, SsdError::Locked(_)), "{err}");
+    assert!(err.to_string().contains("in use by another process"), "{err}");
+}
+
+#[test]
+fn bad_paths_and_sizes_fail_with_clear_errors() {
+    let dir = TempDir::new();
+    let missing = dir.0.join("no/such/dir/cache");
+    let err = BlockFile::open(&missing, 1 << 20).unwrap_err();
+    assert!(err.to_string().contains("no/such/dir"), "{err}");
+    let err = BlockFile::open(&dir.0, 100).unwrap_err();
+    assert!(matches!(err, SsdError::Config(_)), "{err}");
+    let err = BlockFile::open(&dir.0.join("huge"), 1 << 62).unwrap_err();
+    assert!(matches!(err, SsdError::NoSpace { .. } | SsdError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("huge"), "{err}");
+    // A file path (not a directory): the index sits beside it.
+    let file = BlockFile::open(&dir.0.join("cache.bin"), 1 << 20).unwrap();
+    assert_eq!(file.path(), dir.0.join("cache.bin"));
+    assert!(dir.0.join("cache.bin.index").exists());
+}
