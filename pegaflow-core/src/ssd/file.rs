@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::SsdError;
+use super::io::AlignedBuf;
 use super::record::{self, BlockId, BlockRecord, Entry, Header};
 
 /// Extent alignment: the logical block size of every common NVMe (512 B or 4 KiB).
@@ -67,29 +68,6 @@ fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SsdError 
 
 fn aligned_up(n: u64) -> u64 {
     n.div_ceil(ALIGN) * ALIGN
-}
-
-/// A zeroed buffer of `len` bytes whose start is aligned for `O_DIRECT`.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let raw = vec![0u8; len + ALIGN as usize];
-        let start = raw.as_ptr().align_offset(ALIGN as usize);
-        Self { raw, start, len }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
 }
 
 impl BlockFile {

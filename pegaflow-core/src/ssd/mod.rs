@@ -7,6 +7,7 @@
 //! I/O queues sit above it.
 
 pub mod file;
+pub mod io;
 pub mod record;
 #[cfg(test)]
 mod tests;
