@@ -15,7 +15,7 @@
 //!   it (buffered otherwise: tmpfs, some network file systems), through an aligned bounce
 //!   buffer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -59,6 +59,8 @@ pub struct BlockFile {
     live: BTreeMap<u64, BlockRecord>,
     /// Records in the index log (live or replaced): rewritten when far above the live.
     records: usize,
+    /// Part layouts by fingerprint: each layer's bytes.
+    layouts: HashMap<u64, Vec<u64>>,
 }
 
 fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SsdError + use<> {
@@ -98,8 +100,18 @@ impl BlockFile {
         let mut log = Vec::new();
         index.read_to_end(&mut log).map_err(io(&index_path, "read"))?;
         let header = Header { align: ALIGN as u32, capacity };
-        let mut file =
-            Self { data_path, data, index, mode, capacity, head: 0, next_seq: 0, live: BTreeMap::new(), records: 0 };
+        let mut file = Self {
+            data_path,
+            data,
+            index,
+            mode,
+            capacity,
+            head: 0,
+            next_seq: 0,
+            live: BTreeMap::new(),
+            records: 0,
+            layouts: HashMap::new(),
+        };
         match Header::decode(&log) {
             Some(old) if old.align == header.align => {
                 let (entries, valid) = record::replay(&log);
@@ -124,11 +136,14 @@ impl BlockFile {
     fn replay(&mut self, entries: Vec<Entry>) {
         for entry in entries {
             match entry {
+                Entry::Layout(fingerprint, layers) => {
+                    self.layouts.insert(fingerprint, layers);
+                }
                 Entry::Put(rec) => {
                     self.records += 1;
                     let end = rec.offset + aligned_up(u64::from(rec.len));
-                    if end > self.capacity || rec.offset % ALIGN != 0 {
-                        continue; // beyond a shrunk capacity
+                    if end > self.capacity || rec.offset % ALIGN != 0 || !self.layouts.contains_key(&rec.id.layout) {
+                        continue; // beyond a shrunk capacity, or a layout never recorded
                     }
                     self.evict_range(rec.offset, end);
                     self.next_seq = self.next_seq.max(rec.seq + 1);
@@ -150,6 +165,12 @@ impl BlockFile {
         let mut records: Vec<&BlockRecord> = self.live.values().collect();
         records.sort_by_key(|r| r.seq);
         let mut log = Header { align: ALIGN as u32, capacity: self.capacity }.encode().to_vec();
+        let used: std::collections::BTreeSet<u64> = records.iter().map(|r| r.id.layout).collect();
+        for fingerprint in used {
+            if let Some(layers) = self.layouts.get(&fingerprint) {
+                log.extend_from_slice(&record::encode_layout(fingerprint, layers));
+            }
+        }
         for rec in records {
             log.extend_from_slice(&record::encode_put(rec));
         }
@@ -173,6 +194,28 @@ impl BlockFile {
     /// Usable bytes.
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    /// The layer sizes of the part layout `fingerprint`, if recorded.
+    pub fn layout(&self, fingerprint: u64) -> Option<&[u64]> {
+        self.layouts.get(&fingerprint).map(Vec::as_slice)
+    }
+
+    /// Records a part layout (each layer's bytes) under `fingerprint`, once; blocks of
+    /// that layout may be written afterwards.
+    pub fn add_layout(&mut self, fingerprint: u64, layer_bytes: &[u64]) -> Result<(), SsdError> {
+        if layer_bytes.is_empty() || layer_bytes.len() > record::MAX_LAYOUT_LAYERS {
+            return Err(SsdError::Config(format!("a layout of {} layers", layer_bytes.len())));
+        }
+        match self.layouts.get(&fingerprint) {
+            Some(known) if known == layer_bytes => Ok(()),
+            Some(_) => Err(SsdError::Config(format!("layout fingerprint {fingerprint:#x} names two layouts"))),
+            None => {
+                self.append(&record::encode_layout(fingerprint, layer_bytes))?;
+                self.layouts.insert(fingerprint, layer_bytes.to_vec());
+                Ok(())
+            }
+        }
     }
 
     /// The blocks stored (and indexed), oldest first.
@@ -200,6 +243,9 @@ impl BlockFile {
     pub fn write(&mut self, id: BlockId, data: &[u8]) -> Result<(BlockRecord, Vec<BlockRecord>), SsdError> {
         let len = u32::try_from(data.len()).map_err(|_| SsdError::Config("a block above 4 GiB".into()))?;
         let extent = aligned_up(data.len() as u64);
+        if !self.layouts.contains_key(&id.layout) {
+            return Err(SsdError::Config(format!("block of unrecorded layout {:#x} (add_layout first)", id.layout)));
+        }
         if extent > self.capacity {
             return Err(SsdError::Config(format!("a {extent}-byte block does not fit {} bytes", self.capacity)));
         }

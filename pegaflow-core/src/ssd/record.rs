@@ -14,9 +14,13 @@ pub const MAGIC: &[u8; 8] = b"PFSSDIX1";
 pub const HEADER_LEN: usize = 32;
 const KIND_PUT: u8 = 1;
 const KIND_DROP: u8 = 2;
+const KIND_LAYOUT: u8 = 3;
+/// Most layers a layout record holds.
+pub const MAX_LAYOUT_LAYERS: usize = 4096;
 /// Longest namespace a record holds.
 pub const MAX_NAMESPACE_LEN: usize = 1024;
 const PUT_FIXED: usize = 8 + 8 + 4 + 4 + 8 + 8 + 32 + 2;
+const MAX_BODY: usize = 12 + 8 * MAX_LAYOUT_LAYERS;
 
 /// What identifies a stored block: its namespace (model and layout), content hash, the
 /// TP part it holds and a fingerprint of that part's layout.
@@ -55,6 +59,9 @@ pub enum Entry {
     Put(BlockRecord),
     /// The block at this offset was dropped (e.g. it failed its checksum).
     Drop(u64),
+    /// A part layout: its fingerprint and the bytes of each layer, in order (what a
+    /// restarted server needs to rebuild the blocks of that layout).
+    Layout(u64, Vec<u64>),
 }
 
 /// The index file's header fields.
@@ -126,6 +133,27 @@ pub fn encode_put(record: &BlockRecord) -> Vec<u8> {
     frame(KIND_PUT, &body)
 }
 
+/// The bytes of a `LAYOUT` record (at most [`MAX_LAYOUT_LAYERS`] layers are kept).
+pub fn encode_layout(fingerprint: u64, layer_bytes: &[u64]) -> Vec<u8> {
+    let layers = &layer_bytes[..layer_bytes.len().min(MAX_LAYOUT_LAYERS)];
+    let mut body = Vec::with_capacity(12 + 8 * layers.len());
+    body.extend_from_slice(&fingerprint.to_le_bytes());
+    body.extend_from_slice(&(layers.len() as u32).to_le_bytes());
+    for bytes in layers {
+        body.extend_from_slice(&bytes.to_le_bytes());
+    }
+    frame(KIND_LAYOUT, &body)
+}
+
+fn decode_layout(body: &[u8]) -> Option<Entry> {
+    let count = u32_at(body, 8)? as usize;
+    if count > MAX_LAYOUT_LAYERS || body.len() != 12 + 8 * count {
+        return None;
+    }
+    let layers = (0..count).map(|i| u64_at(body, 12 + 8 * i)).collect::<Option<Vec<u64>>>()?;
+    Some(Entry::Layout(u64_at(body, 0)?, layers))
+}
+
 /// The bytes of a `DROP` record.
 pub fn encode_drop(offset: u64) -> Vec<u8> {
     frame(KIND_DROP, &offset.to_le_bytes())
@@ -158,7 +186,7 @@ pub fn replay(log: &[u8]) -> (Vec<Entry>, usize) {
     let mut at = HEADER_LEN.min(log.len());
     while let Some(len) = u32_at(log, at).map(|l| l as usize) {
         let end = at + 4 + 1 + len + 4;
-        if len > PUT_FIXED + MAX_NAMESPACE_LEN || end > log.len() {
+        if len > MAX_BODY || end > log.len() {
             break;
         }
         let kind = log[at + 4];
@@ -170,6 +198,7 @@ pub fn replay(log: &[u8]) -> (Vec<Entry>, usize) {
         let entry = match kind {
             KIND_PUT => decode_put(body).map(Entry::Put),
             KIND_DROP if len == 8 => u64_at(body, 0).map(Entry::Drop),
+            KIND_LAYOUT => decode_layout(body),
             _ => None,
         };
         let Some(entry) = entry else { break };
@@ -203,10 +232,23 @@ mod tests {
 
     #[test]
     fn records_replay_in_order() {
-        let log = log_of(&[encode_put(&record(1, "llama")), encode_drop(4096), encode_put(&record(2, ""))]);
+        let log = log_of(&[
+            encode_layout(77, &[65536, 65536]),
+            encode_put(&record(1, "llama")),
+            encode_drop(4096),
+            encode_put(&record(2, "")),
+        ]);
         let (entries, valid) = replay(&log);
         assert_eq!(valid, log.len());
-        assert_eq!(entries, vec![Entry::Put(record(1, "llama")), Entry::Drop(4096), Entry::Put(record(2, ""))]);
+        assert_eq!(
+            entries,
+            vec![
+                Entry::Layout(77, vec![65536, 65536]),
+                Entry::Put(record(1, "llama")),
+                Entry::Drop(4096),
+                Entry::Put(record(2, ""))
+            ]
+        );
         assert_eq!(Header::decode(&log), Some(Header { align: 4096, capacity: 1 << 30 }));
         assert_eq!(Header::decode(b"not a header at all, no no no no"), None);
     }

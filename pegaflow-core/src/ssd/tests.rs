@@ -33,6 +33,13 @@ fn payload(n: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(n)).collect()
 }
 
+/// Opens the cache with layout 9 (the one `id` uses) recorded.
+fn open(path: &std::path::Path, capacity: u64) -> BlockFile {
+    let mut file = BlockFile::open(path, capacity).unwrap();
+    file.add_layout(9, &[4096, 4096]).unwrap();
+    file
+}
+
 fn read(file: &BlockFile, n: u8) -> Result<Vec<u8>, SsdError> {
     let rec = file.blocks().into_iter().find(|r| r.id == id(n)).cloned().expect("stored");
     let mut out = vec![0u8; rec.len as usize];
@@ -44,7 +51,7 @@ fn read(file: &BlockFile, n: u8) -> Result<Vec<u8>, SsdError> {
 fn blocks_round_trip_and_survive_a_restart() {
     let dir = TempDir::new();
     {
-        let mut file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+        let mut file = open(&dir.0, 1 << 20);
         for n in 0..3u8 {
             let (rec, evicted) = file.write(id(n), &payload(n, 5000 + usize::from(n))).unwrap();
             assert!(evicted.is_empty());
@@ -52,7 +59,7 @@ fn blocks_round_trip_and_survive_a_restart() {
         }
         assert_eq!(read(&file, 1).unwrap(), payload(1, 5001));
     } // dropped without any shutdown step: like a killed process
-    let file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+    let file = open(&dir.0, 1 << 20);
     assert_eq!(file.blocks().len(), 3);
     for n in 0..3u8 {
         assert_eq!(read(&file, n).unwrap(), payload(n, 5000 + usize::from(n)));
@@ -63,7 +70,7 @@ fn blocks_round_trip_and_survive_a_restart() {
 #[test]
 fn a_corrupted_block_is_an_error_and_can_be_dropped_for_good() {
     let dir = TempDir::new();
-    let mut file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+    let mut file = open(&dir.0, 1 << 20);
     let (rec, _) = file.write(id(1), &payload(1, 9000)).unwrap();
     file.write(id(2), &payload(2, 9000)).unwrap();
     let data = OpenOptions::new().write(true).open(dir.0.join(DATA_FILE)).unwrap();
@@ -72,7 +79,7 @@ fn a_corrupted_block_is_an_error_and_can_be_dropped_for_good() {
     assert_eq!(read(&file, 2).unwrap(), payload(2, 9000));
     assert!(file.drop_block(rec.offset).unwrap().is_some());
     drop(file);
-    let file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+    let file = open(&dir.0, 1 << 20);
     assert_eq!(file.blocks().iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![id(2)], "the drop is durable");
 }
 
@@ -81,7 +88,7 @@ fn a_torn_index_record_is_never_served_and_is_cut_off() {
     let dir = TempDir::new();
     let index = dir.0.join(format!("{DATA_FILE}.index"));
     {
-        let mut file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+        let mut file = open(&dir.0, 1 << 20);
         file.write(id(1), &payload(1, 4096)).unwrap();
         file.write(id(2), &payload(2, 4096)).unwrap();
     }
@@ -89,11 +96,11 @@ fn a_torn_index_record_is_never_served_and_is_cut_off() {
     let len = std::fs::metadata(&index).unwrap().len();
     OpenOptions::new().write(true).open(&index).unwrap().set_len(len - 7).unwrap();
     {
-        let mut file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+        let mut file = open(&dir.0, 1 << 20);
         assert_eq!(file.blocks().iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![id(1)]);
         file.write(id(3), &payload(3, 4096)).unwrap();
     }
-    let file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+    let file = open(&dir.0, 1 << 20);
     let ids: Vec<BlockId> = file.blocks().iter().map(|r| r.id.clone()).collect();
     assert_eq!(ids, vec![id(1), id(3)], "records after the cut replay");
     assert_eq!(read(&file, 3).unwrap(), payload(3, 4096));
@@ -103,14 +110,14 @@ fn a_torn_index_record_is_never_served_and_is_cut_off() {
 fn a_full_cache_reuses_its_oldest_blocks_also_after_a_restart() {
     let dir = TempDir::new();
     let capacity = 4 * ALIGN;
-    let mut file = BlockFile::open(&dir.0, capacity).unwrap();
+    let mut file = open(&dir.0, capacity);
     for n in 0..4u8 {
         assert!(file.write(id(n), &payload(n, 4000)).unwrap().1.is_empty());
     }
     let (_, evicted) = file.write(id(4), &payload(4, 6000)).unwrap();
     assert_eq!(evicted.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![id(0), id(1)]);
     drop(file);
-    let mut file = BlockFile::open(&dir.0, capacity).unwrap();
+    let mut file = open(&dir.0, capacity);
     let ids: Vec<BlockId> = file.blocks().iter().map(|r| r.id.clone()).collect();
     assert_eq!(ids, vec![id(2), id(3), id(4)]);
     // The head continues after block 4: block 2 goes next.
@@ -124,16 +131,20 @@ fn a_full_cache_reuses_its_oldest_blocks_also_after_a_restart() {
 fn the_index_log_is_compacted_as_blocks_are_replaced() {
     let dir = TempDir::new();
     let index = dir.0.join(format!("{DATA_FILE}.index"));
-    let mut file = BlockFile::open(&dir.0, 8 * ALIGN).unwrap();
+    let mut file = open(&dir.0, 8 * ALIGN);
     for n in 0..20_000u32 {
-        file.write(BlockId { hash: [0; 32], layout: u64::from(n), ..id(0) }, &[n as u8; 100]).unwrap();
+        file.write(BlockId { hash: [(n % 251) as u8; 32], ..id(0) }, &n.to_le_bytes()).unwrap();
     }
     assert_eq!(file.blocks().len(), 8);
     assert!(std::fs::metadata(&index).unwrap().len() < 1 << 20, "not every replaced record is kept");
     drop(file);
-    let file = BlockFile::open(&dir.0, 8 * ALIGN).unwrap();
+    let file = open(&dir.0, 8 * ALIGN);
     assert_eq!(file.blocks().len(), 8);
-    assert_eq!(file.blocks().last().unwrap().id.layout, 19_999);
+    let last = file.blocks().last().unwrap().clone();
+    let mut out = vec![0u8; 4];
+    file.read(&last, &mut out).unwrap();
+    assert_eq!(out, 19_999u32.to_le_bytes());
+    assert_eq!(file.layout(9), Some(&[4096u64, 4096][..]), "the layout survives compaction");
 }
 
 #[test]
@@ -160,4 +171,21 @@ fn bad_paths_and_sizes_fail_with_clear_errors() {
     let file = BlockFile::open(&dir.0.join("cache.bin"), 1 << 20).unwrap();
     assert_eq!(file.path(), dir.0.join("cache.bin"));
     assert!(dir.0.join("cache.bin.index").exists());
+}
+
+#[test]
+fn layouts_are_recorded_once_and_required() {
+    let dir = TempDir::new();
+    let mut file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+    let err = file.write(id(1), &payload(1, 100)).unwrap_err();
+    assert!(err.to_string().contains("add_layout first"), "{err}");
+    file.add_layout(9, &[4096, 4096]).unwrap();
+    file.add_layout(9, &[4096, 4096]).unwrap();
+    assert!(file.add_layout(9, &[8192]).is_err(), "one fingerprint, one layout");
+    assert!(file.add_layout(10, &[]).is_err());
+    file.write(id(1), &payload(1, 100)).unwrap();
+    drop(file);
+    let file = BlockFile::open(&dir.0, 1 << 20).unwrap();
+    assert_eq!(file.layout(9), Some(&[4096u64, 4096][..]));
+    assert_eq!(read(&file, 1).unwrap(), payload(1, 100));
 }
