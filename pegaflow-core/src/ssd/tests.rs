@@ -140,7 +140,7 @@ fn the_index_log_is_compacted_as_blocks_are_replaced() {
     drop(file);
     let file = open(&dir.0, 8 * ALIGN);
     assert_eq!(file.blocks().len(), 8);
-    let last = file.blocks().last().unwrap().clone();
+    let last = (*file.blocks().last().unwrap()).clone();
     let mut out = vec![0u8; 4];
     file.read(&last, &mut out).unwrap();
     assert_eq!(out, 19_999u32.to_le_bytes());
