@@ -1,0 +1,103 @@
+//! Throughput of the SSD tier's I/O engine on one file: random block-sized reads or
+//! writes at a queue depth, the same shape as
+//! `fio --ioengine=io_uring --direct=1 --rw=randread|randwrite --bs=B --iodepth=D`, so the
+//! two can be compared in one run (`scripts/bench_ssd.sh`).
+//!
+//! ```text
+//! cargo run --release -p pegaflow-core --example ssd_io_bench -- \
+//!     FILE SIZE_MIB BLOCK_KIB DEPTH read|write SECONDS [positional]
+//! ```
+//! Prints one JSON line: GB/s, IOPS, and the mean latency per operation of each batch
+//! (batch time × depth ÷ operations, Little's law), its p50 and p99 over the batches —
+//! an estimate, not per-operation percentiles.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
+
+use pegaflow_core::ssd::io::{AlignedBuf, IoEngine, IoKind, IoOp};
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> T {
+    args.get(i).and_then(|a| a.parse().ok()).unwrap_or_else(|| {
+        eprintln!("usage: ssd_io_bench FILE SIZE_MIB BLOCK_KIB DEPTH read|write SECONDS [positional] ({what})");
+        std::process::exit(2)
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let path: String = arg(&args, 1, "file");
+    let size = arg::<u64>(&args, 2, "size") << 20;
+    let block = arg::<usize>(&args, 3, "block") << 10;
+    let depth: u32 = arg(&args, 4, "depth");
+    let write = arg::<String>(&args, 5, "op") == "write";
+    let seconds: f64 = arg(&args, 6, "seconds");
+    let uring = args.get(7).is_none_or(|a| a != "positional");
+    let file = match OpenOptions::new().read(true).write(true).create(true).custom_flags(libc::O_DIRECT).open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cannot open {path} with O_DIRECT: {e}");
+            std::process::exit(1)
+        }
+    };
+    if file.metadata().map(|m| m.len()).unwrap_or(0) < size {
+        // Lay the file out once (reads of holes would not touch the device).
+        let mut engine = IoEngine::new(16, uring);
+        let ops = (0..size / (1 << 20))
+            .map(|i| {
+                let mut buf = AlignedBuf::new(1 << 20);
+                buf.bytes_mut().fill(i as u8);
+                IoOp::Write { offset: i << 20, buf }
+            })
+            .collect();
+        if engine.run(&file, ops).iter().any(|(_, r)| r.is_err()) {
+            eprintln!("cannot fill {path}");
+            std::process::exit(1)
+        }
+    }
+    let slots = size / block as u64;
+    let mut engine = IoEngine::new(depth, uring);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next_offset = move || {
+        // xorshift: a cheap uniform pick of a block-aligned offset
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % slots) * block as u64
+    };
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let (mut ops_done, mut batches) = (0u64, Vec::new());
+    // Long batches keep `depth` in flight; only their ends drain the queue.
+    let batch = (depth as usize * 32).max(256);
+    while Instant::now() < deadline {
+        let ops: Vec<IoOp> = (0..batch)
+            .map(|_| {
+                let buf = AlignedBuf::new(block);
+                let offset = next_offset();
+                if write { IoOp::Write { offset, buf } } else { IoOp::Read { offset, buf } }
+            })
+            .collect();
+        let t0 = Instant::now();
+        let done = engine.run(&file, ops);
+        batches.push(t0.elapsed().as_secs_f64() / batch as f64 * f64::from(depth.min(batch as u32)));
+        if let Some((_, Err(e))) = done.iter().find(|(_, r)| r.is_err()) {
+            eprintln!("I/O failed: {e}");
+            std::process::exit(1)
+        }
+        ops_done += batch as u64;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    batches.sort_by(f64::total_cmp);
+    let pct = |q: f64| batches[((batches.len() - 1) as f64 * q).round() as usize] * 1e6;
+    println!(
+        "{{\"engine\": \"{}\", \"op\": \"{}\", \"block_kib\": {}, \"depth\": {depth}, \"gb_per_s\": {:.3}, \"iops\": {:.0}, \"batch_lat_p50_us\": {:.1}, \"batch_lat_p99_us\": {:.1}}}",
+        if engine.kind() == IoKind::Uring { "io_uring" } else { "positional" },
+        if write { "write" } else { "read" },
+        block >> 10,
+        ops_done as f64 * block as f64 / elapsed / 1e9,
+        ops_done as f64 / elapsed,
+        pct(0.5),
+        pct(0.99),
+    );
+}

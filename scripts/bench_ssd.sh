@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The SSD tier's I/O engine against fio on the same file system, same file, block size,
+# queue depth and engine (io_uring, O_DIRECT), in one run. Installs fio (Debian) if absent.
+# Each cell runs both tools REPS times, alternating, and compares the medians: cloud
+# disks throttle in bursts, so one run each says little.
+#
+#   scripts/bench_ssd.sh [DIR] [SECONDS]    # DIR: a directory on the disk to measure
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=${1:-/var/tmp}
+seconds=${2:-3}
+reps=${PEGAFLOW_SSD_BENCH_REPS:-3}
+size_mib=${PEGAFLOW_SSD_BENCH_MIB:-2048}
+command -v fio > /dev/null || { apt-get update -qq && apt-get install -y -qq fio > /dev/null; }
+cargo build -q --release -p pegaflow-core --example ssd_io_bench
+bench=target/release/examples/ssd_io_bench
+file="$dir/pegaflow-ssd-bench.$$"
+trap 'rm -f "$file"' EXIT
+# Lay the file out once for both tools.
+"$bench" "$file" "$size_mib" 1024 16 write 0.1 > /dev/null
+printf '%-6s %6s %5s %10s %10s %7s\n' op block depth ours_GB/s fio_GB/s ratio
+for op in read write; do
+  for kib in 32 512 2048; do
+    for depth in 1 4 16 64; do
+      ours=() theirs=()
+      for _ in $(seq "$reps"); do
+        ours+=("$("$bench" "$file" "$size_mib" "$kib" "$depth" "$op" "$seconds" | python3 -c \
+          'import json,sys; print(json.load(sys.stdin)["gb_per_s"])')")
+        theirs+=("$(fio --name=bench --filename="$file" --size="${size_mib}m" --rw="rand$op" \
+          --bs="${kib}k" --iodepth="$depth" --ioengine=io_uring --direct=1 --time_based \
+          --runtime="$seconds" --output-format=json | python3 -c \
+          'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print((j["read"]["bw_bytes"]+j["write"]["bw_bytes"])/1e9)')")
+      done
+      python3 - "$op" "$kib" "$depth" "${ours[*]}" "${theirs[*]}" <<'PY'
+import statistics, sys
+op, kib, depth, ours, theirs = sys.argv[1:]
+o = statistics.median(map(float, ours.split()))
+t = statistics.median(map(float, theirs.split()))
+print("%-6s %6s %5s %10.3f %10.3f %7.2f" % (op, kib + "K", depth, o, t, o / t if t else 0))
+PY
+    done
+  done
+done
