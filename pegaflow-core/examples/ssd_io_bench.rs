@@ -7,9 +7,8 @@
 //! cargo run --release -p pegaflow-core --example ssd_io_bench -- \
 //!     FILE SIZE_MIB BLOCK_KIB DEPTH read|write SECONDS [positional]
 //! ```
-//! Prints one JSON line: GB/s, IOPS, and the mean latency per operation of each batch
-//! (batch time × depth ÷ operations, Little's law), its p50 and p99 over the batches —
-//! an estimate, not per-operation percentiles.
+//! Prints one JSON line: GB/s, IOPS, and p50/p99 latency per operation (from its
+//! submission until its completion was seen).
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -67,7 +66,7 @@ fn main() {
     };
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
-    let (mut ops_done, mut batches) = (0u64, Vec::new());
+    let (mut ops_done, mut latencies) = (0u64, Vec::new());
     // Long batches keep `depth` in flight; only their ends drain the queue.
     let batch = (depth as usize * 32).max(256);
     while Instant::now() < deadline {
@@ -78,20 +77,20 @@ fn main() {
                 if write { IoOp::Write { offset, buf } } else { IoOp::Read { offset, buf } }
             })
             .collect();
-        let t0 = Instant::now();
-        let done = engine.run(&file, ops);
-        batches.push(t0.elapsed().as_secs_f64() / batch as f64 * f64::from(depth.min(batch as u32)));
-        if let Some((_, Err(e))) = done.iter().find(|(_, r)| r.is_err()) {
-            eprintln!("I/O failed: {e}");
-            std::process::exit(1)
+        for (_, result, latency) in engine.run_timed(&file, ops) {
+            if let Err(e) = result {
+                eprintln!("I/O failed: {e}");
+                std::process::exit(1)
+            }
+            latencies.push(latency.as_secs_f64());
         }
         ops_done += batch as u64;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    batches.sort_by(f64::total_cmp);
-    let pct = |q: f64| batches[((batches.len() - 1) as f64 * q).round() as usize] * 1e6;
+    latencies.sort_by(f64::total_cmp);
+    let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize] * 1e6;
     println!(
-        "{{\"engine\": \"{}\", \"op\": \"{}\", \"block_kib\": {}, \"depth\": {depth}, \"gb_per_s\": {:.3}, \"iops\": {:.0}, \"batch_lat_p50_us\": {:.1}, \"batch_lat_p99_us\": {:.1}}}",
+        "{{\"engine\": \"{}\", \"op\": \"{}\", \"block_kib\": {}, \"depth\": {depth}, \"gb_per_s\": {:.3}, \"iops\": {:.0}, \"lat_p50_us\": {:.1}, \"lat_p99_us\": {:.1}}}",
         if engine.kind() == IoKind::Uring { "io_uring" } else { "positional" },
         if write { "write" } else { "read" },
         block >> 10,

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, types};
 
@@ -122,26 +123,34 @@ impl IoEngine {
     /// healthy device). Should the ring itself fail, operations it still held are left
     /// out (their buffers are leaked: the kernel may still use them).
     pub fn run(&mut self, file: &File, ops: Vec<IoOp>) -> Vec<(IoOp, io::Result<()>)> {
+        self.run_timed(file, ops).into_iter().map(|(op, result, _)| (op, result)).collect()
+    }
+
+    /// [`IoEngine::run`], with each operation's latency (from its submission until its
+    /// completion was seen).
+    pub fn run_timed(&mut self, file: &File, ops: Vec<IoOp>) -> Vec<(IoOp, io::Result<()>, Duration)> {
         match self.ring.as_mut() {
             Some(ring) => run_uring(ring, self.depth, file, ops),
             None => ops
                 .into_iter()
                 .map(|mut op| {
+                    let t0 = Instant::now();
                     let result = match &mut op {
                         IoOp::Read { offset, buf } => file.read_exact_at(buf.bytes_mut(), *offset),
                         IoOp::Write { offset, buf } => file.write_all_at(buf.bytes(), *offset),
                     };
-                    (op, result)
+                    (op, result, t0.elapsed())
                 })
                 .collect(),
         }
     }
 }
 
-fn run_uring(ring: &mut IoUring, depth: usize, file: &File, ops: Vec<IoOp>) -> Vec<(IoOp, io::Result<()>)> {
+fn run_uring(ring: &mut IoUring, depth: usize, file: &File, ops: Vec<IoOp>) -> Vec<(IoOp, io::Result<()>, Duration)> {
     let fd = types::Fd(file.as_raw_fd());
     let mut slots: Vec<Option<IoOp>> = ops.into_iter().map(Some).collect();
     let mut results: Vec<Option<io::Result<()>>> = (0..slots.len()).map(|_| None).collect();
+    let mut times: Vec<(Instant, Duration)> = vec![(Instant::now(), Duration::ZERO); slots.len()];
     let (mut next, mut in_flight) = (0usize, 0usize);
     while next < slots.len() || in_flight > 0 {
         while next < slots.len() && in_flight < depth {
@@ -162,6 +171,7 @@ fn run_uring(ring: &mut IoUring, depth: usize, file: &File, ops: Vec<IoOp>) -> V
             if unsafe { ring.submission().push(&entry) }.is_err() {
                 break; // queue full: reap first
             }
+            times[next].0 = Instant::now();
             next += 1;
             in_flight += 1;
         }
@@ -186,6 +196,7 @@ fn run_uring(ring: &mut IoUring, depth: usize, file: &File, ops: Vec<IoOp>) -> V
         for cqe in ring.completion() {
             let i = cqe.user_data() as usize;
             in_flight -= 1;
+            times[i].1 = times[i].0.elapsed();
             let expected = slots[i].as_ref().map_or(0, IoOp::len);
             results[i] = Some(match cqe.result() {
                 n if n < 0 => Err(io::Error::from_raw_os_error(-n)),
@@ -197,7 +208,10 @@ fn run_uring(ring: &mut IoUring, depth: usize, file: &File, ops: Vec<IoOp>) -> V
     slots
         .into_iter()
         .zip(results)
-        .filter_map(|(op, result)| Some((op?, result.unwrap_or_else(|| Err(io::Error::other("not run"))))))
+        .zip(times)
+        .filter_map(|((op, result), (_, latency))| {
+            Some((op?, result.unwrap_or_else(|| Err(io::Error::other("not run"))), latency))
+        })
         .collect()
 }
 
@@ -228,6 +242,8 @@ mod tests {
             let IoOp::Read { buf, .. } = op else { panic!("a read") };
             assert!(buf.bytes().iter().all(|&b| b == 40 - k as u8), "in order, byte for byte");
         }
+        let timed = engine.run_timed(&file, vec![IoOp::Read { offset: 0, buf: AlignedBuf::new(IO_ALIGN) }]);
+        assert!(timed[0].1.is_ok() && timed[0].2 > Duration::ZERO);
         // Reading past the end is a short read: an error, not garbage.
         let past = vec![IoOp::Read { offset: 80 * IO_ALIGN as u64, buf: AlignedBuf::new(IO_ALIGN) }];
         assert!(engine.run(&file, past)[0].1.is_err());
