@@ -49,6 +49,7 @@ pub enum IoMode {
 #[derive(Debug)]
 pub struct BlockFile {
     data_path: PathBuf,
+    index_path: PathBuf,
     data: File,
     index: File,
     mode: IoMode,
@@ -63,9 +64,9 @@ pub struct BlockFile {
     layouts: HashMap<u64, Vec<u64>>,
 }
 
-fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SsdError + use<> {
-    let path = path.to_path_buf();
-    move |source| SsdError::Io { path, op, source }
+/// The error of `op` on `path` (the path is copied only when there is an error).
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SsdError + 'a {
+    move |source| SsdError::Io { path: path.to_path_buf(), op, source }
 }
 
 fn aligned_up(n: u64) -> u64 {
@@ -102,6 +103,7 @@ impl BlockFile {
         let header = Header { align: ALIGN as u32, capacity };
         let mut file = Self {
             data_path,
+            index_path,
             data,
             index,
             mode,
@@ -119,15 +121,15 @@ impl BlockFile {
                 if valid < log.len() || old.capacity != capacity {
                     // Cut a torn tail (and rewrite after a capacity change) so that new
                     // records follow valid ones.
-                    file.rewrite_index(&index_path)?;
+                    file.rewrite_index()?;
                 }
             }
             _ => {
                 if !log.is_empty() {
-                    tracing::warn!(path = %index_path.display(), "SSD index unreadable or from another layout: starting empty");
+                    tracing::warn!(path = %file.index_path.display(), "SSD index unreadable or from another layout: starting empty");
                 }
-                file.index.set_len(0).map_err(io(&index_path, "truncate"))?;
-                file.index.write_all(&header.encode()).map_err(io(&index_path, "write"))?;
+                file.index.set_len(0).map_err(io(&file.index_path, "truncate"))?;
+                file.index.write_all(&header.encode()).map_err(io(&file.index_path, "write"))?;
             }
         }
         Ok(file)
@@ -161,7 +163,7 @@ impl BlockFile {
     }
 
     /// Rewrites the index with the live blocks only (in write order).
-    fn rewrite_index(&mut self, index_path: &Path) -> Result<(), SsdError> {
+    fn rewrite_index(&mut self) -> Result<(), SsdError> {
         let mut records: Vec<&BlockRecord> = self.live.values().collect();
         records.sort_by_key(|r| r.seq);
         let mut log = Header { align: ALIGN as u32, capacity: self.capacity }.encode().to_vec();
@@ -174,9 +176,10 @@ impl BlockFile {
         for rec in records {
             log.extend_from_slice(&record::encode_put(rec));
         }
-        self.index.set_len(0).map_err(io(index_path, "truncate"))?;
-        self.index.write_all(&log).map_err(io(index_path, "write"))?;
-        self.index.sync_data().map_err(io(index_path, "sync"))?;
+        let path = &self.index_path;
+        self.index.set_len(0).map_err(io(path, "truncate"))?;
+        self.index.write_all(&log).map_err(io(path, "write"))?;
+        self.index.sync_data().map_err(io(path, "sync"))?;
         self.records = self.live.len();
         Ok(())
     }
@@ -265,7 +268,7 @@ impl BlockFile {
         self.live.insert(offset, rec.clone());
         self.records += 1;
         if self.records > 2 * self.live.len() + COMPACT_SLACK {
-            self.rewrite_index(&self.index_path())?;
+            self.rewrite_index()?;
         }
         Ok((rec, evicted))
     }
@@ -293,14 +296,7 @@ impl BlockFile {
     }
 
     fn append(&mut self, bytes: &[u8]) -> Result<(), SsdError> {
-        let index_path = self.index_path();
-        self.index.write_all(bytes).map_err(io(&index_path, "append"))
-    }
-
-    fn index_path(&self) -> PathBuf {
-        let mut name = self.data_path.clone().into_os_string();
-        name.push(".index");
-        PathBuf::from(name)
+        self.index.write_all(bytes).map_err(io(&self.index_path, "append"))
     }
 }
 
