@@ -294,6 +294,28 @@ def instance_id(request: pytest.FixtureRequest) -> str:
     return f"{request.node.name}-{os.getpid()}-{time.monotonic_ns()}"
 
 
+@pytest.fixture
+def make_worker(instance_id: str) -> Iterator[Callable[..., Any]]:
+    """Makes the connector's worker half (rank 0 of 1): call it with an endpoint, an
+    instance-id suffix (another suffix: another instance) and config fields; each worker
+    is shut down at teardown."""
+    from pegaflow.connector.config import ConnectorConfig
+    from pegaflow.connector.worker import WorkerSide
+
+    made: list[WorkerSide] = []
+
+    def make(endpoint: str, suffix: str = "", **cfg: Any) -> WorkerSide:
+        cfg.setdefault("retry_interval_s", 0.2)
+        config = ConnectorConfig(instance_id=instance_id + suffix, endpoint=endpoint, **cfg)
+        worker = WorkerSide(config, 0, 1, {"model": "test"})
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.shutdown()
+
+
 def require_module(name: str) -> Any:
     """Imports ``name`` for a test. Without it the test is skipped, except where
     ``PEGAFLOW_REQUIRE_VLLM=1`` (the README test command, CI): there it fails, so the

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from conftest import ServerHandle, StartServer, require_module
 from e2e_helpers import random_hashes
-from test_connector_worker import NUM_BLOCKS, finish_loads, vllm_like_caches
+from test_connector_worker import NUM_BLOCKS, MakeWorker, finish_loads, vllm_like_caches
 
 from pegaflow.connector.config import ConnectorConfig
 from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
-from pegaflow.connector.worker import WorkerSide
 
 torch = require_module("torch")
 
@@ -25,26 +22,11 @@ BLOCK_BYTES = 3 * 2 * 32 * 64 * 4  # vllm_like_caches(): 3 layers of [2, 32, 64]
 STAGING = {"staging": "on", "staging_bytes": 8 * BLOCK_BYTES}  # chunks of 2 blocks
 
 
-@pytest.fixture
-def workers(instance_id: str) -> Iterator[Any]:
-    made: list[WorkerSide] = []
-
-    def make(endpoint: str, suffix: str = "", **cfg: Any) -> WorkerSide:
-        config = ConnectorConfig(
-            instance_id=instance_id + suffix, endpoint=endpoint, retry_interval_s=0.2, **cfg
-        )
-        worker = WorkerSide(config, 0, 1, {"model": "test"})
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.shutdown()
-
-
-def test_a_staged_worker_saves_and_loads_in_chunks(server: ServerHandle, workers: Any) -> None:
+def test_a_staged_worker_saves_and_loads_in_chunks(
+    server: ServerHandle, make_worker: MakeWorker
+) -> None:
     caches = vllm_like_caches()
-    worker = workers(server.endpoint, **STAGING)
+    worker = make_worker(server.endpoint, **STAGING)
     worker.register_kv_caches(caches, NUM_BLOCKS)
     assert worker.staging is not None and worker.staging.chunk == 2
     src, dst = [9, 3, 40, 41, 42, 17, 5], [50, 51, 52, 53, 30, 31, 60]
@@ -73,10 +55,12 @@ def test_a_staged_worker_saves_and_loads_in_chunks(server: ServerHandle, workers
         assert torch.equal(t[20:23], t[[9, 3, 40]])
 
 
-def test_staged_and_direct_workers_share_blocks(server: ServerHandle, workers: Any) -> None:
+def test_staged_and_direct_workers_share_blocks(
+    server: ServerHandle, make_worker: MakeWorker
+) -> None:
     staged_caches, direct_caches = vllm_like_caches(), vllm_like_caches()
-    staged = workers(server.endpoint, "-staged", **STAGING)
-    direct = workers(server.endpoint, "-direct", staging="off")
+    staged = make_worker(server.endpoint, "-staged", **STAGING)
+    direct = make_worker(server.endpoint, "-direct", staging="off")
     staged.register_kv_caches(staged_caches, NUM_BLOCKS)
     direct.register_kv_caches(direct_caches, NUM_BLOCKS)
     assert direct.staging is None
@@ -95,10 +79,10 @@ def test_staged_and_direct_workers_share_blocks(server: ServerHandle, workers: A
 
 
 def test_a_staged_load_fails_at_once_when_the_server_dies(
-    start_server: StartServer, workers: Any
+    start_server: StartServer, make_worker: MakeWorker
 ) -> None:
     server = start_server()
-    worker = workers(server.endpoint, **STAGING)
+    worker = make_worker(server.endpoint, **STAGING)
     worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)
     hashes = random_hashes(6)
     worker.wait_for_save(PegaConnectorMetadata(save=SaveJob(list(range(6)), hashes, ["r1"])))
@@ -115,9 +99,9 @@ def test_a_staged_load_fails_at_once_when_the_server_dies(
 
 
 def test_auto_staging_is_for_gpu_tensors_of_several_pieces(
-    server: ServerHandle, workers: Any
+    server: ServerHandle, make_worker: MakeWorker
 ) -> None:
-    worker = workers(server.endpoint, staging="auto")
+    worker = make_worker(server.endpoint, staging="auto")
     worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)
     assert worker.staging is None, "CPU tensors: the host backend copies them directly"
     assert ConnectorConfig(instance_id="i").staging == "off", "off until measured on a GPU"

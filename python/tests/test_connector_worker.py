@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -45,22 +45,6 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
         if time.monotonic() > deadline:
             pytest.fail(f"not {what} within {timeout_s} s")
         time.sleep(0.02)
-
-
-@pytest.fixture
-def make_worker(instance_id: str) -> Iterator[MakeWorker]:
-    made: list[WorkerSide] = []
-
-    def make(endpoint: str, **cfg: Any) -> WorkerSide:
-        cfg.setdefault("retry_interval_s", 0.2)
-        config = ConnectorConfig(instance_id=instance_id, endpoint=endpoint, **cfg)
-        worker = WorkerSide(config, 0, 1, {"model": "test"})
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.shutdown()
 
 
 def finish_loads(worker: WorkerSide, timeout_s: float = 10.0) -> set[str]:
