@@ -42,7 +42,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench_kv_probe import Probe, Timeline, percentile
+from bench_kv_probe import Probe, Timeline, percentile, ttft_summary
 
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"],
@@ -153,14 +153,7 @@ def ttft_pass(
         split = probe.split(before, probe.snapshot())
         waits.append(split.get("load_wait_ms_mean", 0.0))
         copies.append(split.get("server_load_ms_mean", 0.0))
-    result: dict[str, Any] = {
-        "ttft_mean_ms": round(statistics.fmean(ttft), 2),
-        "ttft_p50_ms": round(percentile(ttft, 50), 2),
-        "ttft_p99_ms": round(percentile(ttft, 99), 2),
-        "prompt_tokens_per_s": round(sum(map(len, batch)) / (sum(ttft) / 1e3)),
-        "cached_tokens_mean": round(statistics.fmean(cached)),
-        "ttft_ms": [round(t, 2) for t in ttft],
-    }
+    result = {**ttft_summary(ttft, batch), "cached_tokens_mean": round(statistics.fmean(cached))}
     if any(waits):
         result["load_wait_ms"] = waits
     if any(copies):

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from bench_kv_probe import percentile
+from bench_kv_probe import ttft_summary
 
 RESET_DEADLINE_S = 30.0
 
@@ -120,11 +120,7 @@ def run_pass(base_url: str, name: str, batch: list[list[int]]) -> dict[str, Any]
         "pass": name,
         "prompts": len(batch),
         "prompt_tokens": len(batch[0]) if batch else 0,
-        "ttft_mean_ms": round(statistics.fmean(ttft), 2),
-        "ttft_p50_ms": round(percentile(ttft, 50), 2),
-        "ttft_p99_ms": round(percentile(ttft, 99), 2),
-        "prompt_tokens_per_s": round(sum(map(len, batch)) / (sum(ttft) / 1e3)),
-        "ttft_ms": [round(t, 2) for t in ttft],
+        **ttft_summary(ttft, batch),
         "engine_start_s": 0.0,
     }
     if len(cached) == len(batch):

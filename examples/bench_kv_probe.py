@@ -4,7 +4,7 @@
 - :class:`Probe`: the worker's counters and the server's ``/metrics`` before and after,
   so a pass's TTFT splits into the load (as the worker saw it, and the server's copy)
   and the rest.
-- :func:`percentile`: the nearest-rank percentile every pass reports.
+- :func:`percentile`, :func:`ttft_summary`: what every pass reports.
 - :class:`Timeline`: timestamps of one request's way through the connector — the
   scheduler's lookup, the worker's load call, the poll that saw the load done — by
   wrapping those methods of the connector's two halves; the time after that poll is
@@ -24,6 +24,18 @@ from typing import Any
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def ttft_summary(ttft_ms: list[float], batch: list[list[int]]) -> dict[str, Any]:
+    """What every TTFT pass reports: mean / p50 / p99, prompt tokens per second, and each
+    request's TTFT."""
+    return {
+        "ttft_mean_ms": round(statistics.fmean(ttft_ms), 2),
+        "ttft_p50_ms": round(percentile(ttft_ms, 50), 2),
+        "ttft_p99_ms": round(percentile(ttft_ms, 99), 2),
+        "prompt_tokens_per_s": round(sum(map(len, batch)) / (sum(ttft_ms) / 1e3)),
+        "ttft_ms": [round(t, 2) for t in ttft_ms],
+    }
 
 
 class Probe:
@@ -167,4 +179,4 @@ class Timeline:
         }
 
 
-__all__ = ["Probe", "Timeline", "percentile"]
+__all__ = ["Probe", "Timeline", "percentile", "ttft_summary"]
