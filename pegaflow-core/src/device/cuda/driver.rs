@@ -307,6 +307,15 @@ impl Event {
         // SAFETY: a live event.
         check(unsafe { sys::cuEventSynchronize(self.0) }, "cuEventSynchronize")
     }
+
+    /// Whether the work before the event's record is done (without waiting).
+    pub fn is_done(&self) -> Result<bool> {
+        // SAFETY: a live event.
+        match unsafe { sys::cuEventQuery(self.0) } {
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            other => check(other, "cuEventQuery").map(|()| true),
+        }
+    }
 }
 
 impl Drop for Event {

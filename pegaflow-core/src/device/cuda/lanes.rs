@@ -123,12 +123,17 @@ impl BatchArrays {
     /// Queues the batch on `stream` and waits for it (also after an error: part of a
     /// batch may be in flight).
     pub fn run_on(&mut self, stream: &Stream) -> Result<()> {
-        // SAFETY: every range comes from a live registered region and the registered pool
-        // (checked in `new`); the caller keeps both until this returns, and this returns
-        // only once the stream has drained.
-        let queued = unsafe { stream.copy_batch(&mut self.dsts, &mut self.srcs, &mut self.sizes, self.kind) };
+        let queued = self.queue_on(stream);
         let drained = stream.synchronize();
         queued.and(drained)
+    }
+
+    /// Queues the batch on `stream`; the caller keeps the pool slots and device mappings
+    /// until the stream has passed it (the arrays themselves are read during the call).
+    pub fn queue_on(&mut self, stream: &Stream) -> Result<()> {
+        // SAFETY: every range comes from a live registered region and the registered pool
+        // (checked in `new`); the caller keeps both until the stream has drained.
+        unsafe { stream.copy_batch(&mut self.dsts, &mut self.srcs, &mut self.sizes, self.kind) }
     }
 }
 

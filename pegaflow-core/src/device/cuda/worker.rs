@@ -91,16 +91,8 @@ impl Worker {
         // cuMemcpyBatchAsync_v2 exists from CUDA 13.0 drivers on.
         let lanes = if driver_version >= 13000 { Some(Lanes::start(&ctx, tuning.lanes, &name)?) } else { None };
         let handle = std::thread::Builder::new().name(name).spawn(move || {
-            let mut engine = ctx.bind().and_then(|()| CopyEngine::new(&ctx, direction, tuning, lanes));
-            while let Ok(CopyRequest { pool, segments, _regions: regions, done }) = recv_spinning(&rx, spin) {
-                let result = match &mut engine {
-                    Ok(engine) => engine.run(&pool, segments),
-                    Err(e) => Err(DeviceError::Cuda(format!("copy worker unavailable: {e}"))),
-                };
-                // Release the mappings before reporting: the caller may unregister next.
-                drop(regions);
-                done(result);
-            }
+            let engine = ctx.bind().and_then(|()| CopyEngine::new(&ctx, direction, tuning, lanes));
+            serve(engine, &rx, spin);
         })?;
         Ok(Self { tx: Mutex::new(Some(tx)), handle: Mutex::new(Some(handle)) })
     }
@@ -113,6 +105,108 @@ impl Worker {
         if let Some(request) = undelivered {
             (request.done)(Err(DeviceError::ShutDown("cuda")));
         }
+    }
+}
+
+/// A request whose DMAs are queued on the worker's stream, done when `event` is.
+struct Queued {
+    event: Event,
+    regions: Vec<Arc<dyn DeviceRegion>>,
+    done: CopyDone,
+}
+
+impl Queued {
+    fn finish(self) {
+        let result = self.event.synchronize();
+        // Release the mappings before reporting: the caller may unregister next.
+        drop(self.regions);
+        (self.done)(result);
+    }
+}
+
+/// What came first while a request's DMAs run.
+enum Next {
+    Request(CopyRequest),
+    Finished,
+    Closed,
+}
+
+/// Waits up to `spin` for the queued request to finish or the next request to arrive,
+/// whichever comes first; past `spin`, only for the queued request (so a long copy does
+/// not keep a CPU busy).
+fn next_while_copying(rx: &mpsc::Receiver<CopyRequest>, queued: &Queued, spin: Duration) -> Next {
+    let start = std::time::Instant::now();
+    loop {
+        match rx.try_recv() {
+            Ok(request) => return Next::Request(request),
+            Err(mpsc::TryRecvError::Disconnected) => return Next::Closed,
+            Err(mpsc::TryRecvError::Empty) => {}
+        }
+        // An error reading the event is reported by `finish`.
+        if queued.event.is_done().unwrap_or(true) || start.elapsed() >= spin {
+            return Next::Finished;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// The worker's loop. A request of plain DMAs (direct or one batched call) is queued on
+/// the DMA stream and the next request is taken while it runs: queued behind it, its
+/// DMAs start the moment the previous ones end, instead of after a wake-up and the next
+/// request's preparation (measured on the H200: 32 MiB requests back to back moved at
+/// ~47 GB/s one at a time).
+fn serve(mut engine: Result<CopyEngine>, rx: &mpsc::Receiver<CopyRequest>, spin: Duration) {
+    let mut queued: Option<Queued> = None;
+    loop {
+        let request = match &queued {
+            None => match recv_spinning(rx, spin) {
+                Ok(request) => request,
+                Err(_) => break,
+            },
+            Some(running) => match next_while_copying(rx, running, spin) {
+                Next::Request(request) => request,
+                Next::Finished => {
+                    finish(queued.take());
+                    continue;
+                }
+                Next::Closed => break,
+            },
+        };
+        let CopyRequest { pool, segments, _regions: regions, done } = request;
+        let engine = match &mut engine {
+            Ok(engine) => engine,
+            Err(e) => {
+                drop(regions);
+                done(Err(DeviceError::Cuda(format!("copy worker unavailable: {e}"))));
+                continue;
+            }
+        };
+        match engine.queue(&pool, &segments) {
+            Some(Ok(event)) => {
+                // The previous request ends first (same stream); report it, keep this one.
+                finish(queued.replace(Queued { event, regions, done }));
+            }
+            Some(Err(e)) => {
+                finish(queued.take());
+                // Part of the request may be queued: drain before the slots are reused.
+                engine.drain();
+                drop(regions);
+                done(Err(e));
+            }
+            None => {
+                finish(queued.take());
+                let result = engine.run(&pool, segments);
+                drop(regions);
+                done(result);
+            }
+        }
+    }
+    finish(queued.take());
+}
+
+fn finish(queued: Option<Queued>) {
+    if let Some(queued) = queued {
+        queued.finish();
     }
 }
 
@@ -206,6 +300,35 @@ impl CopyEngine {
         result
     }
 
+    /// Queues `segments` on the DMA stream without waiting, when the request goes as plain
+    /// DMAs from this thread (direct, or one batched call); returns the event that marks
+    /// its end. `None`: the request needs [`Self::run`].
+    fn queue(&mut self, pool: &HostPool, segments: &[Segment]) -> Option<Result<Event>> {
+        if segments.is_empty() || self.tuning.force.is_some() {
+            return None;
+        }
+        let to_host = self.direction == Direction::Save;
+        tracing::debug!(direction = ?self.direction, segments = segments.len(), "cuda copy queued");
+        let queued = match (choose(segments, self.lanes.is_some()), &self.lanes) {
+            (Strategy::Direct, _) => self.queue_direct(pool, segments),
+            (Strategy::Batched, Some(lanes)) if lanes.lanes_for(segments) == 1 => {
+                BatchArrays::new(pool, segments, to_host).and_then(|mut batch| batch.queue_on(&self.dma))
+            }
+            _ => return None,
+        };
+        Some(queued.and_then(|()| {
+            let event = Event::new()?;
+            event.record(&self.dma)?;
+            Ok(event)
+        }))
+    }
+
+    /// Waits for everything queued on this engine's streams.
+    fn drain(&self) {
+        let _ = self.dma.synchronize();
+        let _ = self.compute.synchronize();
+    }
+
     fn ce_ready(&mut self) -> bool {
         if self.ce.is_none() {
             let made = CeGather::new(self.tuning.slots, self.tuning.slot_bytes, self.lanes.is_some());
@@ -244,6 +367,13 @@ impl CopyEngine {
     }
 
     fn run_direct(&self, pool: &HostPool, segments: &[Segment]) -> Result<()> {
+        let queued = self.queue_direct(pool, segments);
+        let drained = self.dma.synchronize();
+        queued.and(drained)
+    }
+
+    /// One DMA per segment on the DMA stream; the caller waits for the stream.
+    fn queue_direct(&self, pool: &HostPool, segments: &[Segment]) -> Result<()> {
         for s in segments {
             let host = host_ptr(pool, s.host_offset, s.len)?;
             // SAFETY: `host` is inside the pool (checked) and owned by this job until done;
@@ -255,7 +385,7 @@ impl CopyEngine {
                 }
             }
         }
-        self.dma.synchronize()
+        Ok(())
     }
 
     fn run_staged(&self, pool: &HostPool, segments: Vec<Segment>) -> Result<()> {
