@@ -104,7 +104,22 @@ def test_auto_staging_is_for_gpu_tensors_of_several_pieces(
     worker = make_worker(server.endpoint, staging="auto")
     worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)
     assert worker.staging is None, "CPU tensors: the host backend copies them directly"
-    assert ConnectorConfig(instance_id="i").staging == "off", "off until measured on a GPU"
+    assert ConnectorConfig(instance_id="i").staging == "off", "off until vLLM's GPU test ran"
+
+
+def test_a_staging_buffer_that_cannot_be_made_leaves_direct_copies(
+    server: ServerHandle, make_worker: MakeWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caches = vllm_like_caches()
+    worker = make_worker(server.endpoint, staging="on", staging_bytes=3 * BLOCK_BYTES)
+    with caplog.at_level("WARNING", logger="pegaflow.connector.worker"):
+        worker.register_kv_caches(caches, NUM_BLOCKS)
+    assert worker.staging is None
+    assert "no staging buffer, blocks are copied directly" in caplog.text
+    hashes = random_hashes(2)
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob([4, 5], hashes, ["r1"])))
+    assert worker.drain(10.0)
+    assert worker.stats()["blocks_saved"] == 2
 
 
 def test_staging_settings_are_checked() -> None:

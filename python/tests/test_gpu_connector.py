@@ -189,3 +189,41 @@ def test_staged_layouts_round_trip_byte_for_byte(
             assert torch.equal(t[src], t[dst])
     finally:
         worker.shutdown()
+
+
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_captured_chunk_copies_move_exactly_the_blocks_asked(n: int) -> None:
+    """The staging buffer's CUDA graphs (a fixed chunk of 4 blocks, shorter chunks padded)
+    gather the asked blocks and scatter into the asked blocks only."""
+    from pegaflow.connector.staging import StagingBuffer
+
+    layers = [torch.randn(BLOCKS, 16, 64, device="cuda").to(torch.bfloat16) for _ in range(3)]
+    block_bytes = sum(t[0].numel() * t.element_size() for t in layers)
+    buffer = StagingBuffer(layers, 8 * block_bytes)
+    stream = torch.cuda.Stream()
+    assert buffer.capture("gather", 0, 4, stream)
+    assert buffer.capture("scatter", 4, 4, stream)
+    sources, targets = [9, 2, 77, 30][:n], [100, 5, 61, 8][:n]
+    with torch.cuda.stream(stream):
+        buffer.gather(sources, 0)
+    stream.synchronize()
+    offset = 0
+    for t in layers:
+        size = t[0].numel() * t.element_size()
+        gathered = buffer.buffer[:n, offset : offset + size]
+        assert torch.equal(gathered, t[sources].view(torch.uint8).reshape(n, size))
+        offset += size
+    buffer.buffer[4:8].random_(0, 255)
+    slots = buffer.buffer[4 : 4 + n].clone()
+    before = [t.clone() for t in layers]
+    with torch.cuda.stream(stream):
+        buffer.scatter(4, targets)
+    stream.synchronize()
+    offset = 0
+    untouched = [b for b in range(BLOCKS) if b not in targets]
+    for t, old in zip(layers, before, strict=True):
+        size = t[0].numel() * t.element_size()
+        scattered = t[targets].view(torch.uint8).reshape(n, size)
+        assert torch.equal(scattered, slots[:, offset : offset + size])
+        assert torch.equal(t[untouched], old[untouched])
+        offset += size

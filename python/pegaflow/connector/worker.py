@@ -137,18 +137,12 @@ class WorkerSide:
         registration = describe_kv_caches(kv_caches, num_blocks, held)
         self.kv_caches = dict(kv_caches)
         server_layers = registration.layers
-        if self._stages(registration):
+        staging = self._make_staging(registration)
+        if staging is not None:
             # The server sees only the staging buffer, laid out as the pool's blocks: the
             # namespace and the stored bytes stay those of the KV tensors.
-            buffer = StagingBuffer(registration.tensors, self.config.staging_bytes)
-            self.staging = StagedTransfers(buffer, self.config.load_warn_s)
-            server_layers = buffer.layer_specs()
-            logger.info(
-                "staging %d-layer blocks through %d MiB (%d blocks a chunk)",
-                len(registration.layers),
-                buffer.capacity_bytes >> 20,
-                self.staging.chunk,
-            )
+            self.staging = staging
+            server_layers = staging.buffer.layer_specs()
         factors = {**self._namespace_factors, "device": registration.device_type}
         if self._layouts_in_namespace:
             # Pipeline stages hold different layers, yet share one namespace: there the
@@ -166,11 +160,29 @@ class WorkerSide:
         self.link = ServerLink(client, identity, server_layers, self.config.retry_interval_s)
         self.link.start()
 
-    def _stages(self, registration: KvRegistration) -> bool:
+    def _make_staging(self, registration: KvRegistration) -> StagedTransfers | None:
+        """The staging buffer and its transfers, where config ``staging`` asks for them;
+        ``None`` (blocks copied directly, with a warning) if it cannot be made."""
         mode = self.config.staging
         if mode == "auto":
-            return registration.device_type == "cuda" and len(registration.layers) > 1
-        return mode == "on"
+            wanted = registration.device_type == "cuda" and len(registration.layers) > 1
+        else:
+            wanted = mode == "on"
+        if not wanted:
+            return None
+        try:
+            buffer = StagingBuffer(registration.tensors, self.config.staging_bytes)
+        except (RuntimeError, ValueError) as e:  # out of device memory, too small
+            logger.warning("no staging buffer, blocks are copied directly: %s", e)
+            return None
+        staging = StagedTransfers(buffer, self.config.load_warn_s)
+        logger.info(
+            "staging %d-layer blocks through %d MiB (%d blocks a chunk)",
+            len(registration.layers),
+            buffer.capacity_bytes >> 20,
+            staging.chunk,
+        )
+        return staging
 
     # ---- saves --------------------------------------------------------------------------
 
@@ -405,6 +417,8 @@ class WorkerSide:
         """Finishes queued saves, then closes the session (the server drops this rank)."""
         self._saver.shutdown(wait=True)
         self._loader.shutdown(wait=True)
+        if self.staging is not None:
+            self.staging.close()
         if self.link is not None:
             self.link.close()
 
@@ -417,6 +431,7 @@ class WorkerSide:
             "registrations": 0 if self.link is None else self.link.registrations,
             "kv_tensors": 0 if registration is None else len(registration.layers),
             "cross_layer": bool(registration and registration.layer_names == ["cross_layers"]),
+            "staged": self.staging is not None,
         }
 
 
