@@ -114,7 +114,11 @@ def engine_kwargs(options: argparse.Namespace) -> dict[str, Any]:
             kv_connector="PegaKVConnector",
             kv_role="kv_both",
             kv_connector_module_path="pegaflow.connector",
-            kv_connector_extra_config={"endpoint": options.endpoint},
+            kv_connector_extra_config={
+                "endpoint": options.endpoint,
+                "staging": options.staging,
+                **({"staging_bytes": options.staging_mib << 20} if options.staging_mib else {}),
+            },
         )
     elif options.connector == "offloading":
         kwargs["kv_offloading_size"] = options.offloading_gib
@@ -260,6 +264,7 @@ def run_passes(options: argparse.Namespace, passes: list[str]) -> None:
             "prompt_tokens": options.prompt_tokens,
             "enforce_eager": options.enforce_eager,
             "model_runner": options.model_runner,
+            "staging": options.staging,
             "engine_start_s": round(start_s, 2),
             **measured,
             **probe.split(before, probe.snapshot()),
@@ -308,6 +313,15 @@ def main() -> None:
     parser.add_argument("--offloading-gib", type=float, default=40.0)
     parser.add_argument("--settle-s", type=float, default=2.0)
     parser.add_argument("--log-dir", help="keep each engine process's output here")
+    parser.add_argument(
+        "--staging",
+        choices=("off", "auto", "on"),
+        default="off",
+        help="PegaFlow's staging buffer for per-layer KV tensors (connector config staging)",
+    )
+    parser.add_argument(
+        "--staging-mib", type=int, default=0, help="staging buffer size (default: connector's)"
+    )
     parser.add_argument(
         "--model-runner",
         choices=("default", "v1", "v2"),
@@ -370,6 +384,8 @@ def main() -> None:
         "--dtype", options.dtype,
         "--kv-cache-gib", str(options.kv_cache_gib),
         "--model-runner", options.model_runner,
+        "--staging", options.staging,
+        "--staging-mib", str(options.staging_mib),
         "--decode-requests", str(options.decode_requests),
         "--decode-tokens", str(options.decode_tokens),
         "--arrival-steps", str(options.arrival_steps),

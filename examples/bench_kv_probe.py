@@ -81,7 +81,8 @@ class Probe:
         out: dict[str, Any] = {
             "kv_layout": "cross-layer"
             if after.get("cross_layer")
-            else f"per-layer ({after.get('kv_tensors', 0)} tensors)",
+            else f"per-layer ({after.get('kv_tensors', 0)} tensors)"
+            + (", staged" if after.get("staged") else ""),
         }
         loads = after["loads_ok"] - before["loads_ok"]
         out["loads"] = loads

@@ -21,7 +21,7 @@ from typing import Any
 from pegaflow.connector.config import ConnectorConfig
 from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
 from pegaflow.connector.worker import WorkerSide
-from pegaflow.server import spawn_server
+from pegaflow.server import free_port, read_metrics, spawn_server
 
 
 def make_caches(args: argparse.Namespace) -> dict[str, Any]:
@@ -36,7 +36,46 @@ def make_caches(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run(endpoint: str, args: argparse.Namespace, staging: str) -> dict[str, Any]:
+def server_times(metrics_addr: str) -> dict[str, float]:
+    """The server's copy seconds per direction and RPC seconds per method, summed."""
+    metrics = read_metrics(metrics_addr)
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.startswith("pegaflow_transfer_duration_seconds_sum{"):
+            direction = "load" if 'direction="load"' in key else "save"
+            out[f"server_{direction}_copy"] = out.get(f"server_{direction}_copy", 0.0) + value
+        elif key.startswith("pegaflow_transfer_duration_seconds_count{"):
+            direction = "load" if 'direction="load"' in key else "save"
+            out[f"server_{direction}_copies"] = out.get(f"server_{direction}_copies", 0.0) + value
+        elif key.startswith("pegaflow_rpc_duration_seconds_sum{"):
+            method = key.split('method="', 1)[1].split('"', 1)[0]
+            if method in ("Save", "Load", "Query"):
+                out[f"rpc_{method}"] = out.get(f"rpc_{method}", 0.0) + value
+    return out
+
+
+def gpu_ms(work: Any, device: str) -> float:
+    """Milliseconds the GPU spends on ``work()`` (wall time on the CPU)."""
+    import torch
+
+    if device != "cuda":
+        t0 = time.perf_counter()
+        work()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    work()
+    end.record()
+    torch.cuda.synchronize()
+    return float(start.elapsed_time(end))
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+def run(endpoint: str, metrics_addr: str, args: argparse.Namespace, staging: str) -> dict[str, Any]:
     import torch
 
     config = ConnectorConfig(
@@ -56,7 +95,11 @@ def run(endpoint: str, args: argparse.Namespace, staging: str) -> dict[str, Any]
     block_bytes = args.layers * 16 * args.heads * 2 * args.head_dim * 2
     saves: list[float] = []
     loads: list[float] = []
+    parts: list[dict[str, float]] = []
     for rep in range(args.reps):
+        before = server_times(metrics_addr)
+        if worker.staging is not None:
+            before |= {k: v for k, v in worker.staging.timings.items()}
         hashes = [uuid.uuid4().bytes * 2 for _ in range(n)]
         if args.device == "cuda":
             torch.cuda.synchronize()
@@ -74,6 +117,26 @@ def run(endpoint: str, args: argparse.Namespace, staging: str) -> dict[str, Any]
             time.sleep(args.poll_s)
         loads.append((time.perf_counter() - t0) * 1e3)
         assert worker.take_load_errors() == set()
+        after = server_times(metrics_addr)
+        if worker.staging is not None:
+            after |= {k: v for k, v in worker.staging.timings.items()}
+        parts.append(delta(before, after))
+    split = {
+        (k if k.endswith("copies") else f"{k.removesuffix('_s')}_ms"): round(
+            statistics.median(p.get(k, 0.0) for p in parts) * (1 if k.endswith("copies") else 1e3),
+            3,
+        )
+        for k in parts[-1]
+    }
+    if worker.staging is not None:
+        buffer, chunk = worker.staging.buffer, worker.staging.chunk
+        ids = src[:chunk]
+        buffer.gather(ids, 2 * chunk)  # the load half's slots hold src's blocks
+        split["gpu_gather_chunk_ms"] = round(gpu_ms(lambda: buffer.gather(ids, 0), args.device), 3)
+        split["gpu_scatter_chunk_ms"] = round(
+            gpu_ms(lambda: buffer.scatter(2 * chunk, dst[:chunk]), args.device), 3
+        )
+        split["chunk_blocks"] = chunk
     exact = all(torch.equal(t[:n], t[n : 2 * n]) for t in caches.values())
     worker.shutdown()
     link_ms = n * block_bytes / args.link_gbps / 1e6
@@ -89,6 +152,7 @@ def run(endpoint: str, args: argparse.Namespace, staging: str) -> dict[str, Any]
         "save_ms": [round(s, 2) for s in saves],
         "load_ms": [round(s, 2) for s in loads],
         "byte_exact": exact,
+        "split_p50": split,
     }
 
 
@@ -102,15 +166,19 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=256)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--staging-mib", type=int, default=128)
+    parser.add_argument("--modes", default="on,off", help="staging modes to run, in order")
     parser.add_argument("--link-gbps", type=float, default=55.0, help="link limit, GB/s")
     parser.add_argument("--pool-size", default="8gb")
     parser.add_argument(
         "--poll-s", type=float, default=0.0005, help="pause between polls (vLLM steps)"
     )
     args = parser.parse_args()
-    with spawn_server(pool_size=args.pool_size, startup_timeout_s=120.0) as endpoint:
-        for staging in ("on", "off"):
-            print(json.dumps(run(endpoint, args, staging)), flush=True)
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    with spawn_server(
+        pool_size=args.pool_size, startup_timeout_s=120.0, metrics_addr=metrics_addr
+    ) as endpoint:
+        for staging in args.modes.split(","):
+            print(json.dumps(run(endpoint, metrics_addr, args, staging)), flush=True)
 
 
 if __name__ == "__main__":

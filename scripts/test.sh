@@ -75,7 +75,7 @@ python examples/basic_vllm.py --spawn-server
 python -c "from pathlib import Path; from pegaflow.testing import build_tiny_llama; build_tiny_llama(Path('$root/target/tiny-llama'))"
 python examples/bench_kv_cache.py --model "$root/target/tiny-llama" --dtype float32 \
   --kv-cache-gib 0.25 --connector pegaflow --spawn-server --pool-size 256mb \
-  --prompts 2 --prompt-tokens 300 --enforce-eager --expect-hits
+  --prompts 2 --prompt-tokens 300 --enforce-eager --expect-hits --staging on --staging-mib 32
 python examples/bench_kv_cache.py --model "$root/target/tiny-llama" --dtype float32 \
   --kv-cache-gib 0.25 --connector pegaflow --spawn-server --pool-size 256mb \
   --prompts 2 --prompt-tokens 300 --enforce-eager --decode --decode-tokens 32
