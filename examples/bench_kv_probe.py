@@ -123,7 +123,7 @@ class Timeline:
         start_load = WorkerSide.start_load_kv
         get_finished = WorkerSide.get_finished
 
-        def timed_lookup(side: SchedulerSide, request: Any, num_computed_tokens: int) -> int:
+        def timed_lookup(side: SchedulerSide, request: Any, num_computed_tokens: int) -> int | None:
             t0 = time.perf_counter()
             hit = lookup(side, request, num_computed_tokens)
             marks.append(("lookup", t0))

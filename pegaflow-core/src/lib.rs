@@ -12,6 +12,6 @@ pub mod ssd;
 pub use engine::{
     Caller, Engine, EngineConfig, EngineInitError, EngineLimits, EngineMetrics, InstanceInfo, LayerRegistration,
     LeaseRef, LoadTraceConfig, MAX_ID_LEN, MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, RankRef,
-    RegisterRequest, SaveBlocks, SaveOutcome, TOKEN_BYTES,
+    RegisterRequest, SaveBlocks, SaveOutcome, SsdConfig, SsdMetrics, TOKEN_BYTES,
 };
 pub use error::{EngineError, ErrorCategory, MAX_SHOWN_CHARS, Result, Shown, shown};

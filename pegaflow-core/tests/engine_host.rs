@@ -121,6 +121,7 @@ fn engine_with(pool: u64, policy: PolicyKind, hint: Option<u64>) -> Arc<Engine> 
             spin: Duration::from_millis(1),
             limits: Default::default(),
             load_trace: Default::default(),
+            ssd: None,
         })
         .unwrap(),
     )

@@ -145,9 +145,55 @@ pub struct ServerConfig {
     /// Block hashes or ids one Save, Query or Load may carry; more is INVALID_ARGUMENT.
     #[arg(long, default_value_t = 1 << 16)]
     pub max_hashes_per_request: usize,
+
+    /// SSD cache: a file or a directory (the files go inside); repeat the flag (or
+    /// separate with commas) to spread blocks over several. Sealed blocks are written
+    /// through; a restarted server serves them again. Without it the cache is RAM only.
+    #[arg(long, value_delimiter = ',')]
+    pub ssd_cache_path: Vec<PathBuf>,
+
+    /// SSD cache capacity over all paths (split evenly), e.g. 512gb, 2tb; reserved at
+    /// start, so a disk without the room fails then.
+    #[arg(long, value_parser = parse_size, default_value = "512gb")]
+    pub ssd_cache_capacity: u64,
+
+    /// SSD write queue depth: write batches (one per save) that may wait; when full,
+    /// new blocks are not written to the SSD (counted in pegaflow_ssd_dropped_writes).
+    #[arg(long, default_value_t = 8)]
+    pub ssd_write_queue_depth: usize,
+
+    /// SSD prefetch queue depth: prefetch batches (one per query) that may wait.
+    #[arg(long, default_value_t = 2)]
+    pub ssd_prefetch_queue_depth: usize,
+
+    /// SSD block writes at once.
+    #[arg(long, default_value_t = 2)]
+    pub ssd_write_inflight: usize,
+
+    /// SSD block reads at once.
+    #[arg(long, default_value_t = 16)]
+    pub ssd_prefetch_inflight: usize,
+
+    /// Blocks being copied up from the SSD at most (backpressure: queries past it
+    /// leave the rest a miss).
+    #[arg(long, default_value_t = 800)]
+    pub max_prefetch_blocks: usize,
 }
 
 impl ServerConfig {
+    /// The SSD tier's settings, when a cache path is given.
+    pub fn ssd(&self) -> Option<pegaflow_core::SsdConfig> {
+        (!self.ssd_cache_path.is_empty()).then(|| pegaflow_core::SsdConfig {
+            paths: self.ssd_cache_path.clone(),
+            capacity: self.ssd_cache_capacity,
+            write_queue_depth: self.ssd_write_queue_depth,
+            prefetch_queue_depth: self.ssd_prefetch_queue_depth,
+            write_inflight: self.ssd_write_inflight,
+            prefetch_inflight: self.ssd_prefetch_inflight,
+            max_prefetch_blocks: self.max_prefetch_blocks,
+        })
+    }
+
     /// The pool size to use: the flag, or half the memory capped at 30 GiB.
     pub fn effective_pool_size(&self) -> u64 {
         self.pool_size.unwrap_or_else(|| (total_memory().unwrap_or(2 << 30) / 2).min(AUTO_POOL_CAP))

@@ -60,6 +60,7 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         spin: config.spin_window(),
         limits: config.engine_limits(),
         load_trace: config.load_trace(),
+        ssd: config.ssd(),
     })?);
     let mut registry = Registry::default();
     engine.metrics().register(&mut registry);

@@ -327,5 +327,6 @@ impl EngineApi for EngineService {
 fn wire_tier(tier: Tier) -> pb::Tier {
     match tier {
         Tier::Ram => pb::Tier::Ram,
+        Tier::Ssd => pb::Tier::Ssd,
     }
 }

@@ -14,6 +14,7 @@
 //! back as [`Victim`]s for the engine to reclaim (or, with a lower tier, to move down).
 
 mod block;
+mod copyout;
 mod index;
 mod lease;
 pub mod policy;
@@ -24,6 +25,7 @@ mod tests;
 
 use std::sync::Arc;
 
+pub use copyout::{PinnedBlock, PinnedPart};
 pub use index::{BlockCache, CacheStats, LoadTicket};
 pub use lease::{DEFAULT_LEASE_TTL, LeaseLimits, LeaseRange};
 pub use policy::PolicyKind;
@@ -67,13 +69,16 @@ fn parse_hash(i: usize, raw: &[u8]) -> crate::Result<BlockHash> {
 pub enum Tier {
     /// The pinned host memory pool.
     Ram,
+    /// The SSD cache paths.
+    Ssd,
 }
 
 impl Tier {
-    /// Label value in metrics (`ram`; later `ssd`, `remote`).
+    /// Label value in metrics (`ram`, `ssd`; later `remote`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ram => "ram",
+            Self::Ssd => "ssd",
         }
     }
 }
@@ -206,5 +211,10 @@ impl PartGeometry {
     /// Bytes of the whole part.
     pub fn total(&self) -> u64 {
         self.total
+    }
+
+    /// Each layer's slot bytes, in layer order.
+    pub fn layer_sizes(&self) -> &[u64] {
+        &self.layer_bytes
     }
 }

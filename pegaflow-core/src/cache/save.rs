@@ -82,6 +82,17 @@ impl SaveTicket {
     pub fn blocks(&self) -> u32 {
         self.entries.len() as u32
     }
+
+    /// The pool offset of the first slot to copy (with every layer of one block part
+    /// asked for, where that part starts).
+    pub fn first_slot_offset(&self) -> Option<u64> {
+        self.slots.iter().map(|&(_, _, offset)| offset).min()
+    }
+
+    /// Slots to copy.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
 }
 
 impl BlockCache {
@@ -343,7 +354,12 @@ impl BlockCache {
     /// Phase two of a save: publishes the copied slots (or clears them when the copy
     /// failed), seals completed blocks and unpins. Returns the number of blocks sealed.
     pub fn complete_save(&mut self, ticket: SaveTicket, copied: bool) -> u32 {
-        let mut sealed = 0;
+        self.complete_save_sealed(ticket, copied).len() as u32
+    }
+
+    /// [`Self::complete_save`], returning the blocks it sealed.
+    pub fn complete_save_sealed(&mut self, ticket: SaveTicket, copied: bool) -> Vec<BlockKey> {
+        let mut sealed = Vec::new();
         for entry in ticket.entries {
             let Some(block) = self.blocks.get_mut(&entry.key) else { continue };
             if let Some(part) = block.part_mut(entry.rank) {
@@ -363,7 +379,7 @@ impl BlockCache {
             {
                 copy.sealed = true;
                 self.sealed += 1;
-                sealed += 1;
+                sealed.push(entry.key.clone());
             }
             self.unpin(&entry.key);
         }

@@ -126,9 +126,23 @@ impl Engine {
         if matches!(queried, Err(EngineError::ResourceExhausted(_))) {
             self.metrics.refused_leases.inc();
         }
-        let outcome = queried?;
+        let mut outcome = queried?;
         self.metrics.observe_cache(&cache.stats());
         drop(cache);
+        let hits_in_ram = outcome.hits() as usize;
+        let mut promoting = 0u64;
+        if let Some(ssd) = &self.ssd
+            && hits_in_ram < hashes.len()
+            && let Some(started) = ssd.prefetch(&namespace, &hashes[hits_in_ram..])
+        {
+            // The prefix continues on the SSD: the whole of it is in RAM shortly, so the
+            // caller asks again rather than loading only the RAM part now.
+            if let Some(lease_id) = outcome.lease_id() {
+                let _ = self.cache.lock().release_lease(lease_id);
+            }
+            outcome = QueryOutcome::Loading;
+            promoting = started as u64;
+        }
         let (label, hits) = match &outcome {
             QueryOutcome::Hit { tiers, .. } => ("hit", tiers.len() as u64),
             QueryOutcome::Loading => ("loading", 0),
@@ -136,7 +150,11 @@ impl Engine {
         };
         self.metrics.lookups.get_or_create(&OutcomeLabel { outcome: label }).inc();
         self.metrics.lookup_blocks.get_or_create(&LookupLabel { tier: Tier::Ram.as_str() }).inc_by(hits);
-        self.metrics.lookup_blocks.get_or_create(&LookupLabel { tier: "miss" }).inc_by(hashes.len() as u64 - hits);
+        self.metrics.lookup_blocks.get_or_create(&LookupLabel { tier: Tier::Ssd.as_str() }).inc_by(promoting);
+        self.metrics
+            .lookup_blocks
+            .get_or_create(&LookupLabel { tier: "miss" })
+            .inc_by((hashes.len() as u64).saturating_sub(hits + promoting));
         Ok(outcome)
     }
 

@@ -9,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::ssd_metrics::SsdMetrics;
 use crate::cache::{CacheStats, EvictReason, Tier};
 
 /// A tier.
@@ -21,7 +22,7 @@ pub struct TierLabel {
 /// Where a looked-up block was found: a tier, or `miss`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LookupLabel {
-    /// `ram`, or `miss`.
+    /// `ram`, `ssd` (copied up for a later query), or `miss`.
     pub tier: &'static str,
 }
 
@@ -118,6 +119,8 @@ pub struct EngineMetrics {
     pub refused_leases: Counter,
     /// Requests refused for carrying more hashes or block ids than the cap.
     pub oversized_requests: Counter,
+    /// The SSD tier's.
+    pub ssd: SsdMetrics,
 }
 
 impl Default for EngineMetrics {
@@ -149,6 +152,7 @@ impl Default for EngineMetrics {
             refused_mappings: Counter::default(),
             refused_leases: Counter::default(),
             oversized_requests: Counter::default(),
+            ssd: SsdMetrics::default(),
         };
         metrics.create_series();
         metrics
@@ -169,7 +173,7 @@ impl EngineMetrics {
         for outcome in ["hit", "loading", "miss"] {
             let _ = self.lookups.get_or_create(&OutcomeLabel { outcome });
         }
-        for tier in [Tier::Ram.as_str(), "miss"] {
+        for tier in [Tier::Ram.as_str(), Tier::Ssd.as_str(), "miss"] {
             let _ = self.lookup_blocks.get_or_create(&LookupLabel { tier });
         }
         for reason in [EvictReason::Capacity, EvictReason::Dropped] {
@@ -220,6 +224,7 @@ impl EngineMetrics {
         r.register("refused_mappings", "Memory hand-overs refused by a cap", self.refused_mappings.clone());
         r.register("refused_leases", "Queries refused by a lease cap", self.refused_leases.clone());
         r.register("oversized_requests", "Requests over the hashes-per-request cap", self.oversized_requests.clone());
+        self.ssd.register(r);
     }
 
     pub(crate) fn observe_mappings(&self) {

@@ -10,6 +10,8 @@ mod load;
 mod metrics;
 mod registry;
 mod save;
+mod ssd;
+mod ssd_metrics;
 mod transfer;
 mod validate;
 
@@ -22,6 +24,8 @@ pub use handles::{MAX_TOKENS_PER_CONNECTION, MemoryKind, MemoryToken, TOKEN_BYTE
 pub use load::{LeaseRef, LoadTraceConfig};
 pub use metrics::EngineMetrics;
 pub use registry::{Caller, InstanceInfo, LayerRegistration, MAX_ID_LEN, RegisterRequest};
+pub use ssd::SsdConfig;
+pub use ssd_metrics::SsdMetrics;
 
 use crate::cache::{BlockCache, BlockHash, CacheStats, LeaseLimits, PolicyKind, Victim};
 use crate::device::{CudaDevice, DeviceBackend, HostDevice, HostDeviceOptions, RegionSource};
@@ -82,6 +86,8 @@ pub struct EngineConfig {
     pub limits: EngineLimits,
     /// Which loads log their per-stage durations.
     pub load_trace: LoadTraceConfig,
+    /// The SSD tier; `None`: RAM only.
+    pub ssd: Option<SsdConfig>,
 }
 
 /// Why an engine could not start.
@@ -93,6 +99,9 @@ pub enum EngineInitError {
     /// Worker threads could not be started.
     #[error("cannot start copy threads: {0}")]
     Threads(#[from] std::io::Error),
+    /// An SSD cache path cannot be used.
+    #[error(transparent)]
+    Ssd(#[from] crate::ssd::SsdError),
 }
 
 /// What a save did.
@@ -145,6 +154,8 @@ pub struct Engine {
     /// How long a save waits for its last chunk without sleeping.
     save_spin: Duration,
     tracer: Arc<load::LoadTracer>,
+    /// The SSD tier, when configured.
+    ssd: Option<Arc<ssd::SsdTier>>,
 }
 
 impl Engine {
@@ -166,17 +177,25 @@ impl Engine {
         metrics.observe_cache(&cache.stats());
         let backends = vec![host, cuda];
         let registry = Registry::new(backends.clone(), metrics.instances.clone(), metrics.open_regions.clone());
+        let cache = Arc::new(Mutex::new(cache));
+        let ssd = match &config.ssd {
+            Some(ssd) => {
+                Some(Arc::new(ssd::SsdTier::open(ssd, Arc::clone(&cache), Arc::clone(&pool), Arc::clone(&metrics))?))
+            }
+            None => None,
+        };
         Ok(Self {
             pool,
             backends,
             preparing: std::sync::Once::new(),
-            cache: Arc::new(Mutex::new(cache)),
+            cache,
             registry,
             handles: MemoryHandles::new(config.limits.max_client_mappings, config.limits.max_client_memory),
             max_hashes: config.limits.max_hashes_per_request,
             metrics,
             save_spin: config.spin.min(pegaflow_common::spin::SPIN),
             tracer: Arc::new(load::LoadTracer::new(config.load_trace)),
+            ssd,
         })
     }
 
@@ -292,13 +311,10 @@ impl Engine {
         (dropped, stats.blocks)
     }
 
-    /// Takes evicted blocks: the RAM pool is the lowest tier today, so their bytes are
-    /// reclaimed at once (an SSD tier will take them first).
+    /// Takes evicted blocks and reclaims their bytes (the SSD tier, when there is one,
+    /// already holds the copies it was able to write).
     fn dispose(&self, cache: &mut BlockCache, victims: Vec<Victim>) {
-        for victim in &victims {
-            self.metrics.observe_evictions(victim.tier, victim.reason, 1);
-        }
-        cache.reclaim(victims);
+        dispose_victims(&self.metrics, cache, victims);
     }
 
     /// Drops expired leases; the server calls this periodically. Returns how many.
@@ -308,6 +324,14 @@ impl Engine {
         self.metrics.observe_cache(&cache.stats());
         expired
     }
+}
+
+/// Counts and reclaims blocks evicted from the pool.
+fn dispose_victims(metrics: &EngineMetrics, cache: &mut BlockCache, victims: Vec<Victim>) {
+    for victim in &victims {
+        metrics.observe_evictions(victim.tier, victim.reason, 1);
+    }
+    cache.reclaim(victims);
 }
 
 /// Makes the pool ready after the server starts serving: faults its pages in (progress in

@@ -148,6 +148,7 @@ impl Engine {
         let (tx, rx) = oneshot::channel();
         let cache = Arc::clone(&self.cache);
         let metrics = Arc::clone(&self.metrics);
+        let ssd = self.ssd.clone();
         let saved_blocks = u64::from(ticket.blocks());
         rank.backend.submit(
             job,
@@ -156,7 +157,11 @@ impl Engine {
                 // blocks, so bytes copied meanwhile can be torn: publish nothing then.
                 let abandoned = tx.is_closed();
                 let mut cache = cache.lock();
-                let sealed = cache.complete_save(ticket, result.is_ok() && !abandoned);
+                let sealed_keys = cache.complete_save_sealed(ticket, result.is_ok() && !abandoned);
+                let sealed = sealed_keys.len() as u32;
+                if let Some(ssd) = &ssd {
+                    ssd.write_sealed(&mut cache, sealed_keys);
+                }
                 metrics.observe_cache(&cache.stats());
                 drop(cache);
                 if result.is_ok() {

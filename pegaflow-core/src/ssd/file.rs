@@ -278,11 +278,17 @@ impl BlockFile {
         if out.len() != rec.len as usize {
             return Err(SsdError::Config(format!("a {}-byte buffer for a {}-byte block", out.len(), rec.len)));
         }
-        let mut buf = AlignedBuf::new(aligned_up(u64::from(rec.len)) as usize);
-        self.data.read_exact_at(buf.bytes_mut(), rec.offset).map_err(io(&self.data_path, "read"))?;
-        let payload = &buf.bytes()[..rec.len as usize];
-        if xxh3_64(payload) != rec.checksum {
-            return Err(SsdError::Corrupt { path: self.data_path.clone(), offset: rec.offset });
+        self.read_at(rec.offset, rec.checksum, out)
+    }
+
+    /// Reads the block of `out.len()` payload bytes at `offset` into `out` and verifies
+    /// it against `checksum`.
+    pub fn read_at(&self, offset: u64, checksum: u64, out: &mut [u8]) -> Result<(), SsdError> {
+        let mut buf = AlignedBuf::new(aligned_up(out.len() as u64) as usize);
+        self.data.read_exact_at(buf.bytes_mut(), offset).map_err(io(&self.data_path, "read"))?;
+        let payload = &buf.bytes()[..out.len()];
+        if xxh3_64(payload) != checksum {
+            return Err(SsdError::Corrupt { path: self.data_path.clone(), offset });
         }
         out.copy_from_slice(payload);
         Ok(())

@@ -7,6 +7,7 @@
 //! I/O queues sit above it.
 
 pub mod file;
+pub mod index;
 pub mod io;
 pub mod record;
 #[cfg(test)]
@@ -15,6 +16,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use file::{BlockFile, IoMode};
+pub use index::{PartId, PartLoc, SsdIndex};
 pub use record::{BlockId, BlockRecord};
 
 /// Why an SSD cache path cannot be used, or a block not read.

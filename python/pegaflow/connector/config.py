@@ -46,6 +46,9 @@ class ConnectorConfig:
     retry_interval_s: float = 1.0
     """How often a worker retries registering while the server is unreachable, and how
     long the scheduler stops asking a server that just failed, seconds."""
+    loading_wait_s: float = 2.0
+    """How long a request waits for blocks the server is copying up from its SSD (vLLM
+    asks again each step meanwhile), seconds; after it they count as a miss."""
     lease_ttl_ms: int = 0
     """How long a lookup's hit stays pinned for the load, milliseconds. 0: server default."""
     min_load_blocks: int = 1
@@ -73,7 +76,13 @@ class ConnectorConfig:
             raise ValueError("instance_id must not be empty")
         if not self.endpoint:
             raise ValueError("endpoint must not be empty")
-        for name in ("timeout_s", "query_timeout_s", "load_warn_s", "retry_interval_s"):
+        for name in (
+            "timeout_s",
+            "query_timeout_s",
+            "load_warn_s",
+            "retry_interval_s",
+            "loading_wait_s",
+        ):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")

@@ -277,6 +277,8 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
         if self._scheduler is None:
             return 0, False
         tokens = self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        if tokens is None:
+            return None, False  # not known yet: vLLM asks again on a later step
         return tokens, tokens > 0
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:

@@ -57,6 +57,8 @@ class _Lookup:
     lease_id: str | None
     trusted_until: float
     plan: list[tuple[int, int]] = field(default_factory=list)
+    loading: bool = False
+    """The server is copying the first block up from its SSD: ask again shortly."""
 
 
 @dataclass
@@ -66,6 +68,8 @@ class _RequestState:
     """Blocks [0, saved_blocks) were handed to the workers for saving (or are stored)."""
     had_saves: bool = False
     lookup: _Lookup | None = None
+    loading_since: float | None = None
+    """When the server first answered "loading" for this request."""
     block_keys: list[bytes] = field(default_factory=list)
     hashed_blocks: int = 0
     """How many of ``request.block_hashes`` ``block_keys`` covers."""
@@ -170,9 +174,11 @@ class SchedulerSide:
         """Called by vLLM when a request arrives."""
         self._requests.setdefault(request.request_id, _RequestState(request))
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
         """Tokens past ``num_computed_tokens`` (a block-aligned local hit) that the cache
-        can supply. Memoised per request and local hit, so vLLM may call it again."""
+        can supply. Memoised per request and local hit, so vLLM may call it again.
+        ``None``: the server is copying the prefix up from its SSD; vLLM skips the request
+        for this step and asks again (up to ``loading_wait_s``, then it is a miss)."""
         state = self._requests.setdefault(request.request_id, _RequestState(request))
         if not self._loads:
             return 0
@@ -188,6 +194,14 @@ class SchedulerSide:
             self._forget_lookup(state)
             lookup = self._lookup(state, local_blocks, limit, now)
             state.lookup = lookup
+        if lookup.loading:
+            since = state.loading_since = state.loading_since or now
+            if now - since < self._config.loading_wait_s:
+                return None
+            # Waited long enough: a miss, remembered like one.
+            state.lookup = _Lookup(local_blocks, 0, None, now + self._config.retry_interval_s)
+            return 0
+        state.loading_since = None
         if not policy.worth_loading(lookup.hit_blocks, self._config.min_load_blocks):
             return 0
         return lookup.hit_blocks * self._block_size
@@ -208,6 +222,9 @@ class SchedulerSide:
             if result is None:
                 return miss
             hit = int(result.hit_blocks)
+            if not hit and result.loading:
+                # Not remembered (trusted until now): the next call asks again.
+                return _Lookup(local_blocks, 0, None, now, loading=True)
             lease_id = result.lease_id if hit else None
             if hit and only_full and hit % len(self._groups) == 0:
                 # Full attention only: the hit prefix is a hit by itself.
