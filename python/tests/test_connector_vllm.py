@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from conftest import ServerHandle, StartServer, free_port, require_module
 from vllm_helpers import (
+    BLOCK_SIZE,
     close_llm,
     full_blocks,
     generate,
@@ -240,3 +241,26 @@ def test_preemption_under_memory_pressure_keeps_outputs_exact(
     warm, cached = run(server.endpoint)
     assert warm == reference
     assert cached == [192] * 4
+
+
+def test_a_restarted_server_gives_a_fresh_engine_the_prefix_from_its_ssd(
+    start_server: StartServer,
+    engines: Engines,
+    reference: dict[str, list[int]],
+    tmp_path: Path,
+) -> None:
+    ssd = ["--ssd-cache-path", str(tmp_path), "--ssd-cache-capacity", "64mb"]
+    server = start_server(extra_args=ssd)
+    generate(engines(server.endpoint), PROMPT)
+    drain_saves()
+    deadline = time.monotonic() + 20.0
+    while server.metric("pegaflow_ssd_blocks") < full_blocks(len(PROMPT)) // BLOCK_SIZE:
+        assert time.monotonic() < deadline, "blocks not written to the SSD"
+        time.sleep(0.05)
+    server.stop(signal.SIGKILL)  # RAM lost
+
+    restarted = start_server(extra_args=ssd, endpoint=server.endpoint)
+    tokens, cached, _ = generate(engines(restarted.endpoint), PROMPT)
+    assert (tokens, cached) == (reference["prompt"], full_blocks(len(PROMPT)))
+    assert restarted.metric("pegaflow_ssd_promoted_blocks_total") >= 1
+    assert restarted.metric('pegaflow_lookups_total{outcome="loading"}') >= 1
