@@ -270,3 +270,34 @@ def test_a_prefix_still_loading_after_the_wait_is_a_miss(instance_id: str) -> No
     now[0] += 0.2
     assert side.get_num_new_matched_tokens(request, 0) == 0, "waited long enough: a miss"
     assert side.get_num_new_matched_tokens(request, 0) == 0, "and remembered as one"
+
+
+def test_a_full_ssd_reuses_its_oldest_blocks(
+    start_server: StartServer, kv_cache: KvFactory, instance_id: str, tmp_path: Path
+) -> None:
+    # 2 MiB: 16 blocks of 128 KiB.
+    args = ["--ssd-cache-path", str(tmp_path), "--ssd-cache-capacity", "2mb"]
+    server = start_server(POOL, args)
+    client = server.client()
+    kv = kv_cache(num_blocks=1024, seed=8)
+    client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
+    old, new = random_hashes(16), random_hashes(16)
+    client.save(instance_id, 0, list(range(16)), old)
+    wait_written(server, 16)
+    client.save(instance_id, 0, list(range(16, 32)), new)
+    deadline = time.monotonic() + 20
+    while server.metric("pegaflow_ssd_io_bytes_count" + '{direction="write"}') < 32:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert server.metric("pegaflow_ssd_blocks") == 16
+    server.stop(signal.SIGTERM)  # RAM gone
+
+    again = start_server(POOL, args, endpoint=server.endpoint)
+    assert again.metric("pegaflow_ssd_recovered_blocks") == 16
+    client = again.client()
+    client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
+    first = client.query(instance_id, old)
+    assert (first.hit_blocks, first.loading) == (0, False), "the oldest blocks were overwritten"
+    hits, lease, _ = query_until_hit(client, instance_id, new)
+    assert hits == 16 and lease is not None
+    client.release_lease(lease)
