@@ -18,7 +18,7 @@ const LAYOUT: u64 = 0x5eed;
 
 fn fill(dir: &Path, blocks: u64) -> Result<(), Box<dyn std::error::Error>> {
     let mut file = BlockFile::open(dir, blocks * EXTENT)?;
-    if file.blocks().len() as u64 >= blocks {
+    if file.take_replayed().len() as u64 >= blocks {
         return Ok(());
     }
     file.add_layout(LAYOUT, &[64])?;

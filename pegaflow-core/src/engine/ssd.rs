@@ -94,16 +94,24 @@ impl SsdTier {
         }
         let started = Instant::now();
         let each = config.capacity / config.paths.len() as u64;
-        let files =
-            config.paths.iter().map(|p| BlockFile::open(p, each).map(RwLock::new)).collect::<Result<Vec<_>, _>>()?;
-        let mut index = SsdIndex::default();
-        for (number, file) in files.iter().enumerate() {
-            for record in file.read().blocks() {
-                let Some(part) = PartId::from_u32(record.id.part) else { continue };
-                let key = index.key(&record.id.namespace, record.id.hash);
-                index.insert(key, part, PartLoc::of(number as u16, record));
-            }
+        // Heads are known once each file is open: the index learns them after the replay
+        // (a replayed block is live by construction).
+        let mut index = SsdIndex::new(&vec![(0, u64::MAX); config.paths.len()]);
+        let mut files = Vec::with_capacity(config.paths.len());
+        for (number, path) in config.paths.iter().enumerate() {
+            let file = BlockFile::open_each(path, each, |put| {
+                let (Some(part), Some(layout)) = (PartId::from_u32(put.part), index.layout_id(put.layout, put.len))
+                else {
+                    return;
+                };
+                let loc =
+                    PartLoc { position: put.offset, checksum: put.checksum, len: put.len, file: number as u16, layout };
+                index.insert_replayed(put.namespace, put.hash, part, loc);
+            })?;
+            index.set_file(number as u16, file.head(), file.capacity());
+            files.push(file);
         }
+        let files: Vec<RwLock<BlockFile>> = files.into_iter().map(RwLock::new).collect();
         let ssd = &metrics.ssd;
         ssd.capacity_bytes.set(files.iter().map(|f| f.read().capacity()).sum::<u64>() as i64);
         ssd.recovered_blocks.set(index.len() as i64);
@@ -289,18 +297,26 @@ fn write_batch(shared: &Shared, batch: Vec<PinnedBlock>) {
             let started = Instant::now();
             let written = {
                 let mut file = shared.files[number].write();
-                file.add_layout(layout, part.geometry.layer_sizes()).and_then(|()| file.write(id, data))
+                file.add_layout(layout, part.geometry.layer_sizes())
+                    .and_then(|()| file.write(id, data))
+                    .map(|record| (record, file.head()))
             };
             match written {
-                Ok((record, replaced)) => {
+                Ok((record, head)) => {
                     metrics.io_seconds.get_or_create(&label).observe(started.elapsed().as_secs_f64());
                     metrics.io_bytes.get_or_create(&label).observe(len as f64);
                     let mut index = shared.index.lock();
-                    for old in &replaced {
-                        let key = index.key(&old.id.namespace, old.id.hash);
-                        index.remove_at(&key, number as u16, old.offset);
+                    index.advance(number as u16, head);
+                    if let Some(layout) = index.layout_id(layout, record.len) {
+                        let loc = PartLoc {
+                            position: record.offset,
+                            checksum: record.checksum,
+                            len: record.len,
+                            file: number as u16,
+                            layout,
+                        };
+                        index.insert(&block.key, PartId { rank, of }, loc);
                     }
-                    index.insert(block.key.clone(), PartId { rank, of }, PartLoc::of(number as u16, &record));
                     metrics.blocks.set(index.len() as i64);
                 }
                 Err(e) => {
@@ -337,7 +353,8 @@ fn promote(shared: &Shared, key: &BlockKey, parts: &[PartLoc]) -> bool {
     let mut whole = true;
     for (rank, loc) in parts.iter().enumerate() {
         let file = &shared.files[usize::from(loc.file)];
-        let Some(sizes) = file.read().layout(loc.layout).map(<[u64]>::to_vec) else { return false };
+        let Some(fingerprint) = shared.index.lock().layout_fingerprint(loc.layout) else { return false };
+        let Some(sizes) = file.read().layout(fingerprint).map(<[u64]>::to_vec) else { return false };
         let geometry = Arc::new(PartGeometry::new(sizes));
         let layers: Vec<u32> = (0..geometry.num_layers()).collect();
         let spec = SaveSpec {
@@ -370,7 +387,7 @@ fn promote(shared: &Shared, key: &BlockKey, parts: &[PartLoc]) -> bool {
                 let out = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len as usize) };
                 let started = Instant::now();
                 let read = if u64::from(loc.len) == len {
-                    file.read().read_at(loc.offset, loc.checksum, out)
+                    file.read().read_at(loc.position, loc.checksum, out)
                 } else {
                     Err(SsdError::Config(format!("a {}-byte record for a {len}-byte part", loc.len)))
                 };
@@ -383,17 +400,21 @@ fn promote(shared: &Shared, key: &BlockKey, parts: &[PartLoc]) -> bool {
         let ok = read.is_ok();
         shared.cache.lock().complete_save(ticket, ok);
         if let Err(e) = read {
-            if matches!(e, SsdError::Corrupt { .. }) {
-                metrics.checksum_failures.inc();
-                tracing::warn!(error = %e, "SSD block dropped: it failed its checksum");
-                // Forgotten durably, so a restart does not find it again.
-                let _ = file.write().drop_block(loc.offset);
-            } else {
-                metrics.io_errors.get_or_create(&label).inc();
-                warn_once(&e);
+            match e {
+                SsdError::Corrupt { .. } => {
+                    metrics.checksum_failures.inc();
+                    tracing::warn!(error = %e, "SSD block dropped: it failed its checksum");
+                    // Forgotten durably, so a restart does not find it again.
+                    let _ = file.write().drop_block(loc.position);
+                }
+                SsdError::Overwritten(_) => {} // newer blocks took its place: a miss
+                _ => {
+                    metrics.io_errors.get_or_create(&label).inc();
+                    warn_once(&e);
+                }
             }
             let mut index = shared.index.lock();
-            index.remove_at(key, loc.file, loc.offset);
+            index.remove_at(key, loc.file, loc.position);
             metrics.blocks.set(index.len() as i64);
             return false;
         }

@@ -2,9 +2,11 @@
 //! index log ([`super::record`]).
 //!
 //! - Allocation is a write head moving forward through the data file and wrapping at its
-//!   end: the blocks a new extent overlaps are the oldest ones, and they are evicted.
-//!   Writes are sequential, nothing fragments, and replay needs no record of evictions: a
-//!   later `PUT` over an earlier extent replaces it.
+//!   end: the blocks a new extent overlaps are the oldest ones. Positions are virtual
+//!   (counted over every lap, the file offset is the position modulo the capacity), so
+//!   whether a block was overwritten follows from its position and the head alone: the
+//!   file keeps no per-block state in memory (a restarted server with a million blocks
+//!   holds them once, in the tier's index), and replay needs no record of evictions.
 //! - A block is written (data first, then its `PUT` record), so a crash between the two
 //!   leaves a block that was never indexed; every read checks the payload's xxh3-64, and
 //!   a mismatch is an error the caller turns into a miss (and a `DROP` record).
@@ -15,9 +17,9 @@
 //!   it (buffered otherwise: tmpfs, some network file systems), through an aligned bounce
 //!   buffer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -26,7 +28,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::SsdError;
 use super::io::AlignedBuf;
-use super::record::{self, BlockId, BlockRecord, Entry, Header};
+use super::record::{self, BlockId, BlockRecord, EntryRef, Header, PutRef};
 
 /// Extent alignment: the logical block size of every common NVMe (512 B or 4 KiB).
 pub const ALIGN: u64 = 4096;
@@ -54,14 +56,18 @@ pub struct BlockFile {
     index: File,
     mode: IoMode,
     capacity: u64,
+    /// Virtual position of the write head.
     head: u64,
     next_seq: u64,
-    /// Live blocks by offset.
-    live: BTreeMap<u64, BlockRecord>,
+    /// Virtual positions of the blocks written within the last lap, oldest first: how
+    /// many records of the index log are still live (8 bytes per block).
+    recent: VecDeque<u64>,
     /// Records in the index log (live or replaced): rewritten when far above the live.
     records: usize,
     /// Part layouts by fingerprint: each layer's bytes.
     layouts: HashMap<u64, Vec<u64>>,
+    /// The live blocks found at open, until taken.
+    replayed: Vec<BlockRecord>,
 }
 
 /// The error of `op` on `path` (the path is copied only when there is an error).
@@ -79,6 +85,15 @@ impl BlockFile {
     /// and replays its index. Fails with a clear error on a bad path, a locked path or a
     /// disk without the room.
     pub fn open(path: &Path, capacity: u64) -> Result<Self, SsdError> {
+        let mut replayed = Vec::new();
+        let mut file = Self::open_each(path, capacity, |put| replayed.push(put.to_record()))?;
+        file.replayed = replayed;
+        Ok(file)
+    }
+
+    /// [`Self::open`], handing each live block found to `each` (oldest first) instead
+    /// of keeping them: nothing is allocated per block.
+    pub fn open_each(path: &Path, capacity: u64, each: impl FnMut(&PutRef<'_>)) -> Result<Self, SsdError> {
         let data_path = if path.is_dir() { path.join(DATA_FILE) } else { path.to_path_buf() };
         let mut index_name = data_path.clone().into_os_string();
         index_name.push(".index");
@@ -100,6 +115,7 @@ impl BlockFile {
 
         let mut log = Vec::new();
         index.read_to_end(&mut log).map_err(io(&index_path, "read"))?;
+        let log_len = log.len();
         let header = Header { align: ALIGN as u32, capacity };
         let mut file = Self {
             data_path,
@@ -110,23 +126,25 @@ impl BlockFile {
             capacity,
             head: 0,
             next_seq: 0,
-            live: BTreeMap::new(),
+            recent: VecDeque::new(),
             records: 0,
             layouts: HashMap::new(),
+            replayed: Vec::new(),
         };
         match Header::decode(&log) {
-            Some(old) if old.align == header.align => {
-                let (entries, valid) = record::replay(&log);
-                file.replay(entries);
-                if valid < log.len() || old.capacity != capacity {
-                    // Cut a torn tail (and rewrite after a capacity change) so that new
-                    // records follow valid ones.
+            Some(old) if old.align == header.align && old.capacity == capacity => {
+                let valid = file.replay(&log, each);
+                drop(log);
+                if valid < log_len {
+                    // Cut a torn tail so that new records follow valid ones.
                     file.rewrite_index()?;
                 }
             }
             _ => {
                 if !log.is_empty() {
-                    tracing::warn!(path = %file.index_path.display(), "SSD index unreadable or from another layout: starting empty");
+                    // Another capacity maps positions to other file offsets: the old
+                    // blocks cannot be found again.
+                    tracing::warn!(path = %file.index_path.display(), "SSD index unreadable, of another format or capacity: starting empty");
                 }
                 file.index.set_len(0).map_err(io(&file.index_path, "truncate"))?;
                 file.index.write_all(&header.encode()).map_err(io(&file.index_path, "write"))?;
@@ -135,52 +153,94 @@ impl BlockFile {
         Ok(file)
     }
 
-    fn replay(&mut self, entries: Vec<Entry>) {
-        for entry in entries {
-            match entry {
-                Entry::Layout(fingerprint, layers) => {
-                    self.layouts.insert(fingerprint, layers);
-                }
-                Entry::Put(rec) => {
-                    self.records += 1;
-                    let end = rec.offset + aligned_up(u64::from(rec.len));
-                    if end > self.capacity || rec.offset % ALIGN != 0 || !self.layouts.contains_key(&rec.id.layout) {
-                        continue; // beyond a shrunk capacity, or a layout never recorded
-                    }
-                    self.evict_range(rec.offset, end);
-                    self.next_seq = self.next_seq.max(rec.seq + 1);
-                    self.head = end;
-                    self.live.insert(rec.offset, rec);
-                }
-                Entry::Drop(offset) => {
-                    self.live.remove(&offset);
+    /// Replays the index log: layouts, the head and sequence first, then hands the blocks
+    /// still live (not overwritten, not dropped) to `each`, oldest first. Returns the
+    /// length of the log's valid prefix.
+    fn replay(&mut self, log: &[u8], mut each: impl FnMut(&PutRef<'_>)) -> usize {
+        let mut dropped = HashSet::new();
+        let capacity = self.capacity;
+        let fits = |put: &PutRef<'_>| {
+            put.offset.is_multiple_of(ALIGN) && put.offset % capacity + aligned_up(u64::from(put.len)) <= capacity
+        };
+        let valid = record::replay_each(log, |entry| match entry {
+            EntryRef::Layout(fingerprint, layers) => {
+                self.layouts.insert(fingerprint, layers);
+            }
+            EntryRef::Put(put) => {
+                self.records += 1;
+                if fits(&put) {
+                    self.next_seq = self.next_seq.max(put.seq + 1);
+                    self.head = self.head.max(put.offset + aligned_up(u64::from(put.len)));
                 }
             }
-        }
-        if self.head >= self.capacity {
-            self.head = 0;
-        }
+            EntryRef::Drop(position) => {
+                dropped.insert(position);
+            }
+        });
+        let (head, layouts) = (self.head, &self.layouts);
+        let mut recent = VecDeque::new();
+        record::replay_each(&log[..valid], |entry| {
+            if let EntryRef::Put(put) = entry
+                && fits(&put)
+                && head <= put.offset.saturating_add(capacity)
+                && !dropped.contains(&put.offset)
+                && layouts.contains_key(&put.layout)
+            {
+                recent.push_back(put.offset);
+                each(&put);
+            }
+        });
+        self.recent = recent;
+        valid
     }
 
-    /// Rewrites the index with the live blocks only (in write order).
+    /// Whether the block written at virtual position `position` is still in the file (no
+    /// later write reached its extent).
+    pub fn is_live(&self, position: u64) -> bool {
+        self.head <= position.saturating_add(self.capacity)
+    }
+
+    /// The live blocks found when the file was opened, oldest first (once: later calls
+    /// return nothing).
+    pub fn take_replayed(&mut self) -> Vec<BlockRecord> {
+        std::mem::take(&mut self.replayed)
+    }
+
+    /// Rewrites the index with the live blocks only (in write order), from the log on
+    /// disk (the file keeps no records in memory).
     fn rewrite_index(&mut self) -> Result<(), SsdError> {
-        let mut records: Vec<&BlockRecord> = self.live.values().collect();
-        records.sort_by_key(|r| r.seq);
-        let mut log = Header { align: ALIGN as u32, capacity: self.capacity }.encode().to_vec();
-        let used: std::collections::BTreeSet<u64> = records.iter().map(|r| r.id.layout).collect();
-        for fingerprint in used {
-            if let Some(layers) = self.layouts.get(&fingerprint) {
-                log.extend_from_slice(&record::encode_layout(fingerprint, layers));
+        let mut old = Vec::new();
+        let path = self.index_path.clone();
+        self.index.seek(SeekFrom::Start(0)).map_err(io(&path, "seek"))?;
+        self.index.read_to_end(&mut old).map_err(io(&path, "read"))?;
+        let mut dropped = HashSet::new();
+        let valid = record::replay_each(&old, |entry| {
+            if let EntryRef::Drop(position) = entry {
+                dropped.insert(position);
             }
+        });
+        let mut log = Header { align: ALIGN as u32, capacity: self.capacity }.encode().to_vec();
+        let mut layouts: Vec<(&u64, &Vec<u64>)> = self.layouts.iter().collect();
+        layouts.sort_unstable_by_key(|(fingerprint, _)| **fingerprint);
+        for (fingerprint, layers) in layouts {
+            log.extend_from_slice(&record::encode_layout(*fingerprint, layers));
         }
-        for rec in records {
-            log.extend_from_slice(&record::encode_put(rec));
-        }
-        let path = &self.index_path;
-        self.index.set_len(0).map_err(io(path, "truncate"))?;
-        self.index.write_all(&log).map_err(io(path, "write"))?;
-        self.index.sync_data().map_err(io(path, "sync"))?;
-        self.records = self.live.len();
+        let mut kept = 0;
+        let head = self.head;
+        record::replay_each(&old[..valid], |entry| {
+            if let EntryRef::Put(put) = entry
+                && head <= put.offset.saturating_add(self.capacity)
+                && !dropped.contains(&put.offset)
+            {
+                log.extend_from_slice(&record::encode_put(&put.to_record()));
+                kept += 1;
+            }
+        });
+        drop(old);
+        self.index.set_len(0).map_err(io(&path, "truncate"))?;
+        self.index.write_all(&log).map_err(io(&path, "write"))?;
+        self.index.sync_data().map_err(io(&path, "sync"))?;
+        self.records = kept;
         Ok(())
     }
 
@@ -221,29 +281,9 @@ impl BlockFile {
         }
     }
 
-    /// The blocks stored (and indexed), oldest first.
-    pub fn blocks(&self) -> Vec<&BlockRecord> {
-        let mut out: Vec<&BlockRecord> = self.live.values().collect();
-        out.sort_by_key(|r| r.seq);
-        out
-    }
-
-    /// Removes the live blocks overlapping `[start, end)`; returns them.
-    fn evict_range(&mut self, start: u64, end: u64) -> Vec<BlockRecord> {
-        let overlapping: Vec<u64> = self
-            .live
-            .range(..end)
-            .rev()
-            .take_while(|(offset, rec)| **offset + aligned_up(u64::from(rec.len)) > start)
-            .map(|(offset, _)| *offset)
-            .collect();
-        // Found backwards from the end; returned oldest (lowest offset) first.
-        overlapping.into_iter().rev().filter_map(|o| self.live.remove(&o)).collect()
-    }
-
-    /// Stores `data` as block `id` at the write head (wrapping at the end of the file).
-    /// Returns its record and the oldest blocks its extent replaced.
-    pub fn write(&mut self, id: BlockId, data: &[u8]) -> Result<(BlockRecord, Vec<BlockRecord>), SsdError> {
+    /// Stores `data` as block `id` at the write head (wrapping at the end of the file,
+    /// over the oldest blocks). Returns its record.
+    pub fn write(&mut self, id: BlockId, data: &[u8]) -> Result<BlockRecord, SsdError> {
         let len = u32::try_from(data.len()).map_err(|_| SsdError::Config("a block above 4 GiB".into()))?;
         let extent = aligned_up(data.len() as u64);
         if !self.layouts.contains_key(&id.layout) {
@@ -252,25 +292,33 @@ impl BlockFile {
         if extent > self.capacity {
             return Err(SsdError::Config(format!("a {extent}-byte block does not fit {} bytes", self.capacity)));
         }
-        if self.head + extent > self.capacity {
-            self.head = 0;
+        if self.head % self.capacity + extent > self.capacity {
+            // No room before the end: the next lap starts at the file's beginning.
+            self.head = self.head.div_ceil(self.capacity) * self.capacity;
         }
-        let offset = self.head;
-        let evicted = self.evict_range(offset, offset + extent);
+        let position = self.head;
         let mut buf = AlignedBuf::new(extent as usize);
         buf.bytes_mut()[..data.len()].copy_from_slice(data);
-        self.data.write_all_at(buf.bytes(), offset).map_err(io(&self.data_path, "write"))?;
-        let rec = BlockRecord { id, seq: self.next_seq, offset, len, checksum: xxh3_64(data) };
+        self.data.write_all_at(buf.bytes(), position % self.capacity).map_err(io(&self.data_path, "write"))?;
+        let rec = BlockRecord { id, seq: self.next_seq, offset: position, len, checksum: xxh3_64(data) };
         // Indexed only once the data is written: a crash in between leaves no record.
         self.append(&record::encode_put(&rec))?;
         self.next_seq += 1;
-        self.head = offset + extent;
-        self.live.insert(offset, rec.clone());
+        self.head = position + extent;
+        self.recent.push_back(position);
+        while self.recent.front().is_some_and(|p| !self.is_live(*p)) {
+            self.recent.pop_front();
+        }
         self.records += 1;
-        if self.records > 2 * self.live.len() + COMPACT_SLACK {
+        if self.records > 2 * self.recent.len() + COMPACT_SLACK {
             self.rewrite_index()?;
         }
-        Ok((rec, evicted))
+        Ok(rec)
+    }
+
+    /// The write head's virtual position.
+    pub fn head(&self) -> u64 {
+        self.head
     }
 
     /// Reads block `rec` into `out` (its payload length) and verifies its checksum.
@@ -284,21 +332,32 @@ impl BlockFile {
     /// Reads the block of `out.len()` payload bytes at `offset` into `out` and verifies
     /// it against `checksum`.
     pub fn read_at(&self, offset: u64, checksum: u64, out: &mut [u8]) -> Result<(), SsdError> {
+        if !self.is_live(offset) {
+            return Err(SsdError::Overwritten(offset));
+        }
         let mut buf = AlignedBuf::new(aligned_up(out.len() as u64) as usize);
-        self.data.read_exact_at(buf.bytes_mut(), offset).map_err(io(&self.data_path, "read"))?;
+        let at = offset % self.capacity;
+        self.data.read_exact_at(buf.bytes_mut(), at).map_err(io(&self.data_path, "read"))?;
         let payload = &buf.bytes()[..out.len()];
+        // Overwritten while it was read: not a corruption.
+        if !self.is_live(offset) {
+            return Err(SsdError::Overwritten(offset));
+        }
         if xxh3_64(payload) != checksum {
-            return Err(SsdError::Corrupt { path: self.data_path.clone(), offset });
+            return Err(SsdError::Corrupt { path: self.data_path.clone(), offset: at });
         }
         out.copy_from_slice(payload);
         Ok(())
     }
 
-    /// Forgets the block at `offset` (it failed its checksum, say), durably.
-    pub fn drop_block(&mut self, offset: u64) -> Result<Option<BlockRecord>, SsdError> {
-        let Some(rec) = self.live.remove(&offset) else { return Ok(None) };
-        self.append(&record::encode_drop(offset))?;
-        Ok(Some(rec))
+    /// Forgets the block at virtual position `offset` (it failed its checksum, say),
+    /// durably.
+    pub fn drop_block(&mut self, offset: u64) -> Result<(), SsdError> {
+        if self.is_live(offset) {
+            self.append(&record::encode_drop(offset))?;
+            self.records += 1;
+        }
+        Ok(())
     }
 
     fn append(&mut self, bytes: &[u8]) -> Result<(), SsdError> {

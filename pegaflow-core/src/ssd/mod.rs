@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 pub use file::{BlockFile, IoMode};
 pub use index::{PartId, PartLoc, SsdIndex};
-pub use record::{BlockId, BlockRecord};
+pub use record::{BlockId, BlockRecord, PutRef};
 
 /// Why an SSD cache path cannot be used, or a block not read.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,9 @@ pub enum SsdError {
         /// The block's offset.
         offset: u64,
     },
+    /// The block at this virtual position was overwritten by newer ones (a miss).
+    #[error("SSD cache: the block at position {0} was overwritten")]
+    Overwritten(u64),
     /// A setting or request outside what the store takes.
     #[error("SSD cache: {0}")]
     Config(String),

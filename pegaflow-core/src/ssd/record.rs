@@ -1,7 +1,7 @@
 //! The SSD tier's index log: an append-only file of fixed-format records, one per block
 //! written (`PUT`) or dropped (`DROP`), replayed at start.
 //!
-//! Layout (little endian): a 32-byte header (`magic`, `version`, alignment, capacity),
+//! Layout (little endian): a 32-byte header (`magic`, `version` 2, alignment, capacity),
 //! then records `len: u32 | kind: u8 | body | check: u32`, where `check` is the low half
 //! of xxh3-64 over `kind | body`. Replay stops at the first record that is short or fails
 //! its check (a write torn by a crash): everything after it is ignored and cut off.
@@ -12,6 +12,8 @@ use xxhash_rust::xxh3::xxh3_64;
 pub const MAGIC: &[u8; 8] = b"PFSSDIX1";
 /// Bytes of the file header.
 pub const HEADER_LEN: usize = 32;
+/// Format version: 2 records virtual positions (see [`BlockRecord::offset`]).
+const VERSION: u32 = 2;
 const KIND_PUT: u8 = 1;
 const KIND_DROP: u8 = 2;
 const KIND_LAYOUT: u8 = 3;
@@ -44,7 +46,9 @@ pub struct BlockRecord {
     pub id: BlockId,
     /// Order of writing (the log's replay order).
     pub seq: u64,
-    /// Byte offset in the data file (aligned).
+    /// Virtual position of the extent: the write head's position counted over every lap
+    /// of the circular data file (aligned; the byte offset in the file is this modulo the
+    /// capacity). A later write over the extent shows as a head past `offset + capacity`.
     pub offset: u64,
     /// Payload bytes (the extent is this, rounded up to the alignment).
     pub len: u32,
@@ -78,7 +82,7 @@ impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut out = [0u8; HEADER_LEN];
         out[..8].copy_from_slice(MAGIC);
-        out[8..12].copy_from_slice(&1u32.to_le_bytes());
+        out[8..12].copy_from_slice(&VERSION.to_le_bytes());
         out[12..16].copy_from_slice(&self.align.to_le_bytes());
         out[16..24].copy_from_slice(&self.capacity.to_le_bytes());
         out
@@ -86,7 +90,7 @@ impl Header {
 
     /// Decodes a header; `None` when it is not one of ours.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC || u32_at(bytes, 8)? != 1 {
+        if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC || u32_at(bytes, 8)? != VERSION {
             return None;
         }
         Some(Self { align: u32_at(bytes, 12)?, capacity: u64_at(bytes, 16)? })
@@ -145,13 +149,13 @@ pub fn encode_layout(fingerprint: u64, layer_bytes: &[u64]) -> Vec<u8> {
     frame(KIND_LAYOUT, &body)
 }
 
-fn decode_layout(body: &[u8]) -> Option<Entry> {
+fn decode_layout(body: &[u8]) -> Option<EntryRef<'static>> {
     let count = u32_at(body, 8)? as usize;
     if count > MAX_LAYOUT_LAYERS || body.len() != 12 + 8 * count {
         return None;
     }
     let layers = (0..count).map(|i| u64_at(body, 12 + 8 * i)).collect::<Option<Vec<u64>>>()?;
-    Some(Entry::Layout(u64_at(body, 0)?, layers))
+    Some(EntryRef::Layout(u64_at(body, 0)?, layers))
 }
 
 /// The bytes of a `DROP` record.
@@ -159,30 +163,73 @@ pub fn encode_drop(offset: u64) -> Vec<u8> {
     frame(KIND_DROP, &offset.to_le_bytes())
 }
 
-fn decode_put(body: &[u8]) -> Option<BlockRecord> {
+/// A `PUT` record read in place: the namespace borrows the log (replaying a million
+/// blocks allocates nothing per block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutRef<'a> {
+    /// The namespace.
+    pub namespace: &'a str,
+    /// The content hash.
+    pub hash: [u8; 32],
+    /// The part field (see [`BlockId::part`]).
+    pub part: u32,
+    /// The layout fingerprint.
+    pub layout: u64,
+    /// Order of writing.
+    pub seq: u64,
+    /// Virtual position.
+    pub offset: u64,
+    /// Payload bytes.
+    pub len: u32,
+    /// xxh3-64 of the payload.
+    pub checksum: u64,
+}
+
+impl PutRef<'_> {
+    /// An owned record.
+    pub fn to_record(&self) -> BlockRecord {
+        BlockRecord {
+            id: BlockId { namespace: self.namespace.to_owned(), hash: self.hash, part: self.part, layout: self.layout },
+            seq: self.seq,
+            offset: self.offset,
+            len: self.len,
+            checksum: self.checksum,
+        }
+    }
+}
+
+/// A replayed entry, read in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryRef<'a> {
+    /// A block was written.
+    Put(PutRef<'a>),
+    /// The block at this position was dropped.
+    Drop(u64),
+    /// A part layout.
+    Layout(u64, Vec<u64>),
+}
+
+fn decode_put(body: &[u8]) -> Option<PutRef<'_>> {
     let ns_len = usize::from(u16_at(body, PUT_FIXED - 2)?);
     if body.len() != PUT_FIXED + ns_len {
         return None;
     }
-    let namespace = String::from_utf8(body[PUT_FIXED..].to_vec()).ok()?;
-    Some(BlockRecord {
+    Some(PutRef {
+        namespace: std::str::from_utf8(&body[PUT_FIXED..]).ok()?,
         seq: u64_at(body, 0)?,
         offset: u64_at(body, 8)?,
         len: u32_at(body, 16)?,
+        part: u32_at(body, 20)?,
         checksum: u64_at(body, 24)?,
-        id: BlockId {
-            namespace,
-            part: u32_at(body, 20)?,
-            layout: u64_at(body, 32)?,
-            hash: body.get(40..72)?.try_into().ok()?,
-        },
+        layout: u64_at(body, 32)?,
+        hash: body.get(40..72)?.try_into().ok()?,
     })
 }
 
-/// Replays the records after the header: the entries in order, and the length of the
-/// valid prefix of `log` (where a torn or corrupt record starts, or its end).
-pub fn replay(log: &[u8]) -> (Vec<Entry>, usize) {
-    let mut entries = Vec::new();
+/// Replays the records after the header, calling `each` for every entry in order;
+/// returns the length of the valid prefix of `log` (where a torn or corrupt record
+/// starts, or its end).
+pub fn replay_each<'a>(log: &'a [u8], mut each: impl FnMut(EntryRef<'a>)) -> usize {
     let mut at = HEADER_LEN.min(log.len());
     while let Some(len) = u32_at(log, at).map(|l| l as usize) {
         let end = at + 4 + 1 + len + 4;
@@ -196,16 +243,29 @@ pub fn replay(log: &[u8]) -> (Vec<Entry>, usize) {
             break;
         }
         let entry = match kind {
-            KIND_PUT => decode_put(body).map(Entry::Put),
-            KIND_DROP if len == 8 => u64_at(body, 0).map(Entry::Drop),
+            KIND_PUT => decode_put(body).map(EntryRef::Put),
+            KIND_DROP if len == 8 => u64_at(body, 0).map(EntryRef::Drop),
             KIND_LAYOUT => decode_layout(body),
             _ => None,
         };
         let Some(entry) = entry else { break };
-        entries.push(entry);
+        each(entry);
         at = end;
     }
-    (entries, at)
+    at
+}
+
+/// Replays the records after the header into owned entries (see [`replay_each`]).
+pub fn replay(log: &[u8]) -> (Vec<Entry>, usize) {
+    let mut entries = Vec::new();
+    let valid = replay_each(log, |entry| {
+        entries.push(match entry {
+            EntryRef::Put(put) => Entry::Put(put.to_record()),
+            EntryRef::Drop(position) => Entry::Drop(position),
+            EntryRef::Layout(fingerprint, layers) => Entry::Layout(fingerprint, layers),
+        });
+    });
+    (entries, valid)
 }
 
 #[cfg(test)]

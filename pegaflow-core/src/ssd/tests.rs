@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use super::file::{ALIGN, DATA_FILE};
-use super::{BlockFile, BlockId, SsdError};
+use super::{BlockFile, BlockId, BlockRecord, SsdError};
 
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -40,11 +40,14 @@ fn open(path: &std::path::Path, capacity: u64) -> BlockFile {
     file
 }
 
-fn read(file: &BlockFile, n: u8) -> Result<Vec<u8>, SsdError> {
-    let rec = file.blocks().into_iter().find(|r| r.id == id(n)).cloned().expect("stored");
+fn read(file: &BlockFile, rec: &BlockRecord) -> Result<Vec<u8>, SsdError> {
     let mut out = vec![0u8; rec.len as usize];
-    file.read(&rec, &mut out)?;
+    file.read(rec, &mut out)?;
     Ok(out)
+}
+
+fn ids(records: &[BlockRecord]) -> Vec<BlockId> {
+    records.iter().map(|r| r.id.clone()).collect()
 }
 
 #[test]
@@ -52,18 +55,18 @@ fn blocks_round_trip_and_survive_a_restart() {
     let dir = TempDir::new();
     {
         let mut file = open(&dir.0, 1 << 20);
-        for n in 0..3u8 {
-            let (rec, evicted) = file.write(id(n), &payload(n, 5000 + usize::from(n))).unwrap();
-            assert!(evicted.is_empty());
-            assert_eq!(rec.offset % ALIGN, 0);
-        }
-        assert_eq!(read(&file, 1).unwrap(), payload(1, 5001));
+        let records: Vec<BlockRecord> =
+            (0..3u8).map(|n| file.write(id(n), &payload(n, 5000 + usize::from(n))).unwrap()).collect();
+        assert!(records.iter().all(|r| r.offset % ALIGN == 0 && file.is_live(r.offset)));
+        assert_eq!(read(&file, &records[1]).unwrap(), payload(1, 5001));
     } // dropped without any shutdown step: like a killed process
-    let file = open(&dir.0, 1 << 20);
-    assert_eq!(file.blocks().len(), 3);
-    for n in 0..3u8 {
-        assert_eq!(read(&file, n).unwrap(), payload(n, 5000 + usize::from(n)));
+    let mut file = open(&dir.0, 1 << 20);
+    let replayed = file.take_replayed();
+    assert_eq!(ids(&replayed), vec![id(0), id(1), id(2)]);
+    for (n, rec) in replayed.iter().enumerate() {
+        assert_eq!(read(&file, rec).unwrap(), payload(n as u8, 5000 + n));
     }
+    assert!(file.take_replayed().is_empty(), "handed out once");
     assert!(dir.0.join(DATA_FILE).exists());
 }
 
@@ -71,16 +74,16 @@ fn blocks_round_trip_and_survive_a_restart() {
 fn a_corrupted_block_is_an_error_and_can_be_dropped_for_good() {
     let dir = TempDir::new();
     let mut file = open(&dir.0, 1 << 20);
-    let (rec, _) = file.write(id(1), &payload(1, 9000)).unwrap();
-    file.write(id(2), &payload(2, 9000)).unwrap();
+    let rec = file.write(id(1), &payload(1, 9000)).unwrap();
+    let other = file.write(id(2), &payload(2, 9000)).unwrap();
     let data = OpenOptions::new().write(true).open(dir.0.join(DATA_FILE)).unwrap();
     data.write_all_at(&[0xAA], rec.offset + 100).unwrap();
-    assert!(matches!(read(&file, 1), Err(SsdError::Corrupt { offset, .. }) if offset == rec.offset));
-    assert_eq!(read(&file, 2).unwrap(), payload(2, 9000));
-    assert!(file.drop_block(rec.offset).unwrap().is_some());
+    assert!(matches!(read(&file, &rec), Err(SsdError::Corrupt { offset, .. }) if offset == rec.offset));
+    assert_eq!(read(&file, &other).unwrap(), payload(2, 9000));
+    file.drop_block(rec.offset).unwrap();
     drop(file);
-    let file = open(&dir.0, 1 << 20);
-    assert_eq!(file.blocks().iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![id(2)], "the drop is durable");
+    let mut file = open(&dir.0, 1 << 20);
+    assert_eq!(ids(&file.take_replayed()), vec![id(2)], "the drop is durable");
 }
 
 #[test]
@@ -97,13 +100,13 @@ fn a_torn_index_record_is_never_served_and_is_cut_off() {
     OpenOptions::new().write(true).open(&index).unwrap().set_len(len - 7).unwrap();
     {
         let mut file = open(&dir.0, 1 << 20);
-        assert_eq!(file.blocks().iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![id(1)]);
+        assert_eq!(ids(&file.take_replayed()), vec![id(1)]);
         file.write(id(3), &payload(3, 4096)).unwrap();
     }
-    let file = open(&dir.0, 1 << 20);
-    let ids: Vec<BlockId> = file.blocks().iter().map(|r| r.id.clone()).collect();
-    assert_eq!(ids, vec![id(1), id(3)], "records after the cut replay");
-    assert_eq!(read(&file, 3).unwrap(), payload(3, 4096));
+    let mut file = open(&dir.0, 1 << 20);
+    let replayed = file.take_replayed();
+    assert_eq!(ids(&replayed), vec![id(1), id(3)], "records after the cut replay");
+    assert_eq!(read(&file, &replayed[1]).unwrap(), payload(3, 4096));
 }
 
 #[test]
@@ -111,19 +114,19 @@ fn a_full_cache_reuses_its_oldest_blocks_also_after_a_restart() {
     let dir = TempDir::new();
     let capacity = 4 * ALIGN;
     let mut file = open(&dir.0, capacity);
-    for n in 0..4u8 {
-        assert!(file.write(id(n), &payload(n, 4000)).unwrap().1.is_empty());
-    }
-    let (_, evicted) = file.write(id(4), &payload(4, 6000)).unwrap();
-    assert_eq!(evicted.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![id(0), id(1)]);
+    let first: Vec<BlockRecord> = (0..4u8).map(|n| file.write(id(n), &payload(n, 4000)).unwrap()).collect();
+    let big = file.write(id(4), &payload(4, 6000)).unwrap();
+    assert_eq!(big.offset, capacity, "the second lap starts at the file's beginning");
+    let live: Vec<bool> = first.iter().map(|r| file.is_live(r.offset)).collect();
+    assert_eq!(live, vec![false, false, true, true], "the two oldest were overwritten");
+    assert!(matches!(read(&file, &first[0]), Err(SsdError::Overwritten(_))));
     drop(file);
     let mut file = open(&dir.0, capacity);
-    let ids: Vec<BlockId> = file.blocks().iter().map(|r| r.id.clone()).collect();
-    assert_eq!(ids, vec![id(2), id(3), id(4)]);
+    assert_eq!(ids(&file.take_replayed()), vec![id(2), id(3), id(4)]);
     // The head continues after block 4: block 2 goes next.
-    let (_, evicted) = file.write(id(5), &payload(5, 100)).unwrap();
-    assert_eq!(evicted.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![id(2)]);
-    assert_eq!(read(&file, 4).unwrap(), payload(4, 6000));
+    file.write(id(5), &payload(5, 100)).unwrap();
+    assert!(!file.is_live(first[2].offset) && file.is_live(first[3].offset));
+    assert_eq!(read(&file, &big).unwrap(), payload(4, 6000));
     assert!(matches!(file.write(id(6), &payload(6, 5 * 4096)), Err(SsdError::Config(_))));
 }
 
@@ -135,14 +138,13 @@ fn the_index_log_is_compacted_as_blocks_are_replaced() {
     for n in 0..20_000u32 {
         file.write(BlockId { hash: [(n % 251) as u8; 32], ..id(0) }, &n.to_le_bytes()).unwrap();
     }
-    assert_eq!(file.blocks().len(), 8);
     assert!(std::fs::metadata(&index).unwrap().len() < 1 << 20, "not every replaced record is kept");
     drop(file);
-    let file = open(&dir.0, 8 * ALIGN);
-    assert_eq!(file.blocks().len(), 8);
-    let last = (*file.blocks().last().unwrap()).clone();
+    let mut file = open(&dir.0, 8 * ALIGN);
+    let replayed = file.take_replayed();
+    assert_eq!(replayed.len(), 8);
     let mut out = vec![0u8; 4];
-    file.read(&last, &mut out).unwrap();
+    file.read(replayed.last().unwrap(), &mut out).unwrap();
     assert_eq!(out, 19_999u32.to_le_bytes());
     assert_eq!(file.layout(9), Some(&[4096u64, 4096][..]), "the layout survives compaction");
 }
@@ -183,9 +185,9 @@ fn layouts_are_recorded_once_and_required() {
     file.add_layout(9, &[4096, 4096]).unwrap();
     assert!(file.add_layout(9, &[8192]).is_err(), "one fingerprint, one layout");
     assert!(file.add_layout(10, &[]).is_err());
-    file.write(id(1), &payload(1, 100)).unwrap();
+    let rec = file.write(id(1), &payload(1, 100)).unwrap();
     drop(file);
     let file = BlockFile::open(&dir.0, 1 << 20).unwrap();
     assert_eq!(file.layout(9), Some(&[4096u64, 4096][..]));
-    assert_eq!(read(&file, 1).unwrap(), payload(1, 100));
+    assert_eq!(read(&file, &rec).unwrap(), payload(1, 100));
 }
