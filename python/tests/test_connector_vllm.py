@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from conftest import ServerHandle, StartServer, free_port, require_module
 from vllm_helpers import (
-    BLOCK_SIZE,
     close_llm,
     full_blocks,
     generate,
@@ -31,6 +30,7 @@ from vllm_helpers import (
 
 from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata
 from pegaflow.connector.worker import WorkerSide
+from pegaflow.testing import TINY_BLOCK_SIZE as BLOCK_SIZE
 
 require_module("vllm")
 torch = require_module("torch")

@@ -20,7 +20,7 @@ from e2e_helpers import (
     zero_blocks,
 )
 
-from pegaflow import EngineClient
+from pegaflow import EngineClient, SharedKvCache
 
 POOL = "64mb"  # 512 Llama-like blocks of 128 KiB
 
@@ -49,6 +49,23 @@ def query_until_hit(
         loading += 1
         assert time.monotonic() < deadline, "still loading"
         time.sleep(0.01)
+
+
+def saved_on_ssd(
+    start_server: StartServer,
+    kv: SharedKvCache,
+    instance_id: str,
+    path: Path,
+    blocks: int,
+) -> tuple[ServerHandle, list[bytes]]:
+    """A server on ``path`` with blocks 0..``blocks`` of ``kv`` saved and written."""
+    server = start_server(POOL, ssd_args(path))
+    client = server.client()
+    client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
+    hashes = random_hashes(blocks)
+    client.save(instance_id, 0, list(range(blocks)), hashes)
+    wait_written(server, blocks)
+    return server, hashes
 
 
 def fill_and_evict(client: EngineClient, instance_id: str, ids: list[int], rounds: int) -> None:
@@ -89,14 +106,9 @@ def test_blocks_evicted_from_the_pool_come_back_from_the_ssd(
 def test_a_restarted_server_serves_what_it_wrote_before_a_kill(
     start_server: StartServer, kv_cache: KvFactory, instance_id: str, tmp_path: Path
 ) -> None:
-    server = start_server(POOL, ssd_args(tmp_path))
-    client = server.client()
     kv = kv_cache(num_blocks=1024, seed=4)
-    client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
-    hashes = random_hashes(32)
     originals = snapshot(kv, list(range(32)))
-    client.save(instance_id, 0, list(range(32)), hashes)
-    wait_written(server, 32)
+    server, hashes = saved_on_ssd(start_server, kv, instance_id, tmp_path, 32)
     server.stop(signal.SIGKILL)
 
     again = start_server(POOL, ssd_args(tmp_path), endpoint=server.endpoint)
@@ -114,13 +126,8 @@ def test_a_restarted_server_serves_what_it_wrote_before_a_kill(
 def test_a_corrupted_block_is_a_miss_and_is_dropped(
     start_server: StartServer, kv_cache: KvFactory, instance_id: str, tmp_path: Path
 ) -> None:
-    server = start_server(POOL, ssd_args(tmp_path))
-    client = server.client()
     kv = kv_cache(num_blocks=1024, seed=5)
-    client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
-    hashes = random_hashes(4)
-    client.save(instance_id, 0, [0, 1, 2, 3], hashes)
-    wait_written(server, 4)
+    server, hashes = saved_on_ssd(start_server, kv, instance_id, tmp_path, 4)
     server.stop(signal.SIGTERM)
     data = tmp_path / "pegaflow-ssd.data"
     with data.open("r+b") as f:  # the first block's first bytes
