@@ -260,6 +260,9 @@ def test_a_restarted_server_gives_a_fresh_engine_the_prefix_from_its_ssd(
     server.stop(signal.SIGKILL)  # RAM lost
 
     restarted = start_server(extra_args=ssd, endpoint=server.endpoint)
+    while restarted.metric("pegaflow_ssd_recovering") != 0:
+        assert time.monotonic() < deadline + 20.0, "SSD index not recovered"
+        time.sleep(0.01)
     tokens, cached, _ = generate(engines(restarted.endpoint), PROMPT)
     assert (tokens, cached) == (reference["prompt"], full_blocks(len(PROMPT)))
     assert restarted.metric("pegaflow_ssd_promoted_blocks_total") >= 1

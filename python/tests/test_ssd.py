@@ -36,6 +36,16 @@ def wait_written(server: ServerHandle, blocks: int, timeout_s: float = 20.0) -> 
         time.sleep(0.02)
 
 
+def restarted(start_server: StartServer, args: list[str], endpoint: str) -> ServerHandle:
+    """A server started again with ``args``, once it replayed the SSD's index."""
+    server = start_server(POOL, args, endpoint=endpoint)
+    deadline = time.monotonic() + 20
+    while server.metric("pegaflow_ssd_recovering") != 0:
+        assert time.monotonic() < deadline, "SSD index not recovered"
+        time.sleep(0.01)
+    return server
+
+
 def query_until_hit(
     client: EngineClient, instance_id: str, hashes: list[bytes], timeout_s: float = 20.0
 ) -> tuple[int, str | None, int]:
@@ -111,7 +121,7 @@ def test_a_restarted_server_serves_what_it_wrote_before_a_kill(
     server, hashes = saved_on_ssd(start_server, kv, instance_id, tmp_path, 32)
     server.stop(signal.SIGKILL)
 
-    again = start_server(POOL, ssd_args(tmp_path), endpoint=server.endpoint)
+    again = restarted(start_server, ssd_args(tmp_path), server.endpoint)
     assert again.metric("pegaflow_ssd_recovered_blocks") == 32
     client = again.client()
     client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
@@ -135,7 +145,7 @@ def test_a_corrupted_block_is_a_miss_and_is_dropped(
         f.seek(0)
         f.write(bytes(b ^ 0xFF for b in first))
 
-    again = start_server(POOL, ssd_args(tmp_path), endpoint=server.endpoint)
+    again = restarted(start_server, ssd_args(tmp_path), server.endpoint)
     client = again.client()
     client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
     hits, lease, _ = query_until_hit(client, instance_id, hashes)
@@ -232,7 +242,7 @@ def test_the_scheduler_waits_while_the_server_copies_up_then_hits(
     client.save(instance_id, 0, list(range(10)), hashes)
     wait_written(server, 10)
     server.stop(signal.SIGKILL)
-    again = start_server(POOL, ssd_args(tmp_path), endpoint=server.endpoint)
+    again = restarted(start_server, ssd_args(tmp_path), server.endpoint)
     again.client().register_kv_layers(instance_id, "ns", 0, 1, kv.layer_specs())
 
     config = ConnectorConfig(instance_id=instance_id, endpoint=again.endpoint)
@@ -299,7 +309,7 @@ def test_a_full_ssd_reuses_its_oldest_blocks(
     assert server.metric("pegaflow_ssd_blocks") == 16
     server.stop(signal.SIGTERM)  # RAM gone
 
-    again = start_server(POOL, args, endpoint=server.endpoint)
+    again = restarted(start_server, args, server.endpoint)
     assert again.metric("pegaflow_ssd_recovered_blocks") == 16
     client = again.client()
     client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())

@@ -57,6 +57,7 @@ impl Default for SsdConfig {
 /// What the tier's threads share with the engine.
 struct Shared {
     files: Vec<RwLock<BlockFile>>,
+    recovery: Recovery,
     /// Pool bytes pinned by queued or running writes.
     pinned: AtomicU64,
     index: Mutex<SsdIndex>,
@@ -76,58 +77,108 @@ pub(super) struct SsdTier {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Where the replay of the cache paths' indexes stands.
+#[derive(Default)]
+struct Recovery {
+    /// `None` while replaying; then whether it succeeded.
+    done: Mutex<Option<bool>>,
+    changed: parking_lot::Condvar,
+}
+
+impl Recovery {
+    fn finish(&self, ok: bool, metrics: &EngineMetrics) {
+        metrics.ssd.recovering.set(0);
+        *self.done.lock() = Some(ok);
+        self.changed.notify_all();
+    }
+
+    /// Waits for the replay; whether the tier can be used.
+    fn wait(&self) -> bool {
+        let mut done = self.done.lock();
+        while done.is_none() {
+            self.changed.wait(&mut done);
+        }
+        done.unwrap_or(false)
+    }
+}
+
+/// Replays every cache path's index log into the tier's index, then lets writes in.
+fn recover(shared: &Shared) {
+    let started = Instant::now();
+    let mut index = SsdIndex::new(&vec![(0, u64::MAX); shared.files.len()]);
+    for (number, file) in shared.files.iter().enumerate() {
+        let mut file = file.write();
+        let replayed = file.recover(|put| {
+            let (Some(part), Some(layout)) = (PartId::from_u32(put.part), index.layout_id(put.layout, put.len)) else {
+                return;
+            };
+            let loc =
+                PartLoc { position: put.offset, checksum: put.checksum, len: put.len, file: number as u16, layout };
+            index.insert_replayed(put.namespace, put.hash, part, loc);
+        });
+        if let Err(e) = replayed {
+            tracing::error!(error = %e, "SSD index cannot be replayed: the SSD tier is off");
+            shared.recovery.finish(false, &shared.metrics);
+            return;
+        }
+        index.set_file(number as u16, file.head(), file.capacity());
+    }
+    let blocks = index.len();
+    *shared.index.lock() = index;
+    shared.metrics.ssd.recovered_blocks.set(blocks as i64);
+    shared.metrics.ssd.blocks.set(blocks as i64);
+    tracing::info!(
+        paths = shared.files.len(),
+        blocks,
+        seconds = started.elapsed().as_secs_f64(),
+        "SSD index recovered"
+    );
+    shared.recovery.finish(true, &shared.metrics);
+}
+
 /// Share of the pool that blocks waiting for their SSD write may hold (pinned, they
 /// cannot be evicted): a save always finds the rest of the pool evictable.
 const WRITE_PIN_SHARE: u64 = 8;
 
 impl SsdTier {
-    /// Opens every cache path (a bad path, a locked one or one without room fails here),
-    /// replays their indexes and starts the I/O threads.
+    /// Opens every cache path (a bad path, a locked one or one without room fails here)
+    /// and starts the I/O threads; the indexes are replayed in the background (the
+    /// server serves meanwhile: SSD lookups miss and writes wait until it is done).
     pub fn open(
         config: &SsdConfig,
         cache: Arc<Mutex<BlockCache>>,
         pool: Arc<HostPool>,
         metrics: Arc<EngineMetrics>,
     ) -> Result<Self, SsdError> {
-        if config.paths.is_empty() || config.paths.len() > usize::from(u16::MAX) {
-            return Err(SsdError::Config(format!("{} cache paths", config.paths.len())));
+        if config.paths.is_empty() || config.paths.len() > usize::from(u8::MAX) {
+            return Err(SsdError::Config(format!("{} cache paths (1 to 255)", config.paths.len())));
         }
-        let started = Instant::now();
         let each = config.capacity / config.paths.len() as u64;
-        // Heads are known once each file is open: the index learns them after the replay
-        // (a replayed block is live by construction).
-        let mut index = SsdIndex::new(&vec![(0, u64::MAX); config.paths.len()]);
-        let mut files = Vec::with_capacity(config.paths.len());
-        for (number, path) in config.paths.iter().enumerate() {
-            let file = BlockFile::open_each(path, each, |put| {
-                let (Some(part), Some(layout)) = (PartId::from_u32(put.part), index.layout_id(put.layout, put.len))
-                else {
-                    return;
-                };
-                let loc =
-                    PartLoc { position: put.offset, checksum: put.checksum, len: put.len, file: number as u16, layout };
-                index.insert_replayed(put.namespace, put.hash, part, loc);
-            })?;
-            index.set_file(number as u16, file.head(), file.capacity());
-            files.push(file);
-        }
-        let files: Vec<RwLock<BlockFile>> = files.into_iter().map(RwLock::new).collect();
-        let ssd = &metrics.ssd;
-        ssd.capacity_bytes.set(files.iter().map(|f| f.read().capacity()).sum::<u64>() as i64);
-        ssd.recovered_blocks.set(index.len() as i64);
-        ssd.blocks.set(index.len() as i64);
-        tracing::info!(
-            paths = config.paths.len(),
-            blocks = index.len(),
-            seconds = started.elapsed().as_secs_f64(),
-            "SSD index recovered"
-        );
+        let files =
+            config.paths.iter().map(|p| BlockFile::prepare(p, each).map(RwLock::new)).collect::<Result<Vec<_>, _>>()?;
+        metrics.ssd.capacity_bytes.set(files.iter().map(|f| f.read().capacity()).sum::<u64>() as i64);
+        metrics.ssd.recovering.set(1);
+        let index = SsdIndex::new(&vec![(0, u64::MAX); files.len()]);
         let max_pinned = pool.len() / WRITE_PIN_SHARE;
-        let shared =
-            Arc::new(Shared { files, pinned: AtomicU64::new(0), index: Mutex::new(index), cache, pool, metrics });
+        let shared = Arc::new(Shared {
+            files,
+            recovery: Recovery::default(),
+            pinned: AtomicU64::new(0),
+            index: Mutex::new(index),
+            cache,
+            pool,
+            metrics,
+        });
         let (writes, write_rx) = sync_channel(config.write_queue_depth.max(1));
         let (prefetches, prefetch_rx) = sync_channel(config.prefetch_queue_depth.max(1));
         let mut threads = Vec::new();
+        let recovering = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("pegaflow-ssd-recover".into())
+                .spawn(move || recover(&recovering))
+                .map_err(|e| SsdError::Config(format!("cannot start SSD threads: {e}")))?,
+        );
         spawn_workers(&mut threads, "pegaflow-ssd-write", config.write_inflight, &shared, write_rx, write_batch)?;
         spawn_workers(
             &mut threads,
@@ -277,6 +328,12 @@ fn file_of(hash: &BlockHash, files: usize) -> usize {
 fn write_batch(shared: &Shared, batch: Vec<PinnedBlock>) {
     let metrics = &shared.metrics.ssd;
     metrics.write_queue_batches.dec();
+    if !shared.recovery.wait() {
+        metrics.dropped_writes.inc_by(batch.len() as u64);
+        shared.cache.lock().unpin_blocks(batch.iter().map(|b| &b.key));
+        shared.pinned.fetch_sub(batch.iter().map(PinnedBlock::bytes).sum(), Ordering::AcqRel);
+        return;
+    }
     let label = IoLabel { direction: "write" };
     for block in &batch {
         let number = file_of(&block.key.hash, shared.files.len());

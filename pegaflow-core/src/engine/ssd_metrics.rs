@@ -50,6 +50,8 @@ pub struct SsdMetrics {
     pub blocks: Gauge,
     /// Blocks found on the SSD at start.
     pub recovered_blocks: Gauge,
+    /// 1 while the cache paths' indexes are replayed after start (SSD lookups miss).
+    pub recovering: Gauge,
     /// Usable SSD bytes (all cache paths).
     pub capacity_bytes: Gauge,
 }
@@ -67,6 +69,7 @@ impl Default for SsdMetrics {
             prefetching_blocks: Gauge::default(),
             blocks: Gauge::default(),
             recovered_blocks: Gauge::default(),
+            recovering: Gauge::default(),
             capacity_bytes: Gauge::default(),
         };
         for direction in ["write", "read"] {
@@ -93,6 +96,7 @@ impl SsdMetrics {
         r.register("prefetching_blocks", "Blocks being copied up from the SSD", self.prefetching_blocks.clone());
         r.register("blocks", "Blocks with every part on the SSD", self.blocks.clone());
         r.register("recovered_blocks", "Blocks found on the SSD at start", self.recovered_blocks.clone());
+        r.register("recovering", "1 while the SSD indexes are replayed after start", self.recovering.clone());
         r.register("capacity_bytes", "Usable SSD cache bytes", self.capacity_bytes.clone());
     }
 }

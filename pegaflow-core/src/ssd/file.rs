@@ -68,6 +68,8 @@ pub struct BlockFile {
     layouts: HashMap<u64, Vec<u64>>,
     /// The live blocks found at open, until taken.
     replayed: Vec<BlockRecord>,
+    /// The index log was replayed: blocks may be written.
+    recovered: bool,
 }
 
 /// The error of `op` on `path` (the path is copied only when there is an error).
@@ -94,6 +96,15 @@ impl BlockFile {
     /// [`Self::open`], handing each live block found to `each` (oldest first) instead
     /// of keeping them: nothing is allocated per block.
     pub fn open_each(path: &Path, capacity: u64, each: impl FnMut(&PutRef<'_>)) -> Result<Self, SsdError> {
+        let mut file = Self::prepare(path, capacity)?;
+        file.recover(each)?;
+        Ok(file)
+    }
+
+    /// The part of [`Self::open`] that can fail on a bad path, a locked one or a disk
+    /// without the room (fast: files opened, locked, reserved). [`Self::recover`] must
+    /// follow before blocks are written.
+    pub fn prepare(path: &Path, capacity: u64) -> Result<Self, SsdError> {
         let data_path = if path.is_dir() { path.join(DATA_FILE) } else { path.to_path_buf() };
         let mut index_name = data_path.clone().into_os_string();
         index_name.push(".index");
@@ -103,7 +114,7 @@ impl BlockFile {
             return Err(SsdError::Config(format!("{}: capacity below {ALIGN} bytes", path.display())));
         }
         // Appends only: records go after the valid ones (a torn tail is cut first).
-        let mut index = OpenOptions::new()
+        let index = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
@@ -112,12 +123,7 @@ impl BlockFile {
         lock(&index, &index_path)?;
         let (data, mode) = open_data(&data_path)?;
         reserve(&data, &data_path, capacity)?;
-
-        let mut log = Vec::new();
-        index.read_to_end(&mut log).map_err(io(&index_path, "read"))?;
-        let log_len = log.len();
-        let header = Header { align: ALIGN as u32, capacity };
-        let mut file = Self {
+        Ok(Self {
             data_path,
             index_path,
             data,
@@ -130,27 +136,42 @@ impl BlockFile {
             records: 0,
             layouts: HashMap::new(),
             replayed: Vec::new(),
-        };
+            recovered: false,
+        })
+    }
+
+    /// Replays the index log (the slow part of [`Self::open`]: a million blocks take a
+    /// fraction of a second), handing each live block to `each`, oldest first.
+    pub fn recover(&mut self, each: impl FnMut(&PutRef<'_>)) -> Result<(), SsdError> {
+        if self.recovered {
+            return Ok(());
+        }
+        let mut log = Vec::new();
+        self.index.seek(SeekFrom::Start(0)).map_err(io(&self.index_path, "seek"))?;
+        self.index.read_to_end(&mut log).map_err(io(&self.index_path, "read"))?;
+        let header = Header { align: ALIGN as u32, capacity: self.capacity };
         match Header::decode(&log) {
-            Some(old) if old.align == header.align && old.capacity == capacity => {
-                let valid = file.replay(&log, each);
+            Some(old) if old == header => {
+                let valid = self.replay(&log, each);
+                let torn = valid < log.len();
                 drop(log);
-                if valid < log_len {
+                if torn {
                     // Cut a torn tail so that new records follow valid ones.
-                    file.rewrite_index()?;
+                    self.rewrite_index()?;
                 }
             }
             _ => {
                 if !log.is_empty() {
                     // Another capacity maps positions to other file offsets: the old
                     // blocks cannot be found again.
-                    tracing::warn!(path = %file.index_path.display(), "SSD index unreadable, of another format or capacity: starting empty");
+                    tracing::warn!(path = %self.index_path.display(), "SSD index unreadable, of another format or capacity: starting empty");
                 }
-                file.index.set_len(0).map_err(io(&file.index_path, "truncate"))?;
-                file.index.write_all(&header.encode()).map_err(io(&file.index_path, "write"))?;
+                self.index.set_len(0).map_err(io(&self.index_path, "truncate"))?;
+                self.index.write_all(&header.encode()).map_err(io(&self.index_path, "write"))?;
             }
         }
-        Ok(file)
+        self.recovered = true;
+        Ok(())
     }
 
     /// Replays the index log: layouts, the head and sequence first, then hands the blocks
@@ -267,6 +288,9 @@ impl BlockFile {
     /// Records a part layout (each layer's bytes) under `fingerprint`, once; blocks of
     /// that layout may be written afterwards.
     pub fn add_layout(&mut self, fingerprint: u64, layer_bytes: &[u64]) -> Result<(), SsdError> {
+        if !self.recovered {
+            return Err(SsdError::Config("the index log is not replayed yet (recover first)".into()));
+        }
         if layer_bytes.is_empty() || layer_bytes.len() > record::MAX_LAYOUT_LAYERS {
             return Err(SsdError::Config(format!("a layout of {} layers", layer_bytes.len())));
         }
@@ -286,6 +310,9 @@ impl BlockFile {
     pub fn write(&mut self, id: BlockId, data: &[u8]) -> Result<BlockRecord, SsdError> {
         let len = u32::try_from(data.len()).map_err(|_| SsdError::Config("a block above 4 GiB".into()))?;
         let extent = aligned_up(data.len() as u64);
+        if !self.recovered {
+            return Err(SsdError::Config("the index log is not replayed yet (recover first)".into()));
+        }
         if !self.layouts.contains_key(&id.layout) {
             return Err(SsdError::Config(format!("block of unrecorded layout {:#x} (add_layout first)", id.layout)));
         }
