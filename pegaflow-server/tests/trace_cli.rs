@@ -84,3 +84,36 @@ fn bad_input_fails_clearly() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot"), "{err}");
 }
+
+#[test]
+fn an_ssd_tier_adds_hits_and_each_write_policy_writes_what_it_says() {
+    let dir = std::env::temp_dir().join(format!("pegaflow-trace-ssd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("synth.jsonl");
+    let trace_arg = trace.to_str().unwrap();
+    let (code, _, err) = replay(&["synth", "--requests", "3000", "--conversations", "500", "--out", trace_arg], None);
+    assert_eq!(code, 0, "{err}");
+    let base = ["--trace", trace_arg, "--policy", "tinylfu", "--capacity-fraction", "0.05"];
+    let (code, out, err) = replay(&base, None);
+    assert_eq!(code, 0, "{err}");
+    let ram_only = last_json(&out);
+    assert_eq!(ram_only["ssd_hit_blocks"], 0);
+    let mut written = Vec::new();
+    for writes in ["on-save", "on-evict", "second-use"] {
+        let args: Vec<&str> =
+            base.iter().copied().chain(["--ssd-capacity-fraction", "0.5", "--ssd-writes", writes]).collect();
+        let (code, out, err) = replay(&args, None);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("SSD of"), "{out}");
+        let report = last_json(&out);
+        assert_eq!(report["ssd_writes"], writes);
+        let hits = report["ssd_hit_blocks"].as_u64().unwrap();
+        assert!(hits > 0, "{writes}: the SSD serves hits the cache lost");
+        assert!(report["block_hit_ratio"].as_f64().unwrap() > ram_only["block_hit_ratio"].as_f64().unwrap());
+        written.push(report["ssd_written_blocks"].as_u64().unwrap());
+    }
+    assert!(written[0] >= written[1] && written[1] >= written[2], "on-save ≥ on-evict ≥ second-use: {written:?}");
+    let (code, _, err) = replay(&[&base[..], &["--ssd-capacity-fraction=-1"]].concat(), None);
+    assert_eq!(code, 1, "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

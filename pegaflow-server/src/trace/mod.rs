@@ -3,6 +3,7 @@
 
 pub mod format;
 pub mod replay;
+pub mod ssd;
 pub mod synth;
 
 use std::io::{BufReader, Write};
@@ -12,7 +13,8 @@ use clap::{ArgGroup, Parser, Subcommand};
 
 use crate::config::parse_size;
 use format::{read_trace, write_trace};
-use replay::{Capacity, ReplayPolicy, ReplayReport, replay};
+use replay::{Capacity, ReplayPolicy, ReplayReport, SsdReplay, replay};
+use ssd::SsdWrites;
 use synth::{SynthConfig, synthesize};
 
 /// Replays a KV-cache trace (JSON Lines: `{"timestamp", "input_length", "output_length",
@@ -40,6 +42,17 @@ pub struct TraceCli {
     /// W-TinyLFU window, percent of the resident blocks (tuning; default: the server's).
     #[arg(long, hide = true)]
     pub window_percent: Option<u64>,
+    /// An SSD tier below the cache, of this many blocks (a circular log, like the
+    /// server's); its hits are copied up into the cache.
+    #[arg(long, conflicts_with = "ssd_capacity_fraction")]
+    pub ssd_capacity_blocks: Option<u64>,
+    /// An SSD tier of this fraction of the trace's distinct blocks.
+    #[arg(long)]
+    pub ssd_capacity_fraction: Option<f64>,
+    /// When blocks go to the SSD: `on-save` (written through: the server's choice),
+    /// `on-evict` (when the cache evicts them) or `second-use` (evicted after a hit).
+    #[arg(long, value_enum, default_value = "on-save")]
+    pub ssd_writes: SsdWrites,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -121,7 +134,18 @@ fn run(cli: TraceCli) -> Result<(), TraceToolError> {
     } else {
         read_trace(BufReader::new(std::fs::File::open(&path)?))?
     };
-    let report = replay(&requests, policy, capacity, cli.block_bytes, cli.window_percent)?;
+    let ssd_capacity = match (cli.ssd_capacity_blocks, cli.ssd_capacity_fraction) {
+        (None, None) => None,
+        (Some(n), None) if n > 0 => Some(Capacity::Blocks(n)),
+        (None, Some(f)) if f > 0.0 && f.is_finite() => Some(Capacity::Fraction(f)),
+        _ => {
+            return Err(TraceToolError::Usage(
+                "give a positive --ssd-capacity-blocks or --ssd-capacity-fraction".into(),
+            ));
+        }
+    };
+    let ssd = ssd_capacity.map(|capacity| SsdReplay { capacity, writes: cli.ssd_writes });
+    let report = replay(&requests, policy, capacity, cli.block_bytes, cli.window_percent, ssd)?;
     let mut out = std::io::stdout().lock();
     print_summary(&mut out, &report)?;
     serde_json::to_writer(&mut out, &report).map_err(std::io::Error::from)?;
@@ -145,5 +169,12 @@ fn print_summary(out: &mut impl Write, r: &ReplayReport) -> std::io::Result<()> 
         "  admissions rejected {}, evictions {}, blocks not stored {}",
         r.admissions_rejected, r.evictions, r.skipped_blocks
     )?;
+    if let Some(writes) = r.ssd_writes {
+        writeln!(
+            out,
+            "  SSD of {} blocks, written {:?}: {} of the hits from the SSD, {} blocks written",
+            r.ssd_capacity_blocks, writes, r.ssd_hit_blocks, r.ssd_written_blocks
+        )?;
+    }
     writeln!(out, "  {:.0} queries/s on one core, {:.0} requests/s replayed", r.queries_per_s, r.requests_per_s)
 }

@@ -15,6 +15,7 @@ use pegaflow_core::memory::PoolAllocator;
 use serde::Serialize;
 
 use super::format::{TOKENS_PER_BLOCK, TraceRequest};
+use super::ssd::{SsdModel, SsdWrites};
 
 /// Policies the replay can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -61,6 +62,14 @@ pub struct ReplayReport {
     pub evictions: u64,
     /// Blocks a save did not store (refused, or no room among pinned blocks).
     pub skipped_blocks: u64,
+    /// Of `hit_blocks`, those found on the SSD (copied up into RAM); 0 without one.
+    pub ssd_hit_blocks: u64,
+    /// Blocks the SSD holds; 0 without one.
+    pub ssd_capacity_blocks: u64,
+    /// When blocks went to the SSD, if there was one.
+    pub ssd_writes: Option<SsdWrites>,
+    /// Blocks written to the SSD.
+    pub ssd_written_blocks: u64,
     /// Queries (with their lease and release) per second of query time, one core.
     pub queries_per_s: f64,
     /// Requests (query and save) per second of replay time.
@@ -82,13 +91,25 @@ pub fn capacity_blocks(capacity: Capacity, distinct: u64) -> u64 {
     }
 }
 
-/// Replays `requests` under `policy` with blocks of `block_bytes`.
+/// An SSD tier below the replayed RAM cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SsdReplay {
+    /// Its size.
+    pub capacity: Capacity,
+    /// When blocks go to it.
+    pub writes: SsdWrites,
+}
+
+/// Replays `requests` under `policy` with blocks of `block_bytes`, above an SSD tier if
+/// `ssd` says so: a prompt's chain hits RAM first, then continues on the SSD (those
+/// blocks are copied up into RAM, as the server does), and misses from there.
 pub fn replay(
     requests: &[TraceRequest],
     policy: ReplayPolicy,
     capacity: Capacity,
     block_bytes: u64,
     window_percent: Option<u64>,
+    ssd: Option<SsdReplay>,
 ) -> Result<ReplayReport, EngineError> {
     let distinct: HashSet<u64> = requests.iter().flat_map(|r| r.hash_ids.iter().copied()).collect();
     let capacity_blocks = capacity_blocks(capacity, distinct.len() as u64);
@@ -106,6 +127,9 @@ pub fn replay(
     let mut cache = BlockCache::with_policy(allocator, policy_impl);
     let namespace: Arc<str> = Arc::from("trace");
     let geometry = Arc::new(PartGeometry::new(vec![block_bytes]));
+    let ssd_capacity = ssd.map_or(0, |s| self::capacity_blocks(s.capacity, distinct.len() as u64));
+    let mut ssd_model = ssd.map(|s| SsdModel::new(ssd_capacity, s.writes));
+    let mut ssd_hits = 0u64;
 
     let (mut blocks, mut hit_blocks, mut tokens, mut hit_tokens, mut skipped) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut query_time = Duration::ZERO;
@@ -121,12 +145,22 @@ pub fn replay(
             cache.release_lease(lease)?;
         }
         query_time += queried.elapsed();
-        let hits = outcome.hits() as usize;
+        let in_ram = outcome.hits() as usize;
+        let mut hits = in_ram;
+        if let Some(model) = ssd_model.as_mut() {
+            model.used(&chain[..in_ram]);
+            hits += chain[in_ram..].iter().take_while(|h| model.holds(h)).count();
+            model.used(&chain[in_ram..hits]);
+        }
+        ssd_hits += (hits - in_ram) as u64;
         blocks += chain.len() as u64;
         hit_blocks += hits as u64;
         tokens += request.input_length;
         hit_tokens += (hits as u64 * TOKENS_PER_BLOCK).min(request.input_length);
-        skipped += save_rest(&mut cache, &namespace, &geometry, &chain, hits, capacity_blocks)?;
+        // SSD hits are stored into RAM like new blocks (copied up); only blocks past the
+        // hits are new to the SSD too.
+        let save = SaveRange { chain: &chain, from: in_ram, new_from: hits };
+        skipped += save_rest(&mut cache, &namespace, &geometry, save, capacity_blocks, ssd_model.as_mut())?;
     }
     let elapsed = started.elapsed();
     let stats = cache.stats();
@@ -142,25 +176,38 @@ pub fn replay(
         admissions_rejected: stats.admissions_rejected,
         evictions: stats.evictions,
         skipped_blocks: skipped,
+        ssd_hit_blocks: ssd_hits,
+        ssd_capacity_blocks: ssd_capacity,
+        ssd_writes: ssd.map(|s| s.writes),
+        ssd_written_blocks: ssd_model.as_ref().map_or(0, |m| m.written),
         queries_per_s: requests.len() as f64 / query_time.as_secs_f64().max(1e-9),
         requests_per_s: requests.len() as f64 / elapsed.as_secs_f64().max(1e-9),
     })
 }
 
-/// Saves `chain[from..]` with its links, in pieces no larger than the cache; returns
-/// the blocks not stored.
+/// What a request stores: `chain[from..]`, of which `chain[new_from..]` are new blocks.
+#[derive(Clone, Copy)]
+struct SaveRange<'a> {
+    chain: &'a [BlockHash],
+    from: usize,
+    new_from: usize,
+}
+
+/// Saves `save.chain[save.from..]` with its links, in pieces no larger than the cache;
+/// tells the SSD model what was stored and evicted; returns the blocks not stored.
 fn save_rest(
     cache: &mut BlockCache,
     namespace: &Arc<str>,
     geometry: &Arc<PartGeometry>,
-    chain: &[BlockHash],
-    from: usize,
+    save: SaveRange<'_>,
     capacity_blocks: u64,
+    mut ssd: Option<&mut SsdModel>,
 ) -> Result<u64, EngineError> {
+    let chain = save.chain;
     let parents: Vec<Option<BlockHash>> = (0..chain.len()).map(|i| i.checked_sub(1).map(|p| chain[p])).collect();
     let mut skipped = 0;
     let piece = capacity_blocks.max(1) as usize;
-    let mut start = from;
+    let mut start = save.from;
     while start < chain.len() {
         let end = chain.len().min(start + piece);
         let spec = SaveSpec {
@@ -172,10 +219,25 @@ fn save_rest(
             geometry,
             layers: &[0],
         };
-        match cache.prepare_save_with(&spec, |cache, victims| cache.reclaim(victims)) {
+        let mut evicted = Vec::new();
+        let prepared = cache.prepare_save_with(&spec, |cache, victims| {
+            evicted.extend(victims.iter().filter(|v| v.sealed).map(|v| v.key.hash));
+            cache.reclaim(victims);
+        });
+        if let Some(model) = ssd.as_deref_mut() {
+            for hash in evicted {
+                model.evicted(hash);
+            }
+        }
+        match prepared {
             Ok(ticket) => {
                 skipped += u64::from(ticket.rejected);
-                cache.complete_save(ticket, true);
+                let sealed = cache.complete_save_sealed(ticket, true);
+                if let Some(model) = ssd.as_deref_mut() {
+                    let new: HashSet<&BlockHash> = chain[save.new_from.max(start).min(end)..end].iter().collect();
+                    let fresh: Vec<BlockHash> = sealed.iter().map(|k| k.hash).filter(|h| new.contains(h)).collect();
+                    model.stored(&fresh);
+                }
             }
             // Everything left is this request's own chain: the rest does not fit.
             Err(EngineError::ResourceExhausted(_)) => return Ok(skipped + (chain.len() - start) as u64),
