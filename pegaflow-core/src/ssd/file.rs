@@ -348,6 +348,29 @@ impl BlockFile {
         self.head
     }
 
+    /// The data file, for reads the caller runs itself (see [`Self::offset_of`] and
+    /// [`Self::check`]).
+    pub fn data(&self) -> &File {
+        &self.data
+    }
+
+    /// The byte offset in the data file of virtual position `position`.
+    pub fn offset_of(&self, position: u64) -> u64 {
+        position % self.capacity
+    }
+
+    /// Checks `payload`, read from virtual position `position`, against `checksum`:
+    /// overwritten meanwhile, or not the bytes written.
+    pub fn check(&self, position: u64, payload: &[u8], checksum: u64) -> Result<(), SsdError> {
+        if !self.is_live(position) {
+            return Err(SsdError::Overwritten(position));
+        }
+        if xxh3_64(payload) != checksum {
+            return Err(SsdError::Corrupt { path: self.data_path.clone(), offset: self.offset_of(position) });
+        }
+        Ok(())
+    }
+
     /// Reads block `rec` into `out` (its payload length) and verifies its checksum.
     pub fn read(&self, rec: &BlockRecord, out: &mut [u8]) -> Result<(), SsdError> {
         if out.len() != rec.len as usize {
@@ -363,16 +386,10 @@ impl BlockFile {
             return Err(SsdError::Overwritten(offset));
         }
         let mut buf = AlignedBuf::new(aligned_up(out.len() as u64) as usize);
-        let at = offset % self.capacity;
-        self.data.read_exact_at(buf.bytes_mut(), at).map_err(io(&self.data_path, "read"))?;
+        self.data.read_exact_at(buf.bytes_mut(), self.offset_of(offset)).map_err(io(&self.data_path, "read"))?;
         let payload = &buf.bytes()[..out.len()];
-        // Overwritten while it was read: not a corruption.
-        if !self.is_live(offset) {
-            return Err(SsdError::Overwritten(offset));
-        }
-        if xxh3_64(payload) != checksum {
-            return Err(SsdError::Corrupt { path: self.data_path.clone(), offset: at });
-        }
+        // Overwritten while it was read is not a corruption: checked first.
+        self.check(offset, payload, checksum)?;
         out.copy_from_slice(payload);
         Ok(())
     }

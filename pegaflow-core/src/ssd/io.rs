@@ -113,6 +113,11 @@ impl IoEngine {
         Self { ring, depth: depth as usize }
     }
 
+    /// Operations kept in flight.
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
     /// The mechanism in use.
     pub fn kind(&self) -> IoKind {
         if self.ring.is_some() { IoKind::Uring } else { IoKind::Positional }

@@ -15,11 +15,17 @@ use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 
+mod read;
+mod write;
+
+use read::prefetch_batch;
+use write::write_batch;
+
 use super::metrics::EngineMetrics;
-use super::ssd_metrics::IoLabel;
-use crate::cache::{BlockCache, BlockHash, BlockKey, PartGeometry, PinnedBlock, SaveSpec};
+use crate::cache::{BlockCache, BlockHash, BlockKey, PinnedBlock};
 use crate::memory::HostPool;
-use crate::ssd::{BlockFile, BlockId, PartId, PartLoc, SsdError, SsdIndex};
+use crate::ssd::io::IoEngine;
+use crate::ssd::{BlockFile, PartId, PartLoc, SsdError, SsdIndex};
 
 /// SSD tier settings (the server's `--ssd-*` flags).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,14 +186,19 @@ impl SsdTier {
                 .map_err(|e| SsdError::Config(format!("cannot start SSD threads: {e}")))?,
         );
         spawn_workers(&mut threads, "pegaflow-ssd-write", config.write_inflight, &shared, write_rx, write_batch)?;
-        spawn_workers(
-            &mut threads,
-            "pegaflow-ssd-read",
-            config.prefetch_inflight,
-            &shared,
-            prefetch_rx,
-            prefetch_batch,
-        )?;
+        // One reader, `prefetch_inflight` reads in flight through its ring.
+        let (reader, depth) = (Arc::clone(&shared), config.prefetch_inflight.max(1) as u32);
+        threads.push(
+            std::thread::Builder::new()
+                .name("pegaflow-ssd-read".into())
+                .spawn(move || {
+                    let mut engine = IoEngine::new(depth, true);
+                    while let Ok(keys) = prefetch_rx.recv() {
+                        prefetch_batch(&reader, &mut engine, keys);
+                    }
+                })
+                .map_err(|e| SsdError::Config(format!("cannot start SSD threads: {e}")))?,
+        );
         Ok(Self {
             shared,
             writes: Some(writes),
@@ -309,174 +320,6 @@ fn spawn_workers<T: Send + 'static>(
         threads.push(thread);
     }
     Ok(())
-}
-
-/// The layout fingerprint of a part: xxh3 of its layer sizes.
-fn fingerprint(geometry: &PartGeometry) -> u64 {
-    let bytes: Vec<u8> = geometry.layer_sizes().iter().flat_map(|b| b.to_le_bytes()).collect();
-    xxhash_rust::xxh3::xxh3_64(&bytes)
-}
-
-/// Which cache path a block goes to.
-fn file_of(hash: &BlockHash, files: usize) -> usize {
-    let mut head = [0u8; 8];
-    head.copy_from_slice(&hash[..8]);
-    (u64::from_le_bytes(head) % files.max(1) as u64) as usize
-}
-
-/// Writes every part of each pinned block, then unpins it.
-fn write_batch(shared: &Shared, batch: Vec<PinnedBlock>) {
-    let metrics = &shared.metrics.ssd;
-    metrics.write_queue_batches.dec();
-    if !shared.recovery.wait() {
-        metrics.dropped_writes.inc_by(batch.len() as u64);
-        shared.cache.lock().unpin_blocks(batch.iter().map(|b| &b.key));
-        shared.pinned.fetch_sub(batch.iter().map(PinnedBlock::bytes).sum(), Ordering::AcqRel);
-        return;
-    }
-    let label = IoLabel { direction: "write" };
-    for block in &batch {
-        let number = file_of(&block.key.hash, shared.files.len());
-        for part in &block.parts {
-            let len = part.geometry.total();
-            let Some(ptr) = shared.pool.ptr_at(part.offset, len) else { continue };
-            // SAFETY: the part lies inside the pool (checked by `ptr_at`) and is pinned and
-            // sealed: no save writes it and no eviction frees it until it is unpinned below.
-            let data = unsafe { std::slice::from_raw_parts(ptr.as_ptr(), len as usize) };
-            let (Ok(rank), Ok(of)) = (u16::try_from(part.rank), u16::try_from(block.tp_size)) else { continue };
-            let id = BlockId {
-                namespace: block.key.namespace.to_string(),
-                hash: block.key.hash,
-                part: PartId { rank, of }.to_u32(),
-                layout: fingerprint(&part.geometry),
-            };
-            let layout = id.layout;
-            let started = Instant::now();
-            let written = {
-                let mut file = shared.files[number].write();
-                file.add_layout(layout, part.geometry.layer_sizes())
-                    .and_then(|()| file.write(id, data))
-                    .map(|record| (record, file.head()))
-            };
-            match written {
-                Ok((record, head)) => {
-                    metrics.io_seconds.get_or_create(&label).observe(started.elapsed().as_secs_f64());
-                    metrics.io_bytes.get_or_create(&label).observe(len as f64);
-                    let mut index = shared.index.lock();
-                    index.advance(number as u16, head);
-                    if let Some(layout) = index.layout_id(layout, record.len) {
-                        let loc = PartLoc {
-                            position: record.offset,
-                            checksum: record.checksum,
-                            len: record.len,
-                            file: number as u16,
-                            layout,
-                        };
-                        index.insert(&block.key, PartId { rank, of }, loc);
-                    }
-                    metrics.blocks.set(index.len() as i64);
-                }
-                Err(e) => {
-                    metrics.io_errors.get_or_create(&label).inc();
-                    warn_once(&e);
-                }
-            }
-        }
-    }
-    shared.cache.lock().unpin_blocks(batch.iter().map(|b| &b.key));
-    shared.pinned.fetch_sub(batch.iter().map(PinnedBlock::bytes).sum(), Ordering::AcqRel);
-}
-
-/// Copies each block of `keys` up from the SSD into the pool.
-fn prefetch_batch(shared: &Shared, keys: Vec<BlockKey>) {
-    for key in &keys {
-        let parts = shared.index.lock().whole(key);
-        if let Some(parts) = parts
-            && promote(shared, key, &parts)
-        {
-            shared.metrics.ssd.promoted_blocks.inc();
-        }
-        let mut index = shared.index.lock();
-        index.end_prefetch(key);
-        shared.metrics.ssd.prefetching_blocks.set(index.prefetching() as i64);
-    }
-}
-
-/// Reads every part of `key` into newly reserved pool space (as a save would, evicting
-/// for room) and seals it. False when some part could not be copied up.
-fn promote(shared: &Shared, key: &BlockKey, parts: &[PartLoc]) -> bool {
-    let label = IoLabel { direction: "read" };
-    let metrics = &shared.metrics.ssd;
-    let mut whole = true;
-    for (rank, loc) in parts.iter().enumerate() {
-        let file = &shared.files[usize::from(loc.file)];
-        let Some(fingerprint) = shared.index.lock().layout_fingerprint(loc.layout) else { return false };
-        let Some(sizes) = file.read().layout(fingerprint).map(<[u64]>::to_vec) else { return false };
-        let geometry = Arc::new(PartGeometry::new(sizes));
-        let layers: Vec<u32> = (0..geometry.num_layers()).collect();
-        let spec = SaveSpec {
-            namespace: &key.namespace,
-            hashes: std::slice::from_ref(&key.hash),
-            parents: &[],
-            rank: rank as u32,
-            tp_size: parts.len() as u32,
-            geometry: &geometry,
-            layers: &layers,
-        };
-        let prepared = shared
-            .cache
-            .lock()
-            .prepare_save_with(&spec, |cache, victims| super::dispose_victims(&shared.metrics, cache, victims));
-        let Ok(ticket) = prepared else { return false };
-        let Some(offset) = ticket.first_slot_offset().filter(|_| ticket.slot_count() == layers.len()) else {
-            // Already in the pool, being saved, or refused room: nothing to read.
-            let mut cache = shared.cache.lock();
-            cache.complete_save(ticket, false);
-            whole &= cache.is_readable(key);
-            continue;
-        };
-        let len = geometry.total();
-        let read = match shared.pool.ptr_at(offset, len) {
-            Some(ptr) => {
-                // SAFETY: the range lies inside the pool (checked by `ptr_at`) and its slots
-                // are reserved for this ticket (being written, pinned): nothing else reads
-                // or writes them until the ticket completes below.
-                let out = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len as usize) };
-                let started = Instant::now();
-                let read = if u64::from(loc.len) == len {
-                    file.read().read_at(loc.position, loc.checksum, out)
-                } else {
-                    Err(SsdError::Config(format!("a {}-byte record for a {len}-byte part", loc.len)))
-                };
-                metrics.io_seconds.get_or_create(&label).observe(started.elapsed().as_secs_f64());
-                metrics.io_bytes.get_or_create(&label).observe(len as f64);
-                read
-            }
-            None => Err(SsdError::Config("a pool range outside the pool".into())),
-        };
-        let ok = read.is_ok();
-        shared.cache.lock().complete_save(ticket, ok);
-        if let Err(e) = read {
-            match e {
-                SsdError::Corrupt { .. } => {
-                    metrics.checksum_failures.inc();
-                    tracing::warn!(error = %e, "SSD block dropped: it failed its checksum");
-                    // Forgotten durably, so a restart does not find it again.
-                    let _ = file.write().drop_block(loc.position);
-                }
-                SsdError::Overwritten(_) => {} // newer blocks took its place: a miss
-                _ => {
-                    metrics.io_errors.get_or_create(&label).inc();
-                    warn_once(&e);
-                }
-            }
-            let mut index = shared.index.lock();
-            index.remove_at(key, loc.file, loc.position);
-            metrics.blocks.set(index.len() as i64);
-            return false;
-        }
-    }
-    whole
 }
 
 /// Logs the first SSD I/O error (later ones only count: a failing disk would flood the
