@@ -157,7 +157,8 @@ pub struct ServerConfig {
     #[arg(long, value_parser = parse_size, default_value = "512gb")]
     pub ssd_cache_capacity: u64,
 
-    /// SSD write queue depth: write batches (one per save) that may wait; when full,
+    /// SSD write queue depth: write batches that may wait (one per chunk of blocks a save
+    /// seals: 16, 32, 64, … blocks); when full,
     /// new blocks are not written to the SSD (counted in pegaflow_ssd_dropped_writes).
     #[arg(long, default_value_t = 8)]
     pub ssd_write_queue_depth: usize,

@@ -34,7 +34,8 @@ pub struct SsdConfig {
     pub paths: Vec<PathBuf>,
     /// Bytes over all paths (split evenly). Default: 512 GiB.
     pub capacity: u64,
-    /// Write batches (one per save) that may wait; more are dropped. Default: 8.
+    /// Write batches (one per chunk of blocks a save seals) that may wait; more are
+    /// dropped. Default: 8.
     pub write_queue_depth: usize,
     /// Prefetch batches (one per query) that may wait; more are not started. Default: 2.
     pub prefetch_queue_depth: usize,
