@@ -4,8 +4,8 @@ from it (query until the hit, the server's io_uring reads), bytes checked.
 
     python scripts/bench_ssd_tier.py --path /var/tmp/pf-ssd-bench [--blocks 2048] [--layers 2]
 
-A block is ``layers`` × 64 KiB (Llama-3.1-8B's per-layer block: K and V of 16 tokens ×
-8 heads × 128, fp16). Prints one JSON line.
+A block is ``layers`` times 64 KiB (Llama-3.1-8B's per-layer block: K and V of 16
+tokens, 8 heads of 128, fp16). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ def metric(addr: str, name: str) -> float:
     return read_metrics(addr).get(name, 0.0)
 
 
-def wait_for(addr: str, name: str, done: float | None, timeout_s: float, zero: bool = False) -> None:
+def wait_recovered(addr: str, timeout_s: float = 30.0) -> None:
+    """Waits until the server replayed its SSD index."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            value = metric(addr, name)
-            if (zero and value == 0) or (done is not None and value >= done):
+            if metric(addr, "pegaflow_ssd_recovering") == 0:
                 return
         except (OSError, urllib.error.URLError):
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} did not reach {done}")
+            raise TimeoutError("the SSD index was not replayed")
         time.sleep(0.005)
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     extra = [*ssd, "--ssd-write-queue-depth", "4096"]
     with spawn_server(args.pool_size, extra, metrics_addr=metrics_addr) as endpoint:
         client = EngineClient(endpoint)
-        wait_for(metrics_addr, "pegaflow_ssd_recovering", None, 30, zero=True)
+        wait_recovered(metrics_addr)
         client.register_kv_layers("bench", "bench", 0, 1, kv.layer_specs())
         started = time.perf_counter()
         for at in range(0, args.blocks, 64):
@@ -96,7 +96,7 @@ def main() -> None:
 
     with spawn_server(args.pool_size, ssd, metrics_addr=metrics_addr) as endpoint:
         client = EngineClient(endpoint)
-        wait_for(metrics_addr, "pegaflow_ssd_recovering", None, 30, zero=True)
+        wait_recovered(metrics_addr)
         client.register_kv_layers("bench", "bench", 0, 1, kv.layer_specs())
         for layer in kv.layers:
             layer.view(np.uint8)[...] = 0
