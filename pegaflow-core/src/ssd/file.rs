@@ -72,6 +72,17 @@ pub struct BlockFile {
     recovered: bool,
 }
 
+/// Space reserved at the write head for one block (see [`BlockFile::reserve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserved {
+    /// Virtual position.
+    pub position: u64,
+    /// Byte offset in the data file.
+    pub offset: u64,
+    /// Bytes of the extent (the payload rounded up to [`ALIGN`]).
+    pub extent: u64,
+}
+
 /// The error of `op` on `path` (the path is copied only when there is an error).
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SsdError + 'a {
     move |source| SsdError::Io { path: path.to_path_buf(), op, source }
@@ -309,14 +320,26 @@ impl BlockFile {
     /// over the oldest blocks). Returns its record.
     pub fn write(&mut self, id: BlockId, data: &[u8]) -> Result<BlockRecord, SsdError> {
         let len = u32::try_from(data.len()).map_err(|_| SsdError::Config("a block above 4 GiB".into()))?;
-        let extent = aligned_up(data.len() as u64);
+        let reserved = self.reserve(id.layout, data.len() as u64)?;
+        let mut buf = AlignedBuf::new(reserved.extent as usize);
+        buf.bytes_mut()[..data.len()].copy_from_slice(data);
+        self.data.write_all_at(buf.bytes(), reserved.offset).map_err(io(&self.data_path, "write"))?;
+        self.commit(id, &reserved, len, xxh3_64(data))
+    }
+
+    /// Space for a block of `len` payload bytes of layout `layout` at the write head
+    /// (wrapping at the end of the file, over the oldest blocks); the head moves past it.
+    /// Write the extent at [`Reserved::offset`] of [`Self::data`], then [`Self::commit`]
+    /// it (space reserved and never committed is skipped, like an overwritten block).
+    pub fn reserve(&mut self, layout: u64, len: u64) -> Result<Reserved, SsdError> {
         if !self.recovered {
             return Err(SsdError::Config("the index log is not replayed yet (recover first)".into()));
         }
-        if !self.layouts.contains_key(&id.layout) {
-            return Err(SsdError::Config(format!("block of unrecorded layout {:#x} (add_layout first)", id.layout)));
+        if !self.layouts.contains_key(&layout) {
+            return Err(SsdError::Config(format!("block of unrecorded layout {layout:#x} (add_layout first)")));
         }
-        if extent > self.capacity {
+        let extent = aligned_up(len);
+        if extent > self.capacity || len > u64::from(u32::MAX) {
             return Err(SsdError::Config(format!("a {extent}-byte block does not fit {} bytes", self.capacity)));
         }
         if self.head % self.capacity + extent > self.capacity {
@@ -324,15 +347,23 @@ impl BlockFile {
             self.head = self.head.div_ceil(self.capacity) * self.capacity;
         }
         let position = self.head;
-        let mut buf = AlignedBuf::new(extent as usize);
-        buf.bytes_mut()[..data.len()].copy_from_slice(data);
-        self.data.write_all_at(buf.bytes(), position % self.capacity).map_err(io(&self.data_path, "write"))?;
-        let rec = BlockRecord { id, seq: self.next_seq, offset: position, len, checksum: xxh3_64(data) };
-        // Indexed only once the data is written: a crash in between leaves no record.
+        self.head = position + extent;
+        Ok(Reserved { position, offset: position % self.capacity, extent })
+    }
+
+    /// Records block `id` (`len` bytes, xxh3-64 `checksum`) written into `reserved`.
+    /// Indexed only once the data is written: a crash in between leaves no record.
+    pub fn commit(
+        &mut self,
+        id: BlockId,
+        reserved: &Reserved,
+        len: u32,
+        checksum: u64,
+    ) -> Result<BlockRecord, SsdError> {
+        let rec = BlockRecord { id, seq: self.next_seq, offset: reserved.position, len, checksum };
         self.append(&record::encode_put(&rec))?;
         self.next_seq += 1;
-        self.head = position + extent;
-        self.recent.push_back(position);
+        self.recent.push_back(reserved.position);
         while self.recent.front().is_some_and(|p| !self.is_live(*p)) {
             self.recent.pop_front();
         }

@@ -15,7 +15,7 @@ mod tests;
 
 use std::path::PathBuf;
 
-pub use file::{BlockFile, IoMode};
+pub use file::{BlockFile, IoMode, Reserved};
 pub use index::{PartId, PartLoc, SsdIndex};
 pub use record::{BlockId, BlockRecord, PutRef};
 

@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -180,26 +180,23 @@ impl SsdTier {
         let (prefetches, prefetch_rx) = sync_channel(config.prefetch_queue_depth.max(1));
         let mut threads = Vec::new();
         let recovering = Arc::clone(&shared);
-        threads.push(
-            std::thread::Builder::new()
-                .name("pegaflow-ssd-recover".into())
-                .spawn(move || recover(&recovering))
-                .map_err(|e| SsdError::Config(format!("cannot start SSD threads: {e}")))?,
-        );
-        spawn_workers(&mut threads, "pegaflow-ssd-write", config.write_inflight, &shared, write_rx, write_batch)?;
+        threads.push(spawn_io_thread("pegaflow-ssd-recover", move || recover(&recovering))?);
+        // One writer, `write_inflight` writes in flight through its ring.
+        let (writer, depth) = (Arc::clone(&shared), config.write_inflight.max(1) as u32);
+        threads.push(spawn_io_thread("pegaflow-ssd-write", move || {
+            let mut engine = IoEngine::new(depth, true);
+            while let Ok(batch) = write_rx.recv() {
+                write_batch(&writer, &mut engine, batch);
+            }
+        })?);
         // One reader, `prefetch_inflight` reads in flight through its ring.
         let (reader, depth) = (Arc::clone(&shared), config.prefetch_inflight.max(1) as u32);
-        threads.push(
-            std::thread::Builder::new()
-                .name("pegaflow-ssd-read".into())
-                .spawn(move || {
-                    let mut engine = IoEngine::new(depth, true);
-                    while let Ok(keys) = prefetch_rx.recv() {
-                        prefetch_batch(&reader, &mut engine, keys);
-                    }
-                })
-                .map_err(|e| SsdError::Config(format!("cannot start SSD threads: {e}")))?,
-        );
+        threads.push(spawn_io_thread("pegaflow-ssd-read", move || {
+            let mut engine = IoEngine::new(depth, true);
+            while let Ok(keys) = prefetch_rx.recv() {
+                prefetch_batch(&reader, &mut engine, keys);
+            }
+        })?);
         Ok(Self {
             shared,
             writes: Some(writes),
@@ -295,32 +292,11 @@ impl Drop for SsdTier {
     }
 }
 
-fn spawn_workers<T: Send + 'static>(
-    threads: &mut Vec<JoinHandle<()>>,
-    name: &str,
-    count: usize,
-    shared: &Arc<Shared>,
-    rx: Receiver<T>,
-    work: fn(&Shared, T),
-) -> Result<(), SsdError> {
-    let rx = Arc::new(Mutex::new(rx));
-    for i in 0..count.max(1) {
-        let (shared, rx) = (Arc::clone(shared), Arc::clone(&rx));
-        let thread = std::thread::Builder::new()
-            .name(format!("{name}{i}"))
-            .spawn(move || {
-                loop {
-                    let next = rx.lock().recv();
-                    match next {
-                        Ok(batch) => work(&shared, batch),
-                        Err(_) => break,
-                    }
-                }
-            })
-            .map_err(|e| SsdError::Config(format!("cannot start SSD threads: {e}")))?;
-        threads.push(thread);
-    }
-    Ok(())
+fn spawn_io_thread(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, SsdError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(body)
+        .map_err(|e| SsdError::Config(format!("cannot start SSD threads: {e}")))
 }
 
 /// Logs the first SSD I/O error (later ones only count: a failing disk would flood the

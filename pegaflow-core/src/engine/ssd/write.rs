@@ -1,13 +1,16 @@
 //! Writing sealed blocks to the SSD: each part of a pinned block goes to the cache path
-//! its hash picks, and the tier's index learns where it lies.
+//! its hash picks — space reserved at the write head, the bytes written through an
+//! `io_uring` ring (`IoEngine`), then recorded — and the tier's index learns where it
+//! lies.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use super::{Shared, warn_once};
-use crate::cache::{BlockHash, PartGeometry, PinnedBlock};
+use crate::cache::{BlockHash, PartGeometry, PinnedBlock, PinnedPart};
 use crate::engine::ssd_metrics::IoLabel;
-use crate::ssd::{BlockId, PartId, PartLoc};
+use crate::ssd::io::{AlignedBuf, IoEngine, IoOp};
+use crate::ssd::{BlockFile, BlockId, PartId, PartLoc, Reserved, SsdError};
 
 /// The layout fingerprint of a part: xxh3 of its layer sizes.
 fn fingerprint(geometry: &PartGeometry) -> u64 {
@@ -22,58 +25,63 @@ fn file_of(hash: &BlockHash, files: usize) -> usize {
     (u64::from_le_bytes(head) % files.max(1) as u64) as usize
 }
 
-/// Writes every part of each pinned block, then unpins it.
-pub(super) fn write_batch(shared: &Shared, batch: Vec<PinnedBlock>) {
+/// One part on its way to the SSD: whose it is, where it goes, its bytes.
+struct PartWrite {
+    block: usize,
+    part: PartId,
+    id: BlockId,
+    reserved: Reserved,
+    len: u32,
+    checksum: u64,
+    buf: AlignedBuf,
+}
+
+/// Writes every part of each pinned block (`engine.depth()` writes in flight through
+/// io_uring, window after window), records them, then unpins the blocks.
+pub(super) fn write_batch(shared: &Shared, engine: &mut IoEngine, batch: Vec<PinnedBlock>) {
     let metrics = &shared.metrics.ssd;
     metrics.write_queue_batches.dec();
-    if !shared.recovery.wait() {
-        metrics.dropped_writes.inc_by(batch.len() as u64);
-        shared.cache.lock().unpin_blocks(batch.iter().map(|b| &b.key));
-        shared.pinned.fetch_sub(batch.iter().map(PinnedBlock::bytes).sum(), Ordering::AcqRel);
-        return;
-    }
-    let label = IoLabel { direction: "write" };
-    for block in &batch {
-        let number = file_of(&block.key.hash, shared.files.len());
-        for part in &block.parts {
-            let len = part.geometry.total();
-            let Some(ptr) = shared.pool.ptr_at(part.offset, len) else { continue };
-            // SAFETY: the part lies inside the pool (checked by `ptr_at`) and is pinned and
-            // sealed: no save writes it and no eviction frees it until it is unpinned below.
-            let data = unsafe { std::slice::from_raw_parts(ptr.as_ptr(), len as usize) };
-            let (Ok(rank), Ok(of)) = (u16::try_from(part.rank), u16::try_from(block.tp_size)) else { continue };
-            let id = BlockId {
-                namespace: block.key.namespace.to_string(),
-                hash: block.key.hash,
-                part: PartId { rank, of }.to_u32(),
-                layout: fingerprint(&part.geometry),
-            };
-            let layout = id.layout;
-            let started = Instant::now();
-            let written = {
-                let mut file = shared.files[number].write();
-                file.add_layout(layout, part.geometry.layer_sizes())
-                    .and_then(|()| file.write(id, data))
-                    .map(|record| (record, file.head()))
-            };
-            match written {
-                Ok((record, head)) => {
-                    metrics.io_seconds.get_or_create(&label).observe(started.elapsed().as_secs_f64());
-                    metrics.io_bytes.get_or_create(&label).observe(len as f64);
-                    let mut index = shared.index.lock();
-                    index.advance(number as u16, head);
-                    if let Some(layout) = index.layout_id(layout, record.len) {
-                        let loc = PartLoc {
-                            position: record.offset,
-                            checksum: record.checksum,
-                            len: record.len,
-                            file: number as u16,
-                            layout,
-                        };
-                        index.insert(&block.key, PartId { rank, of }, loc);
-                    }
-                    metrics.blocks.set(index.len() as i64);
+    if shared.recovery.wait() {
+        let parts: Vec<(usize, &PinnedPart)> =
+            batch.iter().enumerate().flat_map(|(b, block)| block.parts.iter().map(move |p| (b, p))).collect();
+        for window in parts.chunks(engine.depth().max(1)) {
+            for number in 0..shared.files.len() {
+                let mine: Vec<(usize, &PinnedPart)> = window
+                    .iter()
+                    .copied()
+                    .filter(|(b, _)| file_of(&batch[*b].key.hash, shared.files.len()) == number)
+                    .collect();
+                if !mine.is_empty() {
+                    write_parts(shared, engine, number, &batch, &mine);
                 }
+            }
+        }
+    } else {
+        metrics.dropped_writes.inc_by(batch.len() as u64);
+    }
+    shared.cache.lock().unpin_blocks(batch.iter().map(|b| &b.key));
+    shared.pinned.fetch_sub(batch.iter().map(PinnedBlock::bytes).sum(), Ordering::AcqRel);
+}
+
+/// Writes `parts` (of `batch`'s blocks) to cache path `number`: space reserved at the
+/// head, the bytes copied out of the pool and written in one batch, the ones written
+/// recorded and indexed.
+fn write_parts(
+    shared: &Shared,
+    engine: &mut IoEngine,
+    number: usize,
+    batch: &[PinnedBlock],
+    parts: &[(usize, &PinnedPart)],
+) {
+    let label = IoLabel { direction: "write" };
+    let metrics = &shared.metrics.ssd;
+    let mut writes = Vec::with_capacity(parts.len());
+    {
+        let mut file = shared.files[number].write();
+        for &(b, part) in parts {
+            match prepare(shared, &mut file, &batch[b], b, part) {
+                Ok(Some(write)) => writes.push(write),
+                Ok(None) => {}
                 Err(e) => {
                     metrics.io_errors.get_or_create(&label).inc();
                     warn_once(&e);
@@ -81,6 +89,106 @@ pub(super) fn write_batch(shared: &Shared, batch: Vec<PinnedBlock>) {
             }
         }
     }
-    shared.cache.lock().unpin_blocks(batch.iter().map(|b| &b.key));
-    shared.pinned.fetch_sub(batch.iter().map(PinnedBlock::bytes).sum(), Ordering::AcqRel);
+    let positions: HashMap<u64, usize> = writes.iter().enumerate().map(|(i, w)| (w.reserved.offset, i)).collect();
+    let ops: Vec<IoOp> = writes
+        .iter_mut()
+        .map(|w| IoOp::Write { offset: w.reserved.offset, buf: std::mem::replace(&mut w.buf, AlignedBuf::new(0)) })
+        .collect();
+    // The data file is only read meanwhile: copies up from it go on.
+    let done = {
+        let file = shared.files[number].read();
+        engine.run_timed(file.data(), ops)
+    };
+    let mut written = Vec::with_capacity(done.len());
+    for (op, result, latency) in done {
+        let IoOp::Write { offset, .. } = op else { continue };
+        let Some(&i) = positions.get(&offset) else { continue };
+        match result {
+            Ok(()) => {
+                metrics.io_seconds.get_or_create(&label).observe(latency.as_secs_f64());
+                metrics.io_bytes.get_or_create(&label).observe(f64::from(writes[i].len));
+                written.push(i);
+            }
+            Err(e) => {
+                metrics.io_errors.get_or_create(&label).inc();
+                warn_once(&SsdError::Io {
+                    path: shared.files[number].read().path().to_path_buf(),
+                    op: "write",
+                    source: e,
+                });
+            }
+        }
+    }
+    let mut records = Vec::with_capacity(written.len());
+    let head = {
+        let mut file = shared.files[number].write();
+        for i in written {
+            let w = &writes[i];
+            match file.commit(w.id.clone(), &w.reserved, w.len, w.checksum) {
+                Ok(record) => records.push((w.block, w.part, record)),
+                Err(e) => {
+                    metrics.io_errors.get_or_create(&label).inc();
+                    warn_once(&e);
+                }
+            }
+        }
+        file.head()
+    };
+    let mut index = shared.index.lock();
+    index.advance(number as u16, head);
+    for (block, part, record) in records {
+        if let Some(layout) = index.layout_id(record.id.layout, record.len) {
+            let loc = PartLoc {
+                position: record.offset,
+                checksum: record.checksum,
+                len: record.len,
+                file: number as u16,
+                layout,
+            };
+            index.insert(&batch[block].key, part, loc);
+        }
+    }
+    metrics.blocks.set(index.len() as i64);
+}
+
+/// Reserves space for one part in `file` and copies its bytes out of the pool.
+fn prepare(
+    shared: &Shared,
+    file: &mut BlockFile,
+    block: &PinnedBlock,
+    index: usize,
+    part: &PinnedPart,
+) -> Result<Option<PartWrite>, SsdError> {
+    let len = part.geometry.total();
+    let (Some(ptr), Ok(rank), Ok(of), Ok(len32)) = (
+        shared.pool.ptr_at(part.offset, len),
+        u16::try_from(part.rank),
+        u16::try_from(block.tp_size),
+        u32::try_from(len),
+    ) else {
+        return Ok(None);
+    };
+    // SAFETY: the part lies inside the pool (checked by `ptr_at`) and is pinned and
+    // sealed: no save writes it and no eviction frees it until the batch unpins it.
+    let data = unsafe { std::slice::from_raw_parts(ptr.as_ptr(), len as usize) };
+    let layout = fingerprint(&part.geometry);
+    file.add_layout(layout, part.geometry.layer_sizes())?;
+    let reserved = file.reserve(layout, len)?;
+    let mut buf = AlignedBuf::new(reserved.extent as usize);
+    buf.bytes_mut()[..data.len()].copy_from_slice(data);
+    let part_id = PartId { rank, of };
+    Ok(Some(PartWrite {
+        block: index,
+        part: part_id,
+        id: BlockId {
+            namespace: block.key.namespace.to_string(),
+            hash: block.key.hash,
+            part: part_id.to_u32(),
+            layout,
+        },
+        reserved,
+        len: len32,
+        checksum: xxhash_rust::xxh3::xxh3_64(data),
+        buf,
+    }))
 }
