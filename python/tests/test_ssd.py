@@ -318,3 +318,36 @@ def test_a_full_ssd_reuses_its_oldest_blocks(
     hits, lease, _ = query_until_hit(client, instance_id, new)
     assert hits == 16 and lease is not None
     client.release_lease(lease)
+
+
+def test_blocks_spread_over_several_paths_and_come_back_from_all(
+    start_server: StartServer, kv_cache: KvFactory, instance_id: str, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    args = ["--ssd-cache-path", f"{first},{second}", "--ssd-cache-capacity", "64mb"]
+    server = start_server(POOL, args)
+    client = server.client()
+    kv = kv_cache(num_blocks=1024, seed=9)
+    client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
+    hashes = random_hashes(64)
+    originals = snapshot(kv, list(range(64)))
+    client.save(instance_id, 0, list(range(64)), hashes)
+    wait_written(server, 64)
+    assert server.metric("pegaflow_ssd_capacity_bytes") == 64 << 20
+    for path in (first, second):
+        index = path / "pegaflow-ssd.data.index"
+        assert index.stat().st_size > 1000, f"{path} got (almost) none of the blocks"
+    server.stop(signal.SIGKILL)
+
+    again = restarted(start_server, args, server.endpoint)
+    assert again.metric("pegaflow_ssd_recovered_blocks") == 64
+    client = again.client()
+    client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
+    hits, lease, _ = query_until_hit(client, instance_id, hashes)
+    assert hits == 64 and lease is not None
+    dest = list(range(700, 764))
+    zero_blocks(kv, dest)
+    load_blocks(client, instance_id, 0, lease, dest)
+    assert_blocks_equal(kv, dest, originals, "blocks from both paths")
