@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import KvFactory, ServerHandle, StartServer
 from e2e_helpers import (
+    U8Array,
     assert_blocks_equal,
     load_blocks,
     random_hashes,
@@ -78,6 +79,27 @@ def saved_on_ssd(
     return server, hashes
 
 
+def loads_back(
+    server: ServerHandle,
+    kv: SharedKvCache,
+    instance_id: str,
+    hashes: list[bytes],
+    originals: list[U8Array],
+    first: int,
+    what: str,
+) -> None:
+    """Registers ``kv`` on ``server``, asks for ``hashes`` until they hit, loads them into
+    blocks ``first``.. and compares them with ``originals``."""
+    client = server.client()
+    client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
+    hits, lease, _ = query_until_hit(client, instance_id, hashes)
+    assert hits == len(hashes) and lease is not None
+    dest = list(range(first, first + len(hashes)))
+    zero_blocks(kv, dest)
+    load_blocks(client, instance_id, 0, lease, dest)
+    assert_blocks_equal(kv, dest, originals, what)
+
+
 def fill_and_evict(client: EngineClient, instance_id: str, ids: list[int], rounds: int) -> None:
     """Saves ``rounds`` batches of new blocks from ``ids``: the pool evicts older ones."""
     for _ in range(rounds):
@@ -123,14 +145,7 @@ def test_a_restarted_server_serves_what_it_wrote_before_a_kill(
 
     again = restarted(start_server, ssd_args(tmp_path), server.endpoint)
     assert again.metric("pegaflow_ssd_recovered_blocks") == 32
-    client = again.client()
-    client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
-    hits, lease, _ = query_until_hit(client, instance_id, hashes)
-    assert hits == 32 and lease is not None
-    dest = list(range(500, 532))
-    zero_blocks(kv, dest)
-    load_blocks(client, instance_id, 0, lease, dest)
-    assert_blocks_equal(kv, dest, originals, "blocks written before the kill")
+    loads_back(again, kv, instance_id, hashes, originals, 500, "blocks written before the kill")
 
 
 def test_a_corrupted_block_is_a_miss_and_is_dropped(
@@ -343,11 +358,4 @@ def test_blocks_spread_over_several_paths_and_come_back_from_all(
 
     again = restarted(start_server, args, server.endpoint)
     assert again.metric("pegaflow_ssd_recovered_blocks") == 64
-    client = again.client()
-    client.register_kv_layers(instance_id, "llama", 0, 1, kv.layer_specs())
-    hits, lease, _ = query_until_hit(client, instance_id, hashes)
-    assert hits == 64 and lease is not None
-    dest = list(range(700, 764))
-    zero_blocks(kv, dest)
-    load_blocks(client, instance_id, 0, lease, dest)
-    assert_blocks_equal(kv, dest, originals, "blocks from both paths")
+    loads_back(again, kv, instance_id, hashes, originals, 700, "blocks from both paths")
