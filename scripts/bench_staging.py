@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 import uuid
 from typing import Any
@@ -71,6 +72,54 @@ def gpu_ms(work: Any, device: str) -> float:
     return float(start.elapsed_time(end))
 
 
+def gemm_ms(args: argparse.Namespace, reps: int = 30) -> float:
+    """Milliseconds of ``reps`` square bf16 matmuls on this thread's current stream."""
+    import torch
+
+    size = args.gemm_size
+    a = torch.randn(size, size, device=args.device).to(torch.bfloat16)
+    b = torch.randn(size, size, device=args.device).to(torch.bfloat16)
+    c = torch.empty_like(a)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b, out=c)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def gemm_slowdown(args: argparse.Namespace, copies: Any) -> dict[str, Any]:
+    """The engine's side of the goal "a concurrent GEMM in the client process slowed
+    ≤ 3%": a matmul loop in this process alone, then while ``copies()`` (saves and loads
+    through the worker, its gathers and scatters in this same CUDA context) runs in a
+    loop on another thread; medians of 3."""
+    alone = statistics.median(gemm_ms(args) for _ in range(3))
+    stop = threading.Event()
+    count = [0]
+
+    def loop() -> None:
+        while not stop.is_set():
+            copies()
+            count[0] += 1
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    time.sleep(0.05)
+    try:
+        during = statistics.median(gemm_ms(args) for _ in range(3))
+    finally:
+        stop.set()
+        thread.join()
+    return {
+        "gemm_alone_ms": round(alone, 2),
+        "gemm_with_copies_ms": round(during, 2),
+        "gemm_slowdown_pct": round((during / alone - 1) * 100, 2),
+        "round_trips_during_gemm": count[0],
+    }
+
+
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: after[k] - before.get(k, 0.0) for k in after}
 
@@ -96,31 +145,39 @@ def run(endpoint: str, metrics_addr: str, args: argparse.Namespace, staging: str
     saves: list[float] = []
     loads: list[float] = []
     parts: list[dict[str, float]] = []
-    for rep in range(args.reps):
-        before = server_times(metrics_addr)
-        if worker.staging is not None:
-            before |= {k: v for k, v in worker.staging.timings.items()}
+
+    def round_trip(tag: str) -> tuple[float, float]:
+        """One save of blocks ``src`` and one query+load of them into ``dst``, in ms."""
         hashes = [uuid.uuid4().bytes * 2 for _ in range(n)]
         if args.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        worker.wait_for_save(PegaConnectorMetadata(save=SaveJob(src, hashes, [f"s{rep}"])))
+        worker.wait_for_save(PegaConnectorMetadata(save=SaveJob(src, hashes, [f"s{tag}"])))
         assert worker.drain(60.0)
-        saves.append((time.perf_counter() - t0) * 1e3)
+        save_ms = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
         lease = client.query(config.instance_id, hashes).lease_id
         assert lease is not None
-        worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob(f"l{rep}", lease, dst)]))
+        worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob(f"l{tag}", lease, dst)]))
         done: set[str] = set()
         while not done:
             done = worker.get_finished(set())[1]
             time.sleep(args.poll_s)
-        loads.append((time.perf_counter() - t0) * 1e3)
         assert worker.take_load_errors() == set()
+        return save_ms, (time.perf_counter() - t0) * 1e3
+
+    for rep in range(args.reps):
+        before = server_times(metrics_addr)
+        if worker.staging is not None:
+            before |= {k: v for k, v in worker.staging.timings.items()}
+        save_ms, load_ms = round_trip(str(rep))
+        saves.append(save_ms)
+        loads.append(load_ms)
         after = server_times(metrics_addr)
         if worker.staging is not None:
             after |= {k: v for k, v in worker.staging.timings.items()}
         parts.append(delta(before, after))
+    gemm = gemm_slowdown(args, lambda: round_trip("g")) if args.gemm else {}
     split = {
         (k if k.endswith("copies") else f"{k.removesuffix('_s')}_ms"): round(
             statistics.median(p.get(k, 0.0) for p in parts) * (1 if k.endswith("copies") else 1e3),
@@ -153,6 +210,7 @@ def run(endpoint: str, metrics_addr: str, args: argparse.Namespace, staging: str
         "load_ms": [round(s, 2) for s in loads],
         "byte_exact": exact,
         "split_p50": split,
+        **gemm,
     }
 
 
@@ -172,6 +230,10 @@ def main() -> None:
     parser.add_argument(
         "--poll-s", type=float, default=0.0005, help="pause between polls (vLLM steps)"
     )
+    parser.add_argument(
+        "--gemm", action="store_true", help="also time a matmul loop alone and during copies"
+    )
+    parser.add_argument("--gemm-size", type=int, default=8192)
     args = parser.parse_args()
     metrics_addr = f"127.0.0.1:{free_port()}"
     with spawn_server(
