@@ -366,4 +366,43 @@ mod tests {
         assert!(ServerConfig::try_parse_from(["pegaflow-server", "--tls-cert", "c.pem"]).is_err(), "needs a key");
         assert!(ServerConfig::try_parse_from(["pegaflow-server", "--pool-size", "lots"]).is_err());
     }
+
+    #[test]
+    fn the_ssd_tier_is_off_without_a_path_and_takes_every_flag() {
+        let c = ServerConfig::try_parse_from(["pegaflow-server"]).unwrap();
+        assert_eq!(c.ssd(), None);
+        let c = ServerConfig::try_parse_from([
+            "pegaflow-server",
+            "--ssd-cache-path",
+            "/mnt/a,/mnt/b",
+            "--ssd-cache-path",
+            "/mnt/c",
+            "--ssd-cache-capacity",
+            "2tb",
+            "--ssd-write-queue-depth",
+            "3",
+            "--ssd-prefetch-queue-depth",
+            "4",
+            "--ssd-write-inflight",
+            "5",
+            "--ssd-prefetch-inflight",
+            "6",
+            "--max-prefetch-blocks",
+            "7",
+        ])
+        .unwrap();
+        let ssd = c.ssd().unwrap();
+        assert_eq!(ssd.paths, ["/mnt/a", "/mnt/b", "/mnt/c"].map(std::path::PathBuf::from));
+        assert_eq!(ssd.capacity, 2 << 40);
+        assert_eq!(
+            (ssd.write_queue_depth, ssd.prefetch_queue_depth, ssd.write_inflight, ssd.prefetch_inflight),
+            (3, 4, 5, 6)
+        );
+        assert_eq!(ssd.max_prefetch_blocks, 7);
+        let defaults = ServerConfig::try_parse_from(["pegaflow-server", "--ssd-cache-path", "/mnt/a"]).unwrap();
+        assert_eq!(
+            defaults.ssd().unwrap(),
+            pegaflow_core::SsdConfig { paths: vec!["/mnt/a".into()], ..Default::default() }
+        );
+    }
 }
