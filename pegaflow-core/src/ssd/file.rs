@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::SsdError;
-use super::io::AlignedBuf;
+use super::io::{AlignedBuf, IO_ALIGN};
 use super::record::{self, BlockId, BlockRecord, EntryRef, Header, PutRef};
 
 /// Extent alignment: the logical block size of every common NVMe (512 B or 4 KiB).
@@ -444,13 +444,42 @@ fn open_data(path: &Path) -> Result<(File, IoMode), SsdError> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     match options.clone().custom_flags(libc::O_DIRECT).open(path) {
-        Ok(file) => Ok((file, IoMode::Direct)),
+        Ok(file) => {
+            let alignment = direct_io_alignment(&file);
+            if fits_extents(alignment) {
+                return Ok((file, IoMode::Direct));
+            }
+            tracing::warn!(
+                path = %path.display(), ?alignment,
+                "the device's direct I/O alignment does not fit 4 KiB extents: SSD cache I/O goes through the page cache"
+            );
+            Ok((options.open(path).map_err(io(path, "open"))?, IoMode::Buffered))
+        }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             tracing::warn!(path = %path.display(), "the file system refuses O_DIRECT: SSD cache I/O goes through the page cache");
             Ok((options.open(path).map_err(io(path, "open"))?, IoMode::Buffered))
         }
         Err(e) => Err(io(path, "open")(e)),
     }
+}
+
+/// Whether direct I/O of [`ALIGN`]-aligned extents from [`IO_ALIGN`]-aligned buffers
+/// suits a file of direct I/O `alignment` (offset, memory): unknown counts as yes, an
+/// offset alignment of 0 means the file takes no direct I/O.
+pub(crate) fn fits_extents(alignment: Option<(u32, u32)>) -> bool {
+    alignment.is_none_or(|(offset, memory)| offset != 0 && u64::from(offset) <= ALIGN && memory as usize <= IO_ALIGN)
+}
+
+/// The file's direct I/O alignment (offset, memory) in bytes, when the kernel tells it
+/// (`statx` with `STATX_DIOALIGN`, Linux 6.1 on); `None` when it does not.
+fn direct_io_alignment(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx on a descriptor this process owns (`AT_EMPTY_PATH` with an empty,
+    // NUL-terminated path), writing into `stx`, which outlives the call.
+    let rc =
+        unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
+    (rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0).then_some((stx.stx_dio_offset_align, stx.stx_dio_mem_align))
 }
 
 fn lock(file: &File, path: &Path) -> Result<(), SsdError> {

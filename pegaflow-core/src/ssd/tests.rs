@@ -191,3 +191,18 @@ fn layouts_are_recorded_once_and_required() {
     assert_eq!(file.layout(9), Some(&[4096u64, 4096][..]));
     assert_eq!(read(&file, &rec).unwrap(), payload(1, 100));
 }
+
+#[test]
+fn direct_io_is_used_only_where_the_device_alignment_fits_the_extents() {
+    use super::file::fits_extents;
+    assert!(fits_extents(None), "unknown: try direct I/O (a refusal falls back at open)");
+    assert!(fits_extents(Some((512, 512))) && fits_extents(Some((4096, 4096))));
+    assert!(!fits_extents(Some((8192, 512))), "a device of 8 KiB sectors");
+    assert!(!fits_extents(Some((512, 8192))));
+    assert!(!fits_extents(Some((0, 0))), "no direct I/O for this file");
+    // Whatever this machine's file system, opening picks a mode and the cache works.
+    let dir = TempDir::new();
+    let mut file = open(&dir.0, 1 << 20);
+    let rec = file.write(id(1), &payload(1, 5000)).unwrap();
+    assert_eq!(read(&file, &rec).unwrap(), payload(1, 5000));
+}
