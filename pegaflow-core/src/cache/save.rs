@@ -354,12 +354,19 @@ impl BlockCache {
     /// Phase two of a save: publishes the copied slots (or clears them when the copy
     /// failed), seals completed blocks and unpins. Returns the number of blocks sealed.
     pub fn complete_save(&mut self, ticket: SaveTicket, copied: bool) -> u32 {
-        self.complete_save_sealed(ticket, copied).len() as u32
+        let mut sealed = 0;
+        self.complete_save_each(ticket, copied, |_| sealed += 1);
+        sealed
     }
 
-    /// [`Self::complete_save`], returning the blocks it sealed.
+    /// [`Self::complete_save`], returning the blocks it sealed (for a lower tier).
     pub fn complete_save_sealed(&mut self, ticket: SaveTicket, copied: bool) -> Vec<BlockKey> {
         let mut sealed = Vec::new();
+        self.complete_save_each(ticket, copied, |key| sealed.push(key.clone()));
+        sealed
+    }
+
+    fn complete_save_each(&mut self, ticket: SaveTicket, copied: bool, mut on_sealed: impl FnMut(&BlockKey)) {
         for entry in ticket.entries {
             let Some(block) = self.blocks.get_mut(&entry.key) else { continue };
             if let Some(part) = block.part_mut(entry.rank) {
@@ -379,10 +386,9 @@ impl BlockCache {
             {
                 copy.sealed = true;
                 self.sealed += 1;
-                sealed.push(entry.key.clone());
+                on_sealed(&entry.key);
             }
             self.unpin(&entry.key);
         }
-        sealed
     }
 }

@@ -157,11 +157,17 @@ impl Engine {
                 // blocks, so bytes copied meanwhile can be torn: publish nothing then.
                 let abandoned = tx.is_closed();
                 let mut cache = cache.lock();
-                let sealed_keys = cache.complete_save_sealed(ticket, result.is_ok() && !abandoned);
-                let sealed = sealed_keys.len() as u32;
-                if let Some(ssd) = &ssd {
-                    ssd.write_sealed(&mut cache, sealed_keys);
-                }
+                let copied = result.is_ok() && !abandoned;
+                // Sealed keys are collected only for the SSD tier's writes.
+                let sealed = match &ssd {
+                    Some(ssd) => {
+                        let keys = cache.complete_save_sealed(ticket, copied);
+                        let sealed = keys.len() as u32;
+                        ssd.write_sealed(&mut cache, keys);
+                        sealed
+                    }
+                    None => cache.complete_save(ticket, copied),
+                };
                 metrics.observe_cache(&cache.stats());
                 drop(cache);
                 if result.is_ok() {
