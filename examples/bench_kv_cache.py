@@ -316,7 +316,7 @@ def main() -> None:
     parser.add_argument(
         "--staging",
         choices=("off", "auto", "on"),
-        default="off",
+        default="auto",
         help="PegaFlow's staging buffer for per-layer KV tensors (connector config staging)",
     )
     parser.add_argument(

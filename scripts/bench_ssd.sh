@@ -5,15 +5,22 @@
 # disks throttle in bursts, so one run each says little.
 #
 #   scripts/bench_ssd.sh [DIR] [SECONDS]    # DIR: a directory on the disk to measure
+#
+# On a machine without Rust or network (the lent GPU machine), point FIO at a carried fio
+# and PEGAFLOW_SSD_BENCH_BIN at a prebuilt target/release/examples/ssd_io_bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-/var/tmp}
 seconds=${2:-3}
 reps=${PEGAFLOW_SSD_BENCH_REPS:-3}
 size_mib=${PEGAFLOW_SSD_BENCH_MIB:-2048}
-command -v fio > /dev/null || { apt-get update -qq && apt-get install -y -qq fio > /dev/null; }
-cargo build -q --release -p pegaflow-core --example ssd_io_bench
-bench=target/release/examples/ssd_io_bench
+fio=${FIO:-fio}
+command -v "$fio" > /dev/null || { apt-get update -qq && apt-get install -y -qq fio > /dev/null; }
+bench=${PEGAFLOW_SSD_BENCH_BIN:-}
+if [ -z "$bench" ]; then
+  cargo build -q --release -p pegaflow-core --example ssd_io_bench
+  bench=target/release/examples/ssd_io_bench
+fi
 file="$dir/pegaflow-ssd-bench.$$"
 trap 'rm -f "$file"' EXIT
 # Lay the file out once for both tools.
@@ -27,7 +34,7 @@ for op in read write; do
       for _ in $(seq "$reps"); do
         ours+=("$("$bench" "$file" "$size_mib" "$kib" "$depth" "$op" "$seconds" | python3 -c \
           'import json,sys; j=json.load(sys.stdin); print("%s:%s:%s" % (j["gb_per_s"], j["lat_p50_us"], j["lat_p99_us"]))')")
-        theirs+=("$(fio --name=bench --filename="$file" --size="${size_mib}m" --rw="rand$op" \
+        theirs+=("$("$fio" --name=bench --filename="$file" --size="${size_mib}m" --rw="rand$op" \
           --bs="${kib}k" --iodepth="$depth" --ioengine=io_uring --direct=1 --time_based \
           --runtime="$seconds" --output-format=json | python3 -c \
           'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=j["read"] if j["read"]["io_bytes"] else j["write"]; p=d["clat_ns"]["percentile"]; print("%s:%s:%s" % (d["bw_bytes"]/1e9, p["50.000000"]/1e3, p["99.000000"]/1e3))')")

@@ -104,7 +104,7 @@ def test_auto_staging_is_for_gpu_tensors_of_several_pieces(
     worker = make_worker(server.endpoint, staging="auto")
     worker.register_kv_caches(vllm_like_caches(), NUM_BLOCKS)
     assert worker.staging is None, "CPU tensors: the host backend copies them directly"
-    assert ConnectorConfig(instance_id="i").staging == "off", "off until vLLM's GPU test ran"
+    assert ConnectorConfig(instance_id="i").staging == "auto"
 
 
 def test_a_staging_buffer_that_cannot_be_made_leaves_direct_copies(
