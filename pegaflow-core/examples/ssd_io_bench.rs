@@ -14,7 +14,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
-use pegaflow_core::ssd::io::{AlignedBuf, IoEngine, IoKind, IoOp};
+use pegaflow_core::ssd::io::{AlignedBuf, IoBuf, IoEngine, IoKind, IoOp};
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> T {
     args.get(i).and_then(|a| a.parse().ok()).unwrap_or_else(|| {
@@ -46,7 +46,7 @@ fn main() {
             .map(|i| {
                 let mut buf = AlignedBuf::new(1 << 20);
                 buf.bytes_mut().fill(i as u8);
-                IoOp::Write { offset: i << 20, buf }
+                IoOp::Write { offset: i << 20, buf: buf.into() }
             })
             .collect();
         if engine.run(&file, ops).iter().any(|(_, r)| r.is_err()) {
@@ -70,7 +70,7 @@ fn main() {
     // Buffers are reused from batch to batch, as the tier reuses pool slots: the engine
     // is measured, not the allocator.
     // Written bytes are pseudo-random, as fio's: a cloud disk may treat zeros apart.
-    let mut spare: Vec<AlignedBuf> = (0..batch)
+    let mut spare: Vec<IoBuf> = (0..batch)
         .map(|i| {
             let mut buf = AlignedBuf::new(block);
             let mut x = 0x2545_F491_4F6C_DD1Du64 ^ i as u64;
@@ -80,7 +80,7 @@ fn main() {
                 x ^= x << 17;
                 chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
             }
-            buf
+            IoBuf::from(buf)
         })
         .collect();
     let started = Instant::now();

@@ -133,6 +133,9 @@ def test_blocks_evicted_from_the_pool_come_back_from_the_ssd(
     assert metrics["pegaflow_ssd_promoted_blocks_total"] >= 64
     assert metrics['pegaflow_lookup_blocks_total{tier="ssd"}'] >= 64
     assert metrics["pegaflow_ssd_checksum_failures_total"] == 0
+    # 128 KiB blocks in 128 KiB pool ranges: written from and read into the pool in place.
+    assert metrics['pegaflow_ssd_copied_parts_total{direction="write"}'] == 0
+    assert metrics['pegaflow_ssd_copied_parts_total{direction="read"}'] == 0
 
 
 def test_a_restarted_server_serves_what_it_wrote_before_a_kill(
@@ -146,6 +149,25 @@ def test_a_restarted_server_serves_what_it_wrote_before_a_kill(
     again = restarted(start_server, ssd_args(tmp_path), server.endpoint)
     assert again.metric("pegaflow_ssd_recovered_blocks") == 32
     loads_back(again, kv, instance_id, hashes, originals, 500, "blocks written before the kill")
+
+
+def test_blocks_not_aligned_for_direct_io_round_trip_through_a_buffer(
+    start_server: StartServer, kv_cache: KvFactory, instance_id: str, tmp_path: Path
+) -> None:
+    # 3 layers of 2 x 5 x 1 x 10 float16 = 600-byte blocks: neither their length nor
+    # their place in the pool suits direct I/O, so they go through an aligned buffer
+    # (aligned blocks, the other tests' 128 KiB, are written from and read into the pool).
+    kv = kv_cache(num_layers=3, num_blocks=256, block_size=5, kv_heads=1, head_dim=10, seed=6)
+    originals = snapshot(kv, list(range(40)))
+    server, hashes = saved_on_ssd(start_server, kv, instance_id, tmp_path, 40)
+    assert server.metric('pegaflow_ssd_copied_parts_total{direction="write"}') == 40
+    server.stop(signal.SIGKILL)
+
+    again = restarted(start_server, ssd_args(tmp_path), server.endpoint)
+    assert again.metric("pegaflow_ssd_recovered_blocks") == 40
+    loads_back(again, kv, instance_id, hashes, originals, 100, "600-byte blocks")
+    assert again.metric('pegaflow_ssd_copied_parts_total{direction="read"}') == 40
+    assert again.metric("pegaflow_ssd_checksum_failures_total") == 0
 
 
 def test_a_corrupted_block_is_a_miss_and_is_dropped(

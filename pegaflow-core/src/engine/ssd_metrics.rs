@@ -36,6 +36,9 @@ pub struct SsdMetrics {
     pub io_seconds: HistogramFamily<IoLabel>,
     /// Block parts whose write or read failed (an I/O error; checksums apart).
     pub io_errors: Family<IoLabel, Counter>,
+    /// Block parts moved through a buffer (copied) because their pool range or length
+    /// is not aligned for direct I/O; the others go between the pool and the SSD in place.
+    pub copied_parts: Family<IoLabel, Counter>,
     /// Blocks not written because the write queue was full.
     pub dropped_writes: Counter,
     /// Block parts that failed their checksum on read (dropped, served as a miss).
@@ -62,6 +65,7 @@ impl Default for SsdMetrics {
             io_bytes: Family::new_with_constructor(io_bytes),
             io_seconds: Family::new_with_constructor(io_seconds),
             io_errors: Family::default(),
+            copied_parts: Family::default(),
             dropped_writes: Counter::default(),
             checksum_failures: Counter::default(),
             promoted_blocks: Counter::default(),
@@ -77,6 +81,7 @@ impl Default for SsdMetrics {
             let _ = metrics.io_bytes.get_or_create(&label);
             let _ = metrics.io_seconds.get_or_create(&label);
             let _ = metrics.io_errors.get_or_create(&label);
+            let _ = metrics.copied_parts.get_or_create(&label);
         }
         metrics
     }
@@ -89,6 +94,11 @@ impl SsdMetrics {
         r.register("io_bytes", "Bytes of each block part written to or read from the SSD", self.io_bytes.clone());
         r.register("io_seconds", "Duration of each block part's SSD write or read", self.io_seconds.clone());
         r.register("io_errors", "SSD block writes and reads that failed", self.io_errors.clone());
+        r.register(
+            "copied_parts",
+            "SSD block parts copied through a buffer: not aligned for direct I/O",
+            self.copied_parts.clone(),
+        );
         r.register("dropped_writes", "Blocks not written: the write queue was full", self.dropped_writes.clone());
         r.register("checksum_failures", "SSD blocks that failed their checksum", self.checksum_failures.clone());
         r.register("promoted_blocks", "Blocks copied up from the SSD into the pool", self.promoted_blocks.clone());

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
+use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, types};
@@ -46,6 +47,86 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// Memory lent to one operation by its caller (the pool's bytes of a block), so a block
+/// goes between the pool and the SSD without a copy. Aligned for `O_DIRECT`.
+#[derive(Debug)]
+pub struct LentBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl LentBuf {
+    /// `len` bytes at `ptr`; `None` unless both are multiples of [`IO_ALIGN`] (and `len`
+    /// is not zero): unaligned memory goes through an [`AlignedBuf`] instead.
+    ///
+    /// # Safety
+    ///
+    /// The `len` bytes at `ptr` must stay allocated, and nothing else may write them (nor
+    /// read them, when the operation is a read) until the operation holding this buffer
+    /// has been handed back by [`IoEngine::run`]. An operation the engine never hands
+    /// back (its ring failed) may still be running in the kernel: a read's memory must
+    /// then never be used again; a write's may be, but what lands in the file is
+    /// undefined.
+    pub unsafe fn new(ptr: NonNull<u8>, len: usize) -> Option<Self> {
+        let aligned = (ptr.as_ptr() as usize).is_multiple_of(IO_ALIGN) && len.is_multiple_of(IO_ALIGN);
+        (aligned && len > 0).then_some(Self { ptr, len })
+    }
+}
+
+// SAFETY: a `LentBuf` is exclusive access to its bytes for as long as it lives (the
+// contract of `LentBuf::new`), as an owned buffer would be: moving it to another thread
+// moves that access with it.
+unsafe impl Send for LentBuf {}
+
+/// The bytes of one operation: owned by it, or lent by its caller.
+#[derive(Debug)]
+pub enum IoBuf {
+    /// A buffer of the operation's own.
+    Owned(AlignedBuf),
+    /// The caller's memory (see [`LentBuf::new`]).
+    Lent(LentBuf),
+}
+
+impl IoBuf {
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            IoBuf::Owned(buf) => buf.len,
+            IoBuf::Lent(buf) => buf.len,
+        }
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            IoBuf::Owned(buf) => buf.bytes(),
+            // SAFETY: `LentBuf::new`'s contract: the bytes are allocated and this buffer
+            // has them to itself while it lives.
+            IoBuf::Lent(buf) => unsafe { std::slice::from_raw_parts(buf.ptr.as_ptr(), buf.len) },
+        }
+    }
+
+    /// The bytes, writable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            IoBuf::Owned(buf) => buf.bytes_mut(),
+            // SAFETY: as in `bytes`, and `&mut self` makes this the only view.
+            IoBuf::Lent(buf) => unsafe { std::slice::from_raw_parts_mut(buf.ptr.as_ptr(), buf.len) },
+        }
+    }
+}
+
+impl From<AlignedBuf> for IoBuf {
+    fn from(buf: AlignedBuf) -> Self {
+        IoBuf::Owned(buf)
+    }
+}
+
 /// Read into, or write from, a buffer at a file offset.
 #[derive(Debug)]
 pub enum IoOp {
@@ -54,21 +135,21 @@ pub enum IoOp {
         /// Byte offset in the file.
         offset: u64,
         /// Where the bytes go (its whole length is read).
-        buf: AlignedBuf,
+        buf: IoBuf,
     },
     /// Write the buffer at the offset.
     Write {
         /// Byte offset in the file.
         offset: u64,
         /// The bytes (its whole length is written).
-        buf: AlignedBuf,
+        buf: IoBuf,
     },
 }
 
 impl IoOp {
     fn len(&self) -> usize {
         match self {
-            IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => buf.len,
+            IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => buf.len(),
         }
     }
 }
@@ -232,13 +313,13 @@ mod tests {
             .map(|i| {
                 let mut buf = AlignedBuf::new(IO_ALIGN * 2);
                 buf.bytes_mut().fill(i as u8 + 1);
-                IoOp::Write { offset: i * 2 * IO_ALIGN as u64, buf }
+                IoOp::Write { offset: i * 2 * IO_ALIGN as u64, buf: buf.into() }
             })
             .collect();
         assert!(engine.run(&file, writes).iter().all(|(_, r)| r.is_ok()));
         let reads: Vec<IoOp> = (0..40u64)
             .rev()
-            .map(|i| IoOp::Read { offset: i * 2 * IO_ALIGN as u64, buf: AlignedBuf::new(IO_ALIGN * 2) })
+            .map(|i| IoOp::Read { offset: i * 2 * IO_ALIGN as u64, buf: AlignedBuf::new(IO_ALIGN * 2).into() })
             .collect();
         let done = engine.run(&file, reads);
         assert_eq!(done.len(), 40);
@@ -247,10 +328,10 @@ mod tests {
             let IoOp::Read { buf, .. } = op else { panic!("a read") };
             assert!(buf.bytes().iter().all(|&b| b == 40 - k as u8), "in order, byte for byte");
         }
-        let timed = engine.run_timed(&file, vec![IoOp::Read { offset: 0, buf: AlignedBuf::new(IO_ALIGN) }]);
+        let timed = engine.run_timed(&file, vec![IoOp::Read { offset: 0, buf: AlignedBuf::new(IO_ALIGN).into() }]);
         assert!(timed[0].1.is_ok() && timed[0].2 > Duration::ZERO);
         // Reading past the end is a short read: an error, not garbage.
-        let past = vec![IoOp::Read { offset: 80 * IO_ALIGN as u64, buf: AlignedBuf::new(IO_ALIGN) }];
+        let past = vec![IoOp::Read { offset: 80 * IO_ALIGN as u64, buf: AlignedBuf::new(IO_ALIGN).into() }];
         assert!(engine.run(&file, past)[0].1.is_err());
         std::fs::remove_file(&path).unwrap();
         engine.kind()
@@ -266,6 +347,43 @@ mod tests {
         // Where the kernel refuses io_uring, the engine says so and still works.
         let kind = round_trip(true);
         assert_eq!(kind, if IoUring::new(2).is_ok() { IoKind::Uring } else { IoKind::Positional });
+    }
+
+    #[test]
+    fn lent_memory_is_written_from_and_read_into_in_place() {
+        for uring in [false, true] {
+            let path = std::env::temp_dir().join(format!("pegaflow-io-{}", uuid::Uuid::new_v4().simple()));
+            let file =
+                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+            let mut region = AlignedBuf::new(4 * IO_ALIGN);
+            region.bytes_mut()[..2 * IO_ALIGN].fill(7);
+            let base = NonNull::new(region.bytes_mut().as_mut_ptr()).unwrap();
+            // SAFETY: `region` outlives both runs and is not touched while they hold it.
+            let first = unsafe { LentBuf::new(base, 2 * IO_ALIGN) }.unwrap();
+            let mut engine = IoEngine::new(4, uring);
+            let written = engine.run(&file, vec![IoOp::Write { offset: 0, buf: IoBuf::Lent(first) }]);
+            assert!(written[0].1.is_ok());
+            // SAFETY: as above; the second half of the region.
+            let second = unsafe { LentBuf::new(base.add(2 * IO_ALIGN), 2 * IO_ALIGN) }.unwrap();
+            let read = engine.run(&file, vec![IoOp::Read { offset: 0, buf: IoBuf::Lent(second) }]);
+            assert!(read[0].1.is_ok());
+            drop((written, read));
+            assert!(region.bytes().iter().all(|&b| b == 7), "the bytes went out and came back in place");
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn only_aligned_memory_is_lent() {
+        let mut region = AlignedBuf::new(3 * IO_ALIGN);
+        let base = NonNull::new(region.bytes_mut().as_mut_ptr()).unwrap();
+        // SAFETY: none of these is used for I/O.
+        unsafe {
+            assert!(LentBuf::new(base, IO_ALIGN).is_some());
+            assert!(LentBuf::new(base.add(512), IO_ALIGN).is_none(), "unaligned start");
+            assert!(LentBuf::new(base, IO_ALIGN + 512).is_none(), "unaligned length");
+            assert!(LentBuf::new(base, 0).is_none());
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Copying blocks up from the SSD into the pool: pool space is reserved as a save would
-//! (evicting for room), the parts are read through an `io_uring` ring (`IoEngine`), checked
-//! and copied in, and the block is sealed — or rolled back, and dropped if it was corrupt.
+//! (evicting for room), the parts are read through an `io_uring` ring (`IoEngine`) straight
+//! into that space where it is aligned for direct I/O (else through a buffer, then
+//! copied), checked, and the block is sealed — or rolled back, and dropped if it was
+//! corrupt.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use super::{Shared, warn_once};
 use crate::cache::{BlockKey, PartGeometry, SaveSpec, SaveTicket};
 use crate::engine::ssd_metrics::IoLabel;
 use crate::memory::HostPool;
-use crate::ssd::io::{AlignedBuf, IO_ALIGN, IoEngine, IoOp};
+use crate::ssd::io::{AlignedBuf, IO_ALIGN, IoBuf, IoEngine, IoOp, LentBuf};
 use crate::ssd::{PartLoc, SsdError};
 
 /// A part being copied up: its block, where it lies, and the pool space reserved for it.
@@ -122,7 +124,10 @@ fn read_parts(
             .iter()
             .map(|p| IoOp::Read {
                 offset: file.offset_of(p.loc.position),
-                buf: AlignedBuf::new(p.len.div_ceil(IO_ALIGN as u64) as usize * IO_ALIGN),
+                buf: lend_pool_space(&shared.pool, p).unwrap_or_else(|| {
+                    metrics.copied_parts.get_or_create(&label).inc();
+                    AlignedBuf::new(p.len.div_ceil(IO_ALIGN as u64) as usize * IO_ALIGN).into()
+                }),
             })
             .collect();
         let by_offset: HashMap<u64, usize> =
@@ -138,7 +143,10 @@ fn read_parts(
                 result
                     .map_err(|source| SsdError::Io { path: file.path().to_path_buf(), op: "read", source })
                     .and_then(|()| file.check(part.loc.position, payload, part.loc.checksum))
-                    .and_then(|()| copy_into_pool(&shared.pool, part, payload)),
+                    .and_then(|()| match buf {
+                        IoBuf::Lent(_) => Ok(()), // read in place
+                        IoBuf::Owned(_) => copy_into_pool(&shared.pool, part, payload),
+                    }),
             );
         }
     }
@@ -170,6 +178,12 @@ fn read_parts(
                 }
             }
             failed[part.key] |= !ok;
+            if outcome.is_none() {
+                // The kernel may still write into the part's pool space (it was lent to
+                // the read): it stays reserved for good rather than go to another block.
+                std::mem::forget(part.ticket);
+                continue;
+            }
             cache.complete_save(part.ticket, ok);
         }
         metrics.blocks.set(index.len() as i64);
@@ -181,6 +195,18 @@ fn read_parts(
             let _ = file.drop_block(position);
         }
     }
+}
+
+/// The pool space reserved for `part`, lent to its read, where it is aligned for direct
+/// I/O and the part's length is whole extents (so the read writes nothing beyond it).
+fn lend_pool_space(pool: &HostPool, part: &PartRead) -> Option<IoBuf> {
+    let ptr = pool.ptr_at(part.pool_offset, part.len)?;
+    let len = usize::try_from(part.len).ok()?;
+    // SAFETY: the range lies inside the pool (checked by `ptr_at`) and its slots are
+    // reserved for this part's ticket (being written, pinned): nothing else reads or
+    // writes them until the ticket completes, after the read is handed back — or never,
+    // if the ring fails (`read_parts` then keeps the ticket).
+    unsafe { LentBuf::new(ptr, len) }.map(IoBuf::Lent)
 }
 
 /// Copies a part read from the SSD into the pool space reserved for it.
