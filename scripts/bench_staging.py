@@ -2,11 +2,15 @@
 (gathered into a staging buffer in this process, whole-block DMAs by the server) and
 direct (the server copies each per-layer piece), in the same run; checks the bytes.
 
-Llama-3.1-8B-shaped by default: 32 layers of ``[blocks, 16, 8, 256]`` bf16 (64 KiB per
-block and layer, vLLM 0.26's FlashAttention layout), 256-block requests (512 MiB).
+``--layout`` picks the per-layer tensors (blocks first, as vLLM hands them over):
+``llama`` (default) 32 layers of ``[blocks, 16, 8, 256]`` bf16, 64 KiB per block and
+layer (Llama-3.1-8B in vLLM 0.26's FlashAttention layout); ``gqa80`` 80 layers of 32 KiB;
+``mla`` 61 layers of ``[blocks, 64, 576]`` (72 KiB, DeepSeek-like); ``small8k`` 24 layers
+of 8 KiB; ``tp4k`` 32 layers of 4 KiB (a TP-sharded GQA rank); ``fp8`` Llama's shape in
+1-byte elements (32 KiB). Requests are 512 MiB unless ``--blocks`` says otherwise.
 Starts its own server (the installed ``pegaflow-server``). Prints one JSON line per mode.
 
-    python scripts/bench_staging.py [--blocks 256] [--reps 5] [--device cuda]
+    python scripts/bench_staging.py [--layout llama] [--blocks N] [--reps 5] [--device cuda]
 """
 
 from __future__ import annotations
@@ -24,17 +28,39 @@ from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
 from pegaflow.connector.worker import WorkerSide
 from pegaflow.server import free_port, read_metrics, spawn_server
 
+LAYOUTS: dict[str, tuple[int, tuple[int, ...], str]] = {
+    # name: (layers, a block's shape in one layer, element type)
+    "llama": (32, (16, 8, 256), "bfloat16"),
+    "gqa80": (80, (16, 8, 128), "bfloat16"),
+    "mla": (61, (64, 576), "bfloat16"),
+    "small8k": (24, (16, 2, 128), "bfloat16"),
+    "tp4k": (32, (16, 1, 128), "bfloat16"),
+    "fp8": (32, (16, 8, 256), "uint8"),
+}
+REQUEST_BYTES = 512 << 20
+
+
+def block_bytes(layout: str) -> int:
+    """Bytes of one block over all layers."""
+    layers, shape, dtype = LAYOUTS[layout]
+    elements = 1
+    for size in shape:
+        elements *= size
+    return layers * elements * (1 if dtype == "uint8" else 2)
+
 
 def make_caches(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    shape = (args.num_blocks, 16, args.heads, 2 * args.head_dim)
-    return {
-        f"model.layers.{i}.self_attn.attn": torch.randn(shape, device=args.device).to(
-            torch.bfloat16
-        )
-        for i in range(args.layers)
-    }
+    layers, shape, dtype = LAYOUTS[args.layout]
+    full = (args.num_blocks, *shape)
+
+    def layer() -> Any:
+        if dtype == "uint8":
+            return torch.randint(0, 256, full, device=args.device, dtype=torch.uint8)
+        return torch.randn(full, device=args.device).to(torch.bfloat16)
+
+    return {f"model.layers.{i}.self_attn.attn": layer() for i in range(layers)}
 
 
 def server_times(metrics_addr: str) -> dict[str, float]:
@@ -141,7 +167,7 @@ def run(endpoint: str, metrics_addr: str, args: argparse.Namespace, staging: str
     n = args.blocks
     src = list(range(n))
     dst = list(range(n, 2 * n))
-    block_bytes = args.layers * 16 * args.heads * 2 * args.head_dim * 2
+    per_block = block_bytes(args.layout)
     saves: list[float] = []
     loads: list[float] = []
     parts: list[dict[str, float]] = []
@@ -196,12 +222,13 @@ def run(endpoint: str, metrics_addr: str, args: argparse.Namespace, staging: str
         split["chunk_blocks"] = chunk
     exact = all(torch.equal(t[:n], t[n : 2 * n]) for t in caches.values())
     worker.shutdown()
-    link_ms = n * block_bytes / args.link_gbps / 1e6
+    link_ms = n * per_block / args.link_gbps / 1e6
     return {
+        "layout": args.layout,
         "staging": staging,
         "staged": worker.staging is not None,
         "blocks": n,
-        "bytes": n * block_bytes,
+        "bytes": n * per_block,
         "save_ms_p50": round(statistics.median(saves), 2),
         "query_load_ms_p50": round(statistics.median(loads), 2),
         "save_x_link": round(statistics.median(saves) / link_ms, 2),
@@ -217,11 +244,9 @@ def run(endpoint: str, metrics_addr: str, args: argparse.Namespace, staging: str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--num-blocks", type=int, default=600)
-    parser.add_argument("--blocks", type=int, default=256)
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="llama")
+    parser.add_argument("--blocks", type=int, help="blocks a request (default: 512 MiB)")
+    parser.add_argument("--num-blocks", type=int, help="KV cache blocks (default: 2 requests)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--staging-mib", type=int, default=128)
     parser.add_argument("--modes", default="on,off", help="staging modes to run, in order")
@@ -235,6 +260,10 @@ def main() -> None:
     )
     parser.add_argument("--gemm-size", type=int, default=8192)
     args = parser.parse_args()
+    if args.blocks is None:
+        args.blocks = max(1, REQUEST_BYTES // block_bytes(args.layout))
+    if args.num_blocks is None:
+        args.num_blocks = 2 * args.blocks + 16
     metrics_addr = f"127.0.0.1:{free_port()}"
     with spawn_server(
         pool_size=args.pool_size, startup_timeout_s=120.0, metrics_addr=metrics_addr
