@@ -5,11 +5,16 @@
 //!
 //! ```text
 //! cargo run --release -p pegaflow-core --example ssd_io_bench -- \
-//!     FILE SIZE_MIB BLOCK_KIB DEPTH read|write SECONDS [positional]
+//!     FILE SIZE_MIB BLOCK_KIB DEPTH read|write SECONDS [positional] [buffers=N]
 //! ```
+//! Operations stream through the engine (`IoEngine::stream`), each buffer used again as
+//! soon as its operation completed; `DEPTH` buffers by default, as fio keeps one per
+//! queue slot (`buffers=N` cycles through N: more distinct memory per second).
 //! Prints one JSON line: GB/s, IOPS, and p50/p99 latency per operation (from its
 //! submission until its completion was seen).
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
@@ -31,7 +36,13 @@ fn main() {
     let depth: u32 = arg(&args, 4, "depth");
     let write = arg::<String>(&args, 5, "op") == "write";
     let seconds: f64 = arg(&args, 6, "seconds");
-    let uring = args.get(7).is_none_or(|a| a != "positional");
+    let uring = !args.iter().skip(7).any(|a| a == "positional");
+    let buffers = args
+        .iter()
+        .skip(7)
+        .find_map(|a| a.strip_prefix("buffers=").and_then(|n| n.parse::<usize>().ok()))
+        .unwrap_or(depth as usize)
+        .max(depth as usize);
     let file = match OpenOptions::new().read(true).write(true).create(true).custom_flags(libc::O_DIRECT).open(&path) {
         Ok(f) => f,
         Err(e) => {
@@ -64,13 +75,8 @@ fn main() {
         state ^= state << 17;
         (state % slots) * block as u64
     };
-    let (mut ops_done, mut latencies) = (0u64, Vec::new());
-    // Long batches keep `depth` in flight; only their ends drain the queue.
-    let batch = (depth as usize * 32).max(256);
-    // Buffers are reused from batch to batch, as the tier reuses pool slots: the engine
-    // is measured, not the allocator.
     // Written bytes are pseudo-random, as fio's: a cloud disk may treat zeros apart.
-    let mut spare: Vec<IoBuf> = (0..batch)
+    let spare: VecDeque<IoBuf> = (0..buffers)
         .map(|i| {
             let mut buf = AlignedBuf::new(block);
             let mut x = 0x2545_F491_4F6C_DD1Du64 ^ i as u64;
@@ -83,28 +89,39 @@ fn main() {
             IoBuf::from(buf)
         })
         .collect();
+    // Oldest returned first, so `buffers=N` really cycles through N.
+    let spare = RefCell::new(spare);
+    let (mut ops_done, mut latencies) = (0u64, Vec::new());
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
-    // At least one batch, however short the time asked for.
-    while ops_done == 0 || Instant::now() < deadline {
-        let ops: Vec<IoOp> = spare
-            .drain(..)
-            .map(|buf| {
-                let offset = next_offset();
-                if write { IoOp::Write { offset, buf } } else { IoOp::Read { offset, buf } }
-            })
-            .collect();
-        for (op, result, latency) in engine.run_timed(&file, ops) {
-            if let Err(e) = result {
+    let mut issued = 0u64;
+    let outcome = engine.stream(
+        &file,
+        || {
+            // At least one operation, however short the time asked for.
+            if issued > 0 && Instant::now() >= deadline {
+                return None;
+            }
+            let buf = spare.borrow_mut().pop_front()?;
+            issued += 1;
+            let offset = next_offset();
+            Some((0, if write { IoOp::Write { offset, buf } } else { IoOp::Read { offset, buf } }))
+        },
+        |end| {
+            if let Err(e) = end.result {
                 eprintln!("I/O failed: {e}");
                 std::process::exit(1)
             }
-            latencies.push(latency.as_secs_f64());
-            spare.push(match op {
+            ops_done += 1;
+            latencies.push(end.latency.as_secs_f64());
+            spare.borrow_mut().push_back(match end.op {
                 IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => buf,
             });
-        }
-        ops_done += batch as u64;
+        },
+    );
+    if let Err(e) = outcome {
+        eprintln!("the ring failed: {e}");
+        std::process::exit(1)
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);

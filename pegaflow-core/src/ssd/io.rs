@@ -207,7 +207,8 @@ impl IoEngine {
     /// Runs `ops` on `file` and hands each back with its outcome, in order. A short read
     /// or write is an error (aligned `O_DIRECT` I/O of whole extents is never short on a
     /// healthy device). Should the ring itself fail, operations it still held are left
-    /// out (their buffers are leaked: the kernel may still use them).
+    /// out (their buffers are leaked: the kernel may still use them); those not yet
+    /// started come back with the error.
     pub fn run(&mut self, file: &File, ops: Vec<IoOp>) -> Vec<(IoOp, io::Result<()>)> {
         self.run_timed(file, ops).into_iter().map(|(op, result, _)| (op, result)).collect()
     }
@@ -215,32 +216,87 @@ impl IoEngine {
     /// [`IoEngine::run`], with each operation's latency (from its submission until its
     /// completion was seen).
     pub fn run_timed(&mut self, file: &File, ops: Vec<IoOp>) -> Vec<(IoOp, io::Result<()>, Duration)> {
+        let mut out: Vec<Option<(IoOp, io::Result<()>, Duration)>> = (0..ops.len()).map(|_| None).collect();
+        let mut pending = ops.into_iter().enumerate();
+        let outcome =
+            self.stream(file, || pending.next(), |end| out[end.tag] = Some((end.op, end.result, end.latency)));
+        if let Err(e) = outcome {
+            for (tag, op) in pending {
+                out[tag] = Some((op, Err(io::Error::new(e.kind(), e.to_string())), Duration::ZERO));
+            }
+        }
+        out.into_iter().flatten().collect()
+    }
+
+    /// Runs operations as `next` hands them out (each with a tag of the caller's), up to
+    /// the depth in flight, and hands each to `done` as it completes (in completion
+    /// order) — so buffers can go round, as in fio. Each operation is submitted as soon
+    /// as it is handed out: none waits for others of a batch to be issued (measured
+    /// faster for small blocks, docs/benchmarks.md). Returns once `next` gave `None` and
+    /// everything handed out completed. Should the ring itself fail, operations in flight
+    /// are leaked (the kernel may still use their buffers) and the error is returned.
+    pub fn stream(
+        &mut self,
+        file: &File,
+        mut next: impl FnMut() -> Option<(usize, IoOp)>,
+        mut done: impl FnMut(Completed),
+    ) -> io::Result<()> {
         match self.ring.as_mut() {
-            Some(ring) => run_uring(ring, self.depth, file, ops),
-            None => ops
-                .into_iter()
-                .map(|mut op| {
+            Some(ring) => stream_uring(ring, self.depth, file, &mut next, &mut done),
+            None => {
+                while let Some((tag, mut op)) = next() {
                     let t0 = Instant::now();
                     let result = match &mut op {
                         IoOp::Read { offset, buf } => file.read_exact_at(buf.bytes_mut(), *offset),
                         IoOp::Write { offset, buf } => file.write_all_at(buf.bytes(), *offset),
                     };
-                    (op, result, t0.elapsed())
-                })
-                .collect(),
+                    done(Completed { tag, op, result, latency: t0.elapsed() });
+                }
+                Ok(())
+            }
         }
     }
 }
 
-fn run_uring(ring: &mut IoUring, depth: usize, file: &File, ops: Vec<IoOp>) -> Vec<(IoOp, io::Result<()>, Duration)> {
+/// An operation that ended: the caller's tag, the operation (its buffer back), its
+/// outcome and its latency (from submission until its completion was seen).
+#[derive(Debug)]
+pub struct Completed {
+    /// What the caller tagged the operation with.
+    pub tag: usize,
+    /// The operation, buffer included.
+    pub op: IoOp,
+    /// Its outcome: a short read or write is an error.
+    pub result: io::Result<()>,
+    /// From its submission until its completion was seen.
+    pub latency: Duration,
+}
+
+/// Whether a failed `io_uring_enter` only asks to be called again (after reaping).
+fn retryable(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Interrupted || matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY))
+}
+
+fn stream_uring(
+    ring: &mut IoUring,
+    depth: usize,
+    file: &File,
+    next: &mut dyn FnMut() -> Option<(usize, IoOp)>,
+    done: &mut dyn FnMut(Completed),
+) -> io::Result<()> {
     let fd = types::Fd(file.as_raw_fd());
-    let mut slots: Vec<Option<IoOp>> = ops.into_iter().map(Some).collect();
-    let mut results: Vec<Option<io::Result<()>>> = (0..slots.len()).map(|_| None).collect();
-    let mut times: Vec<(Instant, Duration)> = vec![(Instant::now(), Duration::ZERO); slots.len()];
-    let (mut next, mut in_flight) = (0usize, 0usize);
-    while next < slots.len() || in_flight > 0 {
-        while next < slots.len() && in_flight < depth {
-            let Some(op) = slots[next].as_mut() else { break };
+    // In flight: (tag, operation, submitted at) by ring slot (the entries' user data).
+    let mut slots: Vec<Option<(usize, IoOp, Instant)>> = (0..depth).map(|_| None).collect();
+    let mut free: Vec<usize> = (0..depth).rev().collect();
+    let mut exhausted = false;
+    let failed = 'ring: loop {
+        while !exhausted {
+            let Some(&slot) = free.last() else { break };
+            let Some((tag, op)) = next() else {
+                exhausted = true;
+                break;
+            };
+            let (_, op, at) = slots[slot].insert((tag, op, Instant::now()));
             let len = op.len() as u32;
             let entry = match op {
                 IoOp::Read { offset, buf } => {
@@ -250,55 +306,56 @@ fn run_uring(ring: &mut IoUring, depth: usize, file: &File, ops: Vec<IoOp>) -> V
                     opcode::Write::new(fd, buf.bytes().as_ptr(), len).offset(*offset).build()
                 }
             }
-            .user_data(next as u64);
-            // SAFETY: the entry points into a buffer owned by `slots[next]`, which is neither
-            // dropped nor touched until its completion is reaped below (the buffer's heap
-            // bytes do not move when the `Vec` of slots does).
+            .user_data(slot as u64);
+            *at = Instant::now();
+            // SAFETY: the entry points into the buffer of the operation held in
+            // `slots[slot]`, which is neither dropped nor touched until its completion is
+            // reaped below (or leaked if the ring fails); its bytes (heap or lent) do not
+            // move when the operation does. The submission queue has room: it holds
+            // `depth` rounded up to a power of two, and at most `depth` operations are
+            // out at once.
             if unsafe { ring.submission().push(&entry) }.is_err() {
-                break; // queue full: reap first
+                break 'ring Some(io::Error::other("SSD submission queue full"));
             }
-            times[next].0 = Instant::now();
-            next += 1;
-            in_flight += 1;
+            free.pop();
+            match ring.submit() {
+                Ok(_) => {}
+                Err(e) if retryable(&e) => break, // reap first; it stays queued
+                Err(e) => break 'ring Some(e),
+            }
         }
-        if let Err(e) = ring.submit_and_wait(1) {
-            let retry = e.kind() == io::ErrorKind::Interrupted
-                || matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY));
-            if retry {
-                continue; // completions are reaped below, then submission goes on
-            }
-            // The ring failed: operations still in flight may keep using their buffers,
-            // so those are leaked (and left out of the answer); the rest fail.
-            for i in 0..next {
-                if results[i].is_none() {
-                    std::mem::forget(slots[i].take());
-                }
-            }
-            for result in results.iter_mut().filter(|r| r.is_none()) {
-                *result = Some(Err(io::Error::new(e.kind(), e.to_string())));
-            }
-            break;
+        if free.len() == depth && exhausted {
+            break None;
+        }
+        if let Err(e) = ring.submit_and_wait(1)
+            && !retryable(&e)
+        {
+            break Some(e);
         }
         for cqe in ring.completion() {
-            let i = cqe.user_data() as usize;
-            in_flight -= 1;
-            times[i].1 = times[i].0.elapsed();
-            let expected = slots[i].as_ref().map_or(0, IoOp::len);
-            results[i] = Some(match cqe.result() {
+            let slot = cqe.user_data() as usize;
+            let Some((tag, op, at)) = slots.get_mut(slot).and_then(Option::take) else { continue };
+            free.push(slot);
+            let result = match cqe.result() {
                 n if n < 0 => Err(io::Error::from_raw_os_error(-n)),
-                n if n as usize != expected => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short SSD I/O")),
+                n if n as usize != op.len() => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short SSD I/O")),
                 _ => Ok(()),
-            });
+            };
+            done(Completed { tag, op, result, latency: at.elapsed() });
+        }
+    };
+    match failed {
+        None => Ok(()),
+        Some(e) => {
+            // Operations still in flight may keep using their buffers: leaked.
+            for slot in &mut slots {
+                if let Some(op) = slot.take() {
+                    std::mem::forget(op);
+                }
+            }
+            Err(e)
         }
     }
-    slots
-        .into_iter()
-        .zip(results)
-        .zip(times)
-        .filter_map(|((op, result), (_, latency))| {
-            Some((op?, result.unwrap_or_else(|| Err(io::Error::other("not run"))), latency))
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -369,6 +426,49 @@ mod tests {
             assert!(read[0].1.is_ok());
             drop((written, read));
             assert!(region.bytes().iter().all(|&b| b == 7), "the bytes went out and came back in place");
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn streamed_operations_come_back_to_be_used_again() {
+        for uring in [false, true] {
+            let path = std::env::temp_dir().join(format!("pegaflow-io-{}", uuid::Uuid::new_v4().simple()));
+            let file =
+                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+            let mut engine = IoEngine::new(4, uring);
+            // 64 writes through 4 buffers: each one is refilled once it came back.
+            let spare = std::cell::RefCell::new((0..4).map(|_| AlignedBuf::new(IO_ALIGN)).collect::<Vec<_>>());
+            let mut issued = 0u64;
+            let mut tags = Vec::new();
+            let outcome = engine.stream(
+                &file,
+                || {
+                    if issued == 64 {
+                        return None;
+                    }
+                    let mut buf = spare.borrow_mut().pop().expect("a buffer is free whenever a slot is");
+                    buf.bytes_mut().fill(issued as u8 + 1);
+                    issued += 1;
+                    Some((issued as usize - 1, IoOp::Write { offset: (issued - 1) * IO_ALIGN as u64, buf: buf.into() }))
+                },
+                |end| {
+                    assert!(end.result.is_ok(), "{:?}", end.result);
+                    tags.push(end.tag);
+                    let IoOp::Write { buf: IoBuf::Owned(buf), .. } = end.op else { panic!("the write comes back") };
+                    spare.borrow_mut().push(buf);
+                },
+            );
+            assert!(outcome.is_ok());
+            tags.sort_unstable();
+            assert_eq!(tags, (0..64).collect::<Vec<_>>(), "every operation completed once");
+            let reads =
+                (0..64u64).map(|i| IoOp::Read { offset: i * IO_ALIGN as u64, buf: AlignedBuf::new(IO_ALIGN).into() });
+            for (i, (op, result)) in engine.run(&file, reads.collect()).into_iter().enumerate() {
+                assert!(result.is_ok());
+                let IoOp::Read { buf, .. } = op else { panic!("a read") };
+                assert!(buf.bytes().iter().all(|&b| b == i as u8 + 1), "block {i} byte for byte");
+            }
             std::fs::remove_file(&path).unwrap();
         }
     }
