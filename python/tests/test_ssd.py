@@ -154,9 +154,9 @@ def test_a_restarted_server_serves_what_it_wrote_before_a_kill(
 def test_blocks_not_aligned_for_direct_io_round_trip_through_a_buffer(
     start_server: StartServer, kv_cache: KvFactory, instance_id: str, tmp_path: Path
 ) -> None:
-    # 3 layers of 2 x 5 x 1 x 10 float16 = 600-byte blocks: neither their length nor
-    # their place in the pool suits direct I/O, so they go through an aligned buffer
-    # (aligned blocks, the other tests' 128 KiB, are written from and read into the pool).
+    # 3 layers of 2 x 5 x 1 x 10 float16 = 600-byte blocks: not whole 4 KiB extents, so
+    # they go through an aligned buffer (blocks of whole extents, the other tests'
+    # 128 KiB, are written from and read into the pool in place).
     kv = kv_cache(num_layers=3, num_blocks=256, block_size=5, kv_heads=1, head_dim=10, seed=6)
     originals = snapshot(kv, list(range(40)))
     server, hashes = saved_on_ssd(start_server, kv, instance_id, tmp_path, 40)

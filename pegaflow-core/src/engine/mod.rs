@@ -163,7 +163,9 @@ impl Engine {
     pub fn new(config: EngineConfig) -> Result<Self, EngineInitError> {
         let pool =
             Arc::new(HostPool::new(PoolOptions { size: config.pool_size, use_hugepages: config.use_hugepages })?);
-        let allocator = PoolAllocator::new(pool.len(), config.hint_value_size);
+        // With an SSD tier, pool ranges are whole 4 KiB extents: direct I/O in place.
+        let unit = if config.ssd.is_some() { crate::ssd::file::ALIGN } else { 0 };
+        let allocator = PoolAllocator::with_min_unit(pool.len(), config.hint_value_size, unit);
         let mut host_options = HostDeviceOptions::default();
         if let Some(threads) = config.copy_threads {
             host_options.copy_threads = threads;

@@ -72,7 +72,14 @@ impl PoolAllocator {
     /// An allocator for a pool of `capacity` bytes whose typical allocation is
     /// `hint_value_size` bytes (sizes the node table; `None` assumes 64 KiB).
     pub fn new(capacity: u64, hint_value_size: Option<u64>) -> Self {
-        let mut unit = MIN_UNIT;
+        Self::with_min_unit(capacity, hint_value_size, MIN_UNIT)
+    }
+
+    /// [`PoolAllocator::new`] whose ranges start and end on multiples of `min_unit` (a
+    /// power of two of at least 256 bytes): with an SSD tier, 4 KiB, so that blocks move
+    /// between the pool and the SSD by direct I/O in place.
+    pub fn with_min_unit(capacity: u64, hint_value_size: Option<u64>, min_unit: u64) -> Self {
+        let mut unit = min_unit.max(MIN_UNIT).next_power_of_two();
         while capacity / unit >= u64::from(u32::MAX) {
             unit *= 2;
         }
@@ -140,6 +147,17 @@ impl PoolAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_larger_unit_keeps_every_range_aligned() {
+        let mut a = PoolAllocator::with_min_unit(1 << 20, None, 4096);
+        // Sizes that are not multiples of 4 KiB, mixed: every range still starts on one.
+        let slices: Vec<PoolSlice> =
+            [600u64, 5000, 72 * 1024 + 8, 4096, 1].iter().filter_map(|&n| a.allocate(n)).collect();
+        assert_eq!(slices.len(), 5);
+        assert!(slices.iter().all(|s| s.offset() % 4096 == 0), "{slices:?}");
+        assert_eq!(a.rounded(600), 4096);
+    }
 
     #[test]
     fn allocates_disjoint_ranges_and_accounts_bytes() {
