@@ -4,6 +4,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use foldhash::fast::RandomState;
+
 use super::block::{Block, Part, Slot};
 use super::index::{BlockCache, hex};
 use super::policy::Choice;
@@ -125,7 +127,8 @@ impl BlockCache {
         let mut held: Option<Vec<BlockKey>> = None;
         let mut plan =
             RoomPlan { admitted: vec![true; spec.hashes.len()], rejected: 0, full: false, victims: Vec::new() };
-        let mut refused: HashSet<BlockHash> = HashSet::new();
+        // Hashes come from clients: foldhash with this process's random seed, as the index.
+        let mut refused: HashSet<BlockHash, RandomState> = HashSet::default();
         for (index, hash) in spec.hashes.iter().enumerate() {
             let key = spec.key(*hash);
             let existing = self.blocks.get(&key);
@@ -312,7 +315,7 @@ impl BlockCache {
             )));
         }
         let (rank, tp_size) = (spec.rank, spec.tp_size);
-        let mut new_parts = HashSet::new();
+        let mut new_parts: HashSet<BlockHash, RandomState> = HashSet::default();
         for hash in spec.hashes {
             match self.blocks.get(&spec.key(*hash)) {
                 None => {
