@@ -1,17 +1,18 @@
 //! Copying blocks up from the SSD into the pool: pool space is reserved as a save would
-//! (evicting for room), the parts are read through an `io_uring` ring (`IoEngine`) straight
-//! into that space where it is aligned for direct I/O (else through a buffer, then
-//! copied), checked, and the block is sealed — or rolled back, and dropped if it was
-//! corrupt.
+//! (evicting for room), the parts stream through an `io_uring` ring (`IoEngine::stream`)
+//! straight into that space where it is aligned for direct I/O (else through a buffer,
+//! then copied), each is checked and sealed as it completes — or rolled back, and
+//! dropped if it was corrupt.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::{Shared, warn_once};
 use crate::cache::{BlockKey, PartGeometry, SaveSpec, SaveTicket};
 use crate::engine::ssd_metrics::IoLabel;
 use crate::memory::HostPool;
-use crate::ssd::io::{AlignedBuf, IO_ALIGN, IoBuf, IoEngine, IoOp, LentBuf};
+use crate::ssd::io::{AlignedBuf, Completed, IO_ALIGN, IoBuf, IoEngine, IoOp, LentBuf};
 use crate::ssd::{PartLoc, SsdError};
 
 /// A part being copied up: its block, where it lies, and the pool space reserved for it.
@@ -23,35 +24,190 @@ struct PartRead {
     len: u64,
 }
 
-/// Copies the blocks of `keys` up from the SSD into the pool, `engine.depth()` part reads
-/// in flight (io_uring where the kernel allows it), window after window.
+/// Copies the blocks of `keys` up from the SSD into the pool: per cache path, their parts
+/// stream through the ring (`engine.depth()` reads in flight all along), each block's
+/// pool space reserved as the stream reaches it and each part sealed as it completes.
 pub(super) fn prefetch_batch(shared: &Shared, engine: &mut IoEngine, keys: Vec<BlockKey>) {
     if !shared.recovery.wait() {
         end_prefetches(shared, &keys);
         return;
     }
-    for window in keys.chunks(engine.depth().max(1)) {
-        let mut failed = vec![false; window.len()];
-        let mut reads = Vec::new();
-        for (i, key) in window.iter().enumerate() {
-            let parts = shared.index.lock().whole(key);
-            match parts {
-                Some(parts) => failed[i] |= !reserve(shared, i, key, &parts, &mut reads),
-                None => failed[i] = true,
-            }
+    let mut by_file: Vec<Vec<(BlockKey, Vec<PartLoc>)>> = vec![Vec::new(); shared.files.len()];
+    for key in keys {
+        let parts = shared.index.lock().whole(&key);
+        match parts.filter(|parts| !parts.is_empty()) {
+            // A block's parts all lie on the cache path its hash picked.
+            Some(parts) => by_file[usize::from(parts[0].file)].push((key, parts)),
+            None => end_prefetches(shared, std::slice::from_ref(&key)),
         }
-        for number in 0..shared.files.len() {
-            let (mine, rest): (Vec<PartRead>, Vec<PartRead>) =
-                reads.into_iter().partition(|r| usize::from(r.loc.file) == number);
-            reads = rest;
-            if !mine.is_empty() {
-                read_parts(shared, engine, number, window, mine, &mut failed);
-            }
-        }
-        let promoted = failed.iter().filter(|f| !**f).count();
-        shared.metrics.ssd.promoted_blocks.inc_by(promoted as u64);
-        end_prefetches(shared, window);
     }
+    for (number, blocks) in by_file.into_iter().enumerate() {
+        if !blocks.is_empty() {
+            copy_up(shared, engine, number, blocks);
+        }
+    }
+}
+
+/// The state of one cache path's copy-up stream.
+struct CopyUp {
+    blocks: Vec<(BlockKey, Vec<PartLoc>)>,
+    /// The next block to reserve.
+    next_block: usize,
+    /// Parts reserved and not yet handed to the ring.
+    queued: VecDeque<PartRead>,
+    /// Parts handed to the ring, by tag; `None` once completed.
+    reading: Vec<Option<PartRead>>,
+    /// Per block: parts still being read, and whether one failed.
+    left: Vec<usize>,
+    failed: Vec<bool>,
+}
+
+/// Streams the parts of `blocks` from cache path `number` into the pool.
+fn copy_up(shared: &Shared, engine: &mut IoEngine, number: usize, blocks: Vec<(BlockKey, Vec<PartLoc>)>) {
+    let label = IoLabel { direction: "read" };
+    let metrics = &shared.metrics.ssd;
+    // A handle of its own, so the data file's lock is held only to check each part
+    // (writers reserve and record meanwhile).
+    let data = match shared.files[number].read().data().try_clone() {
+        Ok(data) => data,
+        Err(source) => {
+            let path = shared.files[number].read().path().to_path_buf();
+            metrics.io_errors.get_or_create(&label).inc_by(blocks.len() as u64);
+            warn_once(&SsdError::Io { path, op: "read", source });
+            let keys: Vec<BlockKey> = blocks.into_iter().map(|(key, _)| key).collect();
+            end_prefetches(shared, &keys);
+            return;
+        }
+    };
+    let n = blocks.len();
+    let state = RefCell::new(CopyUp {
+        blocks,
+        next_block: 0,
+        queued: VecDeque::new(),
+        reading: Vec::new(),
+        left: vec![0; n],
+        failed: vec![false; n],
+    });
+    let next = || {
+        let mut st = state.borrow_mut();
+        loop {
+            if let Some(part) = st.queued.pop_front() {
+                let file = shared.files[number].read();
+                let offset = file.offset_of(part.loc.position);
+                drop(file);
+                let buf = lend_pool_space(&shared.pool, &part).unwrap_or_else(|| {
+                    metrics.copied_parts.get_or_create(&label).inc();
+                    AlignedBuf::new(part.len.div_ceil(IO_ALIGN as u64) as usize * IO_ALIGN).into()
+                });
+                let tag = st.reading.len();
+                st.reading.push(Some(part));
+                return Some((tag, IoOp::Read { offset, buf }));
+            }
+            let i = st.next_block;
+            if i == st.blocks.len() {
+                return None;
+            }
+            st.next_block += 1;
+            let mut reads = Vec::new();
+            let (key, parts) = &st.blocks[i];
+            let placed = reserve(shared, i, key, parts, &mut reads);
+            st.failed[i] |= !placed;
+            st.left[i] = reads.len();
+            st.queued.extend(reads);
+            if st.left[i] == 0 {
+                finish_block(shared, &st, i);
+            }
+        }
+    };
+    let done = |end: Completed| {
+        let mut st = state.borrow_mut();
+        let Some(part) = st.reading.get_mut(end.tag).and_then(Option::take) else { return };
+        let IoOp::Read { buf, .. } = end.op else { return };
+        metrics.io_seconds.get_or_create(&label).observe(end.latency.as_secs_f64());
+        metrics.io_bytes.get_or_create(&label).observe(part.len as f64);
+        let payload = &buf.bytes()[..part.len as usize];
+        let outcome = end
+            .result
+            .map_err(|source| SsdError::Io {
+                path: shared.files[number].read().path().to_path_buf(),
+                op: "read",
+                source,
+            })
+            .and_then(|()| shared.files[number].read().check(part.loc.position, payload, part.loc.checksum))
+            .and_then(|()| match buf {
+                IoBuf::Lent(_) => Ok(()), // read in place
+                IoBuf::Owned(_) => copy_into_pool(&shared.pool, &part, payload),
+            });
+        let i = part.key;
+        let key = st.blocks[i].0.clone();
+        let ok = settle(shared, number, &key, part, outcome);
+        st.failed[i] |= !ok;
+        st.left[i] -= 1;
+        if st.left[i] == 0 {
+            finish_block(shared, &st, i);
+        }
+    };
+    let outcome = engine.stream(&data, next, done);
+    let st = state.into_inner();
+    if outcome.is_err() {
+        metrics.io_errors.get_or_create(&label).inc();
+        let mut cache = shared.cache.lock();
+        // Reserved, never read: rolled back.
+        for part in st.queued {
+            cache.complete_save(part.ticket, false);
+        }
+        // In flight when the ring failed: the kernel may still write into their pool
+        // space (lent to the reads), which stays reserved for good rather than go to
+        // another block.
+        for part in st.reading.into_iter().flatten() {
+            std::mem::forget(part.ticket);
+        }
+        drop(cache);
+        let unfinished: Vec<BlockKey> = st.blocks.into_iter().map(|(key, _)| key).collect();
+        end_prefetches(shared, &unfinished);
+    }
+    metrics.blocks.set(shared.index.lock().len() as i64);
+}
+
+/// Block `i` of the stream has every part read (or refused): counted, its prefetch over.
+fn finish_block(shared: &Shared, st: &CopyUp, i: usize) {
+    if !st.failed[i] {
+        shared.metrics.ssd.promoted_blocks.inc();
+    }
+    end_prefetches(shared, std::slice::from_ref(&st.blocks[i].0));
+}
+
+/// Seals a part read into the pool, or rolls it back (and forgets it on the SSD when it
+/// failed its checksum or was overwritten). True when it was sealed.
+fn settle(shared: &Shared, number: usize, key: &BlockKey, part: PartRead, outcome: Result<(), SsdError>) -> bool {
+    let metrics = &shared.metrics.ssd;
+    let ok = outcome.is_ok();
+    let mut corrupt = false;
+    {
+        let mut cache = shared.cache.lock();
+        let mut index = shared.index.lock();
+        match &outcome {
+            Ok(()) => {}
+            Err(e @ SsdError::Corrupt { .. }) => {
+                metrics.checksum_failures.inc();
+                tracing::warn!(error = %e, "SSD block dropped: it failed its checksum");
+                index.remove_at(key, part.loc.file, part.loc.position);
+                corrupt = true;
+            }
+            // Newer blocks took its place: a miss.
+            Err(SsdError::Overwritten(_)) => index.remove_at(key, part.loc.file, part.loc.position),
+            Err(e) => {
+                metrics.io_errors.get_or_create(&IoLabel { direction: "read" }).inc();
+                warn_once(e);
+            }
+        }
+        cache.complete_save(part.ticket, ok);
+    }
+    if corrupt {
+        // Forgotten durably, so a restart does not find it again.
+        let _ = shared.files[number].write().drop_block(part.loc.position);
+    }
+    ok
 }
 
 fn end_prefetches(shared: &Shared, keys: &[BlockKey]) {
@@ -102,99 +258,6 @@ fn reserve(shared: &Shared, i: usize, key: &BlockKey, parts: &[PartLoc], reads: 
         }
     }
     true
-}
-
-/// Reads `parts` from cache path `number` (one batch through `engine`), checks each and
-/// copies it into its reserved pool space, then seals or rolls back its ticket. `window`:
-/// the blocks the parts belong to (`PartRead::key` indexes it), `failed` is per block.
-fn read_parts(
-    shared: &Shared,
-    engine: &mut IoEngine,
-    number: usize,
-    window: &[BlockKey],
-    parts: Vec<PartRead>,
-    failed: &mut [bool],
-) {
-    let label = IoLabel { direction: "read" };
-    let metrics = &shared.metrics.ssd;
-    let mut outcomes: Vec<Option<Result<(), SsdError>>> = (0..parts.len()).map(|_| None).collect();
-    {
-        let file = shared.files[number].read();
-        let ops: Vec<IoOp> = parts
-            .iter()
-            .map(|p| IoOp::Read {
-                offset: file.offset_of(p.loc.position),
-                buf: lend_pool_space(&shared.pool, p).unwrap_or_else(|| {
-                    metrics.copied_parts.get_or_create(&label).inc();
-                    AlignedBuf::new(p.len.div_ceil(IO_ALIGN as u64) as usize * IO_ALIGN).into()
-                }),
-            })
-            .collect();
-        let by_offset: HashMap<u64, usize> =
-            parts.iter().enumerate().map(|(i, p)| (file.offset_of(p.loc.position), i)).collect();
-        for (op, result, latency) in engine.run_timed(file.data(), ops) {
-            let IoOp::Read { offset, buf } = op else { continue };
-            let Some(&i) = by_offset.get(&offset) else { continue };
-            let part = &parts[i];
-            metrics.io_seconds.get_or_create(&label).observe(latency.as_secs_f64());
-            metrics.io_bytes.get_or_create(&label).observe(part.len as f64);
-            let payload = &buf.bytes()[..part.len as usize];
-            outcomes[i] = Some(
-                result
-                    .map_err(|source| SsdError::Io { path: file.path().to_path_buf(), op: "read", source })
-                    .and_then(|()| file.check(part.loc.position, payload, part.loc.checksum))
-                    .and_then(|()| match buf {
-                        IoBuf::Lent(_) => Ok(()), // read in place
-                        IoBuf::Owned(_) => copy_into_pool(&shared.pool, part, payload),
-                    }),
-            );
-        }
-    }
-    let mut corrupt = Vec::new();
-    {
-        let mut cache = shared.cache.lock();
-        let mut index = shared.index.lock();
-        for (part, outcome) in parts.into_iter().zip(outcomes) {
-            let ok = matches!(outcome, Some(Ok(())));
-            match &outcome {
-                Some(Ok(())) => {}
-                Some(Err(e @ SsdError::Corrupt { .. })) => {
-                    metrics.checksum_failures.inc();
-                    tracing::warn!(error = %e, "SSD block dropped: it failed its checksum");
-                    corrupt.push(part.loc.position);
-                    index.remove_at(&window[part.key], part.loc.file, part.loc.position);
-                }
-                // Newer blocks took its place: a miss.
-                Some(Err(SsdError::Overwritten(_))) => {
-                    index.remove_at(&window[part.key], part.loc.file, part.loc.position);
-                }
-                Some(Err(e)) => {
-                    metrics.io_errors.get_or_create(&label).inc();
-                    warn_once(e);
-                }
-                // The ring failed before the read completed.
-                None => {
-                    metrics.io_errors.get_or_create(&label).inc();
-                }
-            }
-            failed[part.key] |= !ok;
-            if outcome.is_none() {
-                // The kernel may still write into the part's pool space (it was lent to
-                // the read): it stays reserved for good rather than go to another block.
-                std::mem::forget(part.ticket);
-                continue;
-            }
-            cache.complete_save(part.ticket, ok);
-        }
-        metrics.blocks.set(index.len() as i64);
-    }
-    if !corrupt.is_empty() {
-        // Forgotten durably, so a restart does not find them again.
-        let mut file = shared.files[number].write();
-        for position in corrupt {
-            let _ = file.drop_block(position);
-        }
-    }
 }
 
 /// The pool space reserved for `part`, lent to its read, where it is aligned for direct
