@@ -34,11 +34,16 @@ pub(super) fn prefetch_batch(shared: &Shared, engine: &mut IoEngine, keys: Vec<B
     }
     let mut by_file: Vec<Vec<(BlockKey, Vec<PartLoc>)>> = vec![Vec::new(); shared.files.len()];
     for key in keys {
-        let parts = shared.index.lock().whole(&key);
-        match parts.filter(|parts| !parts.is_empty()) {
-            // A block's parts all lie on the cache path its hash picked.
-            Some(parts) => by_file[usize::from(parts[0].file)].push((key, parts)),
-            None => end_prefetches(shared, std::slice::from_ref(&key)),
+        let parts = shared.index.lock().whole(&key).filter(|parts| !parts.is_empty());
+        // A block's parts lie on the cache path its hash picked. Parts on several paths
+        // (ranks saved before and after the paths changed) are a miss: not copied up.
+        let file = parts.as_ref().and_then(|parts| {
+            let file = parts[0].file;
+            parts.iter().all(|p| p.file == file).then_some(usize::from(file))
+        });
+        match (parts, file.and_then(|f| by_file.get_mut(f))) {
+            (Some(parts), Some(blocks)) => blocks.push((key, parts)),
+            _ => end_prefetches(shared, std::slice::from_ref(&key)),
         }
     }
     for (number, blocks) in by_file.into_iter().enumerate() {
