@@ -362,9 +362,15 @@ fn stream_uring(
 mod tests {
     use super::*;
 
-    fn round_trip(uring: bool) -> IoKind {
+    /// A new empty file in the temporary directory (the caller removes it).
+    fn scratch_file() -> (std::path::PathBuf, File) {
         let path = std::env::temp_dir().join(format!("pegaflow-io-{}", uuid::Uuid::new_v4().simple()));
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        (path, file)
+    }
+
+    fn round_trip(uring: bool) -> IoKind {
+        let (path, file) = scratch_file();
         let mut engine = IoEngine::new(8, uring);
         let writes = (0..40u64)
             .map(|i| {
@@ -409,9 +415,7 @@ mod tests {
     #[test]
     fn lent_memory_is_written_from_and_read_into_in_place() {
         for uring in [false, true] {
-            let path = std::env::temp_dir().join(format!("pegaflow-io-{}", uuid::Uuid::new_v4().simple()));
-            let file =
-                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+            let (path, file) = scratch_file();
             let mut region = AlignedBuf::new(4 * IO_ALIGN);
             region.bytes_mut()[..2 * IO_ALIGN].fill(7);
             let base = NonNull::new(region.bytes_mut().as_mut_ptr()).unwrap();
@@ -433,9 +437,7 @@ mod tests {
     #[test]
     fn streamed_operations_come_back_to_be_used_again() {
         for uring in [false, true] {
-            let path = std::env::temp_dir().join(format!("pegaflow-io-{}", uuid::Uuid::new_v4().simple()));
-            let file =
-                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+            let (path, file) = scratch_file();
             let mut engine = IoEngine::new(4, uring);
             // 64 writes through 4 buffers: each one is refilled once it came back.
             let spare = std::cell::RefCell::new((0..4).map(|_| AlignedBuf::new(IO_ALIGN)).collect::<Vec<_>>());

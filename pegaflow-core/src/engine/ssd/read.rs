@@ -144,8 +144,7 @@ fn copy_up(shared: &Shared, engine: &mut IoEngine, number: usize, blocks: Vec<(B
                 IoBuf::Owned(_) => copy_into_pool(&shared.pool, &part, payload),
             });
         let i = part.key;
-        let key = st.blocks[i].0.clone();
-        let ok = settle(shared, number, &key, part, outcome);
+        let ok = settle(shared, number, &st.blocks[i].0, part, outcome);
         st.failed[i] |= !ok;
         st.left[i] -= 1;
         if st.left[i] == 0 {
