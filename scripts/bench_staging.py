@@ -10,6 +10,10 @@ of 8 KiB; ``tp4k`` 32 layers of 4 KiB (a TP-sharded GQA rank); ``fp8`` Llama's s
 1-byte elements (32 KiB). Requests are 512 MiB unless ``--blocks`` says otherwise.
 Starts its own server (the installed ``pegaflow-server``). Prints one JSON line per mode.
 
+``--concurrent N`` then runs two engine processes against the same server at once, one
+saving N requests of new blocks and one loading N times a request it saved first (the
+issue's "save and load at once from two instances"), and prints their total GB/s.
+
     python scripts/bench_staging.py [--layout llama] [--blocks N] [--reps 5] [--device cuda]
 """
 
@@ -241,6 +245,86 @@ def run(endpoint: str, metrics_addr: str, args: argparse.Namespace, staging: str
     }
 
 
+def _transfer_loop(
+    role: str, endpoint: str, args: argparse.Namespace, staging: str, start: Any, out: Any
+) -> None:
+    """One engine process of ``--concurrent``: saves (``role="save"``) or loads
+    ``args.concurrent`` requests once every process is ready; puts (role, seconds, bytes,
+    byte_exact, first start, last end) on ``out``."""
+    import torch
+
+    if args.device == "cuda":
+        torch.cuda.init()
+    config = ConnectorConfig(
+        instance_id=f"bench-{role}-{uuid.uuid4().hex[:8]}",
+        endpoint=endpoint,
+        staging=staging,
+        staging_bytes=args.staging_mib << 20,
+    )
+    worker = WorkerSide(config, 0, 1, {"model": f"bench-{staging}"})
+    caches = make_caches(args)
+    worker.register_kv_caches(caches, args.num_blocks)
+    client = worker.link.client if worker.link else None
+    assert client is not None
+    n = args.blocks
+    src, dst = list(range(n)), list(range(n, 2 * n))
+    stored = [uuid.uuid4().bytes * 2 for _ in range(n)]
+    worker.wait_for_save(PegaConnectorMetadata(save=SaveJob(src, stored, ["first"])))
+    assert worker.drain(60.0)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    start.wait()
+    t0 = time.perf_counter()
+    for rep in range(args.concurrent):
+        if role == "save":
+            hashes = [uuid.uuid4().bytes * 2 for _ in range(n)]
+            worker.wait_for_save(PegaConnectorMetadata(save=SaveJob(src, hashes, [f"s{rep}"])))
+            assert worker.drain(60.0)
+        else:
+            lease = client.query(config.instance_id, stored).lease_id
+            assert lease is not None
+            worker.start_load_kv(PegaConnectorMetadata(loads=[LoadJob(f"l{rep}", lease, dst)]))
+            done: set[str] = set()
+            while not done:
+                done = worker.get_finished(set())[1]
+                time.sleep(args.poll_s)
+            assert worker.take_load_errors() == set()
+    t1 = time.perf_counter()
+    exact = role == "save" or all(torch.equal(t[:n], t[n : 2 * n]) for t in caches.values())
+    worker.shutdown()
+    out.put((role, t1 - t0, args.concurrent * n * block_bytes(args.layout), exact, t0, t1))
+
+
+def concurrent(endpoint: str, args: argparse.Namespace, staging: str) -> dict[str, Any]:
+    """Saves in one process while another loads, through one server."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # CUDA does not survive fork
+    start, out = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_transfer_loop, args=(role, endpoint, args, staging, start, out))
+        for role in ("save", "load")
+    ]
+    for proc in procs:
+        proc.start()
+    results = {r[0]: r for r in (out.get(timeout=600) for _ in procs)}
+    for proc in procs:
+        proc.join()
+    wall = max(r[5] for r in results.values()) - min(r[4] for r in results.values())
+    total = sum(r[2] for r in results.values())
+    return {
+        "layout": args.layout,
+        "staging": staging,
+        "concurrent_requests": args.concurrent,
+        "bytes_each_way": results["save"][2],
+        "save_gbps": round(results["save"][2] / results["save"][1] / 1e9, 2),
+        "load_gbps": round(results["load"][2] / results["load"][1] / 1e9, 2),
+        "total_gbps": round(total / wall / 1e9, 2),
+        "wall_s": round(wall, 3),
+        "byte_exact": all(r[3] for r in results.values()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -259,6 +343,12 @@ def main() -> None:
         "--gemm", action="store_true", help="also time a matmul loop alone and during copies"
     )
     parser.add_argument("--gemm-size", type=int, default=8192)
+    parser.add_argument(
+        "--concurrent",
+        type=int,
+        default=0,
+        help="also save and load this many requests at once from two processes, per mode",
+    )
     args = parser.parse_args()
     if args.blocks is None:
         args.blocks = max(1, REQUEST_BYTES // block_bytes(args.layout))
@@ -270,6 +360,8 @@ def main() -> None:
     ) as endpoint:
         for staging in args.modes.split(","):
             print(json.dumps(run(endpoint, metrics_addr, args, staging)), flush=True)
+        for staging in args.modes.split(",") if args.concurrent else ():
+            print(json.dumps(concurrent(endpoint, args, staging)), flush=True)
 
 
 if __name__ == "__main__":

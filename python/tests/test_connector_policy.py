@@ -28,6 +28,23 @@ def test_block_keys_take_the_last_hash_of_each_kv_block() -> None:
         policy.block_keys(hashes, 0)
 
 
+def test_block_keys_condense_any_hash_that_is_not_32_bytes() -> None:
+    class Digest(bytes):
+        """A bytes subclass, as some hash functions return."""
+
+    plain = [bytes([i]) * 32 for i in range(4)]
+    mixed = [plain[0], b"\x07" * 8, Digest(plain[2]), bytearray(plain[3])]
+    assert policy.block_keys(mixed, 1) == [
+        plain[0],
+        hashlib.sha256(b"\x07" * 8).digest(),
+        plain[2],
+        plain[3],
+    ]
+    assert all(type(k) is bytes for k in policy.block_keys(mixed, 1))
+    # A tuple (any sequence) of sha256 hashes: the keys are the hashes themselves.
+    assert policy.block_keys(tuple(plain), 2) == [plain[1], plain[3]]
+
+
 @pytest.mark.parametrize(
     ("num_tokens", "block_size", "expected"),
     [(0, 16, 0), (1, 16, 0), (16, 16, 0), (17, 16, 1), (33, 16, 2), (64, 16, 3), (65, 16, 4)],

@@ -106,6 +106,23 @@ def test_alloc_queues_a_load_into_the_right_blocks(
     assert s.build_connector_meta(FakeOutput(num_scheduled_tokens={})).loads == []
 
 
+def test_a_load_into_unallocated_blocks_is_refused(
+    server: ServerHandle, stored: list[bytes], instance_id: str
+) -> None:
+    s = side(server, instance_id)
+    req = FakeRequest("r1", num_tokens=10 * BLOCK + 1, block_hashes=stored)
+    assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
+    # vLLM's null block 0, or too few blocks, would be a load into memory it never gave.
+    with pytest.raises(RuntimeError, match="no block allocated"):
+        s.update_state_after_alloc(req, [[100, 101, 0, 103, 104, 105]], 6 * BLOCK)
+    assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
+    with pytest.raises(RuntimeError, match="no block allocated"):
+        s.update_state_after_alloc(req, [[100, 101]], 6 * BLOCK)
+    assert s.get_num_new_matched_tokens(req, 0) == 6 * BLOCK
+    with pytest.raises(RuntimeError, match="block-id groups"):
+        s.update_state_after_alloc(req, [[100] * 6, [101] * 6], 6 * BLOCK)
+
+
 def test_a_shorter_load_than_the_hit_uses_a_prefix_of_the_lease(
     server: ServerHandle, stored: list[bytes], instance_id: str
 ) -> None:

@@ -39,7 +39,12 @@ def block_keys(block_hashes: Sequence[bytes], blocks_per_hash_block: int) -> lis
     if blocks_per_hash_block < 1:
         raise ValueError(f"blocks_per_hash_block must be >= 1, got {blocks_per_hash_block}")
     step = blocks_per_hash_block
-    return [cache_key(block_hashes[i]) for i in range(step - 1, len(block_hashes), step)]
+    picked = list(block_hashes)[step - 1 :: step]
+    if set(map(type, picked)) <= {bytes} and set(map(len, picked)) <= {HASH_BYTES}:
+        # vLLM's sha256 hashes are the keys themselves: no per-hash call (a 32K-token
+        # prompt has 2,048 of them, looked up while vLLM schedules).
+        return picked
+    return [cache_key(h) for h in picked]
 
 
 def max_loadable_blocks(num_tokens: int, block_size: int) -> int:

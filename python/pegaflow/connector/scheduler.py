@@ -57,6 +57,8 @@ class _Lookup:
     lease_id: str | None
     trusted_until: float
     plan: list[tuple[int, int]] = field(default_factory=list)
+    """Empty for a model of one full-attention group: its plan is positions
+    ``local_blocks .. local_blocks + hit_blocks`` of group 0, never built as pairs."""
     loading: bool = False
     """The server is copying the first block up from its SSD: ask again shortly."""
 
@@ -144,6 +146,10 @@ class SchedulerSide:
         if not groups:
             raise ValueError("a model has at least one KV cache group")
         self._groups = list(groups)
+        # One full-attention group (dense models): a hit is a run of positions, looked up
+        # and loaded without building (group, position) pairs — a 32K-token prompt has
+        # 2,048 blocks, handled while vLLM schedules.
+        self._dense = len(self._groups) == 1 and self._groups[0].kind is GroupKind.FULL
         self._requests: dict[str, _RequestState] = {}
         self._pending_loads: list[LoadJob] = []
         self._quiet_until = 0.0
@@ -212,6 +218,8 @@ class SchedulerSide:
         # A miss is remembered briefly: a request vLLM cannot place yet is asked about
         # again each step, and the answer rarely changes within a second.
         miss = _Lookup(local_blocks, 0, None, now + self._config.retry_interval_s)
+        if self._dense:
+            return self._dense_lookup(state, local_blocks, limit, now, miss)
         only_full = all(g.kind is GroupKind.FULL for g in self._groups)
         end = limit
         for _ in range(MAX_LOOKUP_ROUNDS):
@@ -238,6 +246,20 @@ class SchedulerSide:
             if not policy.worth_loading(end - local_blocks, self._config.min_load_blocks):
                 return miss
         return miss
+
+    def _dense_lookup(
+        self, state: _RequestState, local_blocks: int, limit: int, now: float, miss: _Lookup
+    ) -> _Lookup:
+        if now < self._quiet_until:
+            return miss
+        result = self._query(state.keys(self._blocks_per_hash_block)[local_blocks:limit])
+        if result is None:
+            return miss
+        hit = int(result.hit_blocks)
+        if not hit:
+            # "Loading" is not remembered (trusted until now): the next call asks again.
+            return _Lookup(local_blocks, 0, None, now, loading=True) if result.loading else miss
+        return self._hit(local_blocks, local_blocks + hit, result.lease_id, [], result, now)
 
     def _hit(
         self,
@@ -321,15 +343,18 @@ class SchedulerSide:
         state.lookup = None  # the load consumes (or replaces) the lease
         start = lookup.local_blocks
         end = start + min(num_external_tokens // self._block_size, lookup.hit_blocks)
-        plan = self._allocated_plan(request.request_id, block_ids, start, end)
         lease_id: str | None = lookup.lease_id
-        if plan != lookup.plan[: len(plan)]:
-            # vLLM kept other blocks of a windowed or recurrent group than the lookup
-            # planned (a load takes a prefix of its lease, no more): lease exactly the
-            # blocks it kept.
-            self._release(lookup.lease_id)
-            lease_id = self._lease_exactly(state, plan)
-        destination = [block_ids[g][p] for g, p in plan]
+        if self._dense:
+            destination = self._dense_destination(request.request_id, block_ids, start, end)
+        else:
+            plan = self._allocated_plan(request.request_id, block_ids, start, end)
+            if plan != lookup.plan[: len(plan)]:
+                # vLLM kept other blocks of a windowed or recurrent group than the lookup
+                # planned (a load takes a prefix of its lease, no more): lease exactly the
+                # blocks it kept.
+                self._release(lookup.lease_id)
+                lease_id = self._lease_exactly(state, plan)
+            destination = [block_ids[g][p] for g, p in plan]
         if lease_id is None:
             logger.warning(
                 "request %s: the cached blocks vLLM allocated for are gone; it recomputes them",
@@ -341,6 +366,21 @@ class SchedulerSide:
             # server look them up to skip them, and vLLM hold them until it has.
             state.saved_blocks = max(state.saved_blocks, end)
         self._pending_loads.append(LoadJob(request.request_id, lease_id, destination))
+
+    def _dense_destination(
+        self, req_id: str, block_ids: BlockIds, start: int, end: int
+    ) -> list[int]:
+        """The blocks vLLM allocated for positions [start, end) of a one-group model."""
+        if len(block_ids) != 1:
+            raise RuntimeError(
+                f"request {req_id}: {len(block_ids)} block-id groups, the model has 1"
+            )
+        destination = list(block_ids[0][start:end])
+        if len(destination) != end - start or 0 in destination:
+            raise RuntimeError(
+                f"request {req_id}: no block allocated for some of positions {start}..{end}"
+            )
+        return destination
 
     def _allocated_plan(
         self, req_id: str, block_ids: BlockIds, start: int, end: int
