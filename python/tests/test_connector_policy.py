@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,7 @@ def test_block_keys_condense_any_hash_that_is_not_32_bytes() -> None:
         """A bytes subclass, as some hash functions return."""
 
     plain = [bytes([i]) * 32 for i in range(4)]
-    mixed = [plain[0], b"\x07" * 8, Digest(plain[2]), bytearray(plain[3])]
+    mixed: list[Any] = [plain[0], b"\x07" * 8, Digest(plain[2]), bytearray(plain[3])]
     assert policy.block_keys(mixed, 1) == [
         plain[0],
         hashlib.sha256(b"\x07" * 8).digest(),
