@@ -27,7 +27,6 @@ import time
 import uuid
 from typing import Any
 
-from pegaflow.connector import paced_gather
 from pegaflow.connector.config import ConnectorConfig
 from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
 from pegaflow.connector.worker import WorkerSide
@@ -232,9 +231,6 @@ def run(endpoint: str, metrics_addr: str, args: argparse.Namespace, staging: str
         "layout": args.layout,
         "staging": staging,
         "staged": worker.staging is not None,
-        "paced_gather_programs": paced_gather.PROGRAMS
-        if worker.staging and worker.staging.buffer.paced
-        else 0,
         "blocks": n,
         "bytes": n * per_block,
         "save_ms_p50": round(statistics.median(saves), 2),
@@ -257,8 +253,6 @@ def _transfer_loop(
     byte_exact, first start, last end) on ``out``."""
     import torch
 
-    if args.gather_programs is not None:
-        paced_gather.PROGRAMS = args.gather_programs
     if args.device == "cuda":
         torch.cuda.init()
     config = ConnectorConfig(
@@ -350,19 +344,12 @@ def main() -> None:
     )
     parser.add_argument("--gemm-size", type=int, default=8192)
     parser.add_argument(
-        "--gather-programs",
-        type=int,
-        help="thread blocks of a save's paced gather (0: torch's full-speed indexing)",
-    )
-    parser.add_argument(
         "--concurrent",
         type=int,
         default=0,
         help="also save and load this many requests at once from two processes, per mode",
     )
     args = parser.parse_args()
-    if args.gather_programs is not None:
-        paced_gather.PROGRAMS = args.gather_programs
     if args.blocks is None:
         args.blocks = max(1, REQUEST_BYTES // block_bytes(args.layout))
     if args.num_blocks is None:

@@ -33,7 +33,6 @@ from concurrent.futures import wait as futures_wait
 from typing import TYPE_CHECKING, Any
 
 from pegaflow._native import EngineClient, KvLayer, LoadState
-from pegaflow.connector import paced_gather
 from pegaflow.errors import PegaflowTimeout
 
 logger = logging.getLogger(__name__)
@@ -136,9 +135,6 @@ class StagingBuffer:
                 f"blocks of {self.block_bytes} bytes"
             )
         self.device = layers[0].device
-        # Saves gather on a few multiprocessors (decode steps run beside them); loads
-        # scatter at full speed (they are on a request's critical path).
-        self.paced = paced_gather.available(self.device) and paced_gather.PROGRAMS > 0
         shape = (self.slots, self.block_bytes)
         self.buffer = torch.empty(shape, dtype=torch.uint8, device=self.device)
         if self.device.type == "cpu":
@@ -203,7 +199,7 @@ class StagingBuffer:
             graph.replay(block_ids)
             return
         for rows, slots, index in self._pairs(block_ids, first_slot):
-            _gather_rows(rows, index, slots, self.paced)
+            _gather_rows(rows, index, slots)
 
     def scatter(self, first_slot: int, block_ids: Sequence[int]) -> None:
         """Copies slots ``first_slot..`` into KV blocks ``block_ids`` (queued on the
@@ -240,14 +236,10 @@ class StagingBuffer:
         return True
 
 
-def _gather_rows(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor, paced: bool) -> None:
-    """``out[i] = rows[index[i]]``, paced (:mod:`~pegaflow.connector.paced_gather`) or by
-    advanced indexing — not ``index_select``: with up to 16 indices the latter's kernel ran
-    4 times slower on the H200 (374 vs 88 µs for 16 rows of 64 KiB in 32 layers; equal from
-    32 rows)."""
-    if paced:
-        paced_gather.paced_gather(rows, index, out)
-        return
+def _gather_rows(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = rows[index[i]]``. Advanced indexing, not ``index_select``: with up to 16
+    indices the latter's kernel ran 4 times slower on the H200 (374 vs 88 µs for 16 rows of
+    64 KiB in 32 layers; equal from 32 rows)."""
     import torch
 
     torch.ops.aten.index.Tensor_out(rows, [index], out=out)
@@ -273,14 +265,6 @@ class _ChunkGraph:
         self.index = torch.zeros(count, dtype=torch.long, device=buffer.device)
         self._host = torch.zeros(count, dtype=torch.long, pin_memory=True)
         pairs = buffer._pairs([0] * count, first_slot)
-        paced = buffer.paced and not scatter
-        if paced:
-            # Triton compiles a kernel at its first launch, which a capture cannot hold:
-            # launch each layer's once (block 0 into these slots, which nobody reads yet).
-            with torch.cuda.stream(stream):
-                for rows, slots, _ in pairs:
-                    _gather_rows(rows, self.index, slots, paced)
-            stream.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         # Capturing records, it does not run: vLLM's block 0 is not written here.
         with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
@@ -288,7 +272,7 @@ class _ChunkGraph:
                 if scatter:
                     rows.index_copy_(0, self.index, slots)
                 else:
-                    _gather_rows(rows, self.index, slots, paced)
+                    _gather_rows(rows, self.index, slots)
 
     def replay(self, block_ids: Sequence[int]) -> None:
         """Queues the copies of ``block_ids`` on the current stream. The caller reuses
