@@ -5,7 +5,6 @@ not stage, and a load whose server dies fails at once."""
 
 from __future__ import annotations
 
-import itertools
 import signal
 import time
 
@@ -21,37 +20,6 @@ torch = require_module("torch")
 
 BLOCK_BYTES = 3 * 2 * 32 * 64 * 4  # vllm_like_caches(): 3 layers of [2, 32, 64] f32
 STAGING = {"staging": "on", "staging_bytes": 8 * BLOCK_BYTES}  # chunks of 2 blocks
-
-
-def test_chunks_are_small_where_the_pipeline_waits() -> None:
-    from pegaflow.connector.staging import split_chunks
-
-    # A save starts with a quarter chunk (its gather delays the first copy)...
-    assert split_chunks(256, 64, small_first=True) == [
-        (0, 16),
-        (16, 80),
-        (80, 144),
-        (144, 208),
-        (208, 256),
-    ]
-    # ...a load ends with one (its scatter follows the last copy).
-    assert split_chunks(256, 64, small_first=False) == [
-        (0, 64),
-        (64, 128),
-        (128, 192),
-        (192, 240),
-        (240, 256),
-    ]
-    for n in (1, 2, 15, 16, 17, 64, 65, 300):
-        for first in (True, False):
-            ranges = split_chunks(n, 64, small_first=first)
-            assert ranges[0][0] == 0 and ranges[-1][1] == n
-            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
-            assert all(0 < end - start <= 64 for start, end in ranges)
-    assert split_chunks(0, 64, small_first=True) == []
-    assert split_chunks(5, 1, small_first=False) == [(i, i + 1) for i in range(5)]
-    with pytest.raises(ValueError, match="chunk"):
-        split_chunks(5, 0, small_first=True)
 
 
 def test_a_staged_worker_saves_and_loads_in_chunks(

@@ -57,22 +57,6 @@ server's copy included), issuing a load range, waiting for the server's copy of 
 for a scatter."""
 
 
-def split_chunks(n: int, chunk: int, *, small_first: bool) -> list[tuple[int, int]]:
-    """Ranges of at most ``chunk`` of ``n`` blocks, with a small one (a quarter chunk) at
-    the end where the pipeline waits on it: a save waits for its first chunk's gather
-    before the server's first copy (``small_first``), a load for its last chunk's
-    scatter after the server's last copy."""
-    if n <= 0:
-        return []
-    if chunk <= 0:
-        raise ValueError(f"chunk must be positive, got {chunk}")
-    edge = min(n, max(1, chunk // 4))
-    if small_first:
-        return [(0, edge)] + [(s, min(s + chunk, n)) for s in range(edge, n, chunk)]
-    body = n - edge
-    return [(s, min(s + chunk, body)) for s in range(0, body, chunk)] + [(body, n)]
-
-
 def _copy_width(tensors: Sequence[torch.Tensor]) -> int:
     """The widest element (8, 4, 2 or 1 bytes) that every block of every layer starts
     and ends on: a copy kernel moves one element per thread step, so bytes are slow."""
@@ -346,6 +330,9 @@ class StagedTransfers:
         finally:
             self.timings[key] += time.perf_counter() - start
 
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        return [(start, min(start + self.chunk, n)) for start in range(0, n, self.chunk)]
+
     def save(
         self,
         client: EngineClient,
@@ -359,7 +346,7 @@ class StagedTransfers:
         the server starts a chunk's copy as soon as the previous one ends, and a half of the
         buffer is gathered again once the save that read it returned. Returns the blocks
         the server copied."""
-        chunks = split_chunks(len(block_ids), self.chunk, small_first=True)
+        chunks = self._chunks(len(block_ids))
         saved = 0
 
         def gather(k: int) -> Callable[[], None]:
@@ -414,7 +401,7 @@ class StagedTransfers:
         """Loads the lease's first ``len(block_ids)`` blocks into ``block_ids`` through
         the staging buffer: the server fills one chunk while the worker scatters the
         other. Raises ``PegaflowError`` if a copy fails or the server goes away."""
-        chunks = split_chunks(len(block_ids), self.chunk, small_first=False)
+        chunks = self._chunks(len(block_ids))
         last = len(chunks) - 1
 
         def issue(k: int) -> None:
@@ -473,4 +460,4 @@ class StagedTransfers:
                 raise
 
 
-__all__ = ["DEFAULT_STAGING_BYTES", "TIMINGS", "StagedTransfers", "StagingBuffer", "split_chunks"]
+__all__ = ["DEFAULT_STAGING_BYTES", "TIMINGS", "StagedTransfers", "StagingBuffer"]
