@@ -1,5 +1,5 @@
 """The connector's compatibility layer against the installed vLLM's real classes (CI runs
-this file with vLLM 0.32 and again with 0.26): each feature it detects is the one that
+this file with vLLM 0.32, 0.29 and 0.26): each feature it detects is the one that
 version has."""
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ def test_features_match_the_installed_version() -> None:
 
     from pegaflow.connector import compat
 
-    old = _version() < (0, 27)
-    assert compat.BINDS_KV_CACHE_MANAGER is not old
-    assert compat.CROSS_LAYER_BY_PREFERENCE is old
-    assert compat.TAKES_FAILED_REQUESTS is not old
+    version = _version()
+    # 0.26-0.28: cross-layer blocks by preference; 0.29: by layout string, nothing else
+    # yet; 0.30 on: the KV cache manager bound and failed loads taken per request.
+    assert compat.CROSS_LAYER_BY_PREFERENCE is (version < (0, 29))
+    assert compat.BINDS_KV_CACHE_MANAGER is (version >= (0, 30))
+    assert compat.TAKES_FAILED_REQUESTS is (version >= (0, 30))
     if compat.TAKES_FAILED_REQUESTS:
         assert compat.TransferResults is base.KVConnectorTransferResults
     results = compat.TransferResults(failed_recving={"r"})
@@ -55,7 +57,7 @@ def test_cross_layer_hint_only_where_v2_runner_ignores_the_preference() -> None:
     if compat.CROSS_LAYER_BY_PREFERENCE:
         hint = compat.cross_layer_hint(v2, 1)
         assert hint is not None and "VLLM_USE_V2_MODEL_RUNNER=0" in hint
-    else:  # 0.32 lays out cross-layer blocks by the layout string, in either runner
+    else:  # 0.29 on lay out cross-layer blocks by the layout string, in either runner
         assert compat.cross_layer_hint(v2, 1) is None
     assert compat.cross_layer_hint(v1, 1) is None
     assert compat.cross_layer_hint(v2, 2) is None  # several groups: never cross-layer

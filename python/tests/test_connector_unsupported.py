@@ -68,7 +68,7 @@ def test_hybrid_groups_are_served_and_what_is_not_says_why() -> None:
         assert _unsupported_reason(config(), hybrid) is None
     else:  # vLLM 0.26: a hybrid model's failed load could not be reported
         reason = _unsupported_reason(config(), hybrid)
-        assert reason is not None and "need vLLM 0.32 or later" in reason
+        assert reason is not None and "need vLLM 0.30 or later" in reason
     groups, block_size = cache_groups(hybrid)
     assert block_size == 16
     assert groups == [

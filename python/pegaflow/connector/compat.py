@@ -1,14 +1,19 @@
 """The vLLM versions the connector runs on (0.26 through 0.32), told apart at this one
-place by what their connector interface has, never by version number.
+place by what their connector interface has, never by version number. Three families:
 
-- 0.32 binds the KV cache manager to the connector (a request's block ids on demand),
-  takes failed loads per request (``KVConnectorTransferResults``), hands recurrent
-  states over (``kv_connector_block_state``) and lays out KV by the layout string the
-  connector asks for (``BLHNC``: cross-layer blocks).
-- 0.26 does none of that: the scheduler half mirrors block ids from each step's output
-  (:mod:`.block_table`), hybrid models are refused (a failed load of one could not be
-  reported), and cross-layer blocks are asked for with ``prefer_cross_layer_blocks`` and
-  arrive as one tensor (``register_cross_layers_kv_cache``).
+- 0.30 and later bind the KV cache manager to the connector (a request's block ids on
+  demand), take failed loads per request (``KVConnectorTransferResults``), hand
+  recurrent states over (``kv_connector_block_state``, 0.32) and lay out KV by the layout
+  string the connector asks for (``BLHNC``: cross-layer blocks).
+- 0.29 lays out KV by the layout string, but neither binds the manager nor takes failed
+  loads per request.
+- 0.26 to 0.28 do none of that: cross-layer blocks are asked for with
+  ``prefer_cross_layer_blocks`` and arrive as one tensor
+  (``register_cross_layers_kv_cache``).
+
+Without a bound manager (0.26 to 0.29) the scheduler half mirrors block ids from each
+step's output (:mod:`.block_table`); without failed loads per request, hybrid models are
+refused (a failed load of one could not be reported).
 """
 
 from __future__ import annotations
@@ -22,22 +27,22 @@ from vllm.distributed.kv_transfer.kv_connector.v1 import base as _base
 _Base = _base.KVConnectorBase_V1
 
 BINDS_KV_CACHE_MANAGER = hasattr(_Base, "bind_kv_cache_manager")
-"""vLLM calls ``bind_kv_cache_manager`` (0.32): block ids come from the manager."""
+"""vLLM calls ``bind_kv_cache_manager`` (0.30 on): block ids come from the manager."""
 
 CROSS_LAYER_BY_PREFERENCE = hasattr(_Base, "register_cross_layers_kv_cache")
-"""Cross-layer blocks are asked for with ``prefer_cross_layer_blocks`` (0.26)."""
+"""Cross-layer blocks are asked for with ``prefer_cross_layer_blocks`` (0.26 to 0.28)."""
 
 TAKES_FAILED_REQUESTS = hasattr(_base, "KVConnectorTransferResults")
 """Failed loads can be reported per request (needed with several KV cache groups)."""
 
 
 def block_hashes_differ_per_process() -> bool:
-    """Whether this vLLM seeds its block hashes at random in every process (0.26 does
-    unless ``PYTHONHASHSEED`` is set): engines then share no block."""
+    """Whether this vLLM seeds its block hashes at random in every process (0.26 to
+    0.28 do unless ``PYTHONHASHSEED`` is set): engines then share no block."""
     from vllm.v1.core import kv_cache_utils
 
     if hasattr(kv_cache_utils, "resolve_none_hash_seed"):
-        return False  # 0.32: a fixed seed unless a non-cryptographic hash is chosen
+        return False  # 0.29 on: a fixed seed unless a non-cryptographic hash is chosen
     return os.getenv("PYTHONHASHSEED") is None
 
 

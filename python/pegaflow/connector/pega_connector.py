@@ -70,7 +70,7 @@ def _unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
         return str(e)
     if len(groups) > 1 and not compat.TAKES_FAILED_REQUESTS:
         return (
-            f"{len(groups)} KV cache groups (a hybrid model) need vLLM 0.32 or later: this "
+            f"{len(groups)} KV cache groups (a hybrid model) need vLLM 0.30 or later: this "
             "vLLM cannot take a failed load of such a model back"
         )
     return None
@@ -172,8 +172,8 @@ class PegaKVConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
         """On CUDA, vLLM's cross-layer layout: a block of all layers is one contiguous
-        run, which the server copies with one DMA and no kernel. (vLLM 0.26 knows only
-        per-layer layouts here: it is asked through ``prefer_cross_layer_blocks``.)"""
+        run, which the server copies with one DMA and no kernel. (vLLM 0.26 to 0.28 know only
+        per-layer layouts here: they are asked through ``prefer_cross_layer_blocks``.)"""
         from vllm.platforms import current_platform
 
         if not current_platform.is_cuda_alike() or compat.CROSS_LAYER_BY_PREFERENCE:
