@@ -98,6 +98,16 @@ def test_a_staged_load_fails_at_once_when_the_server_dies(
     assert worker.stats()["loads_failed"] == 1
 
 
+def test_a_saver_killed_mid_save_leaves_no_torn_block(server: ServerHandle) -> None:
+    """Whatever a staged save had done when its process died, every block the server
+    serves afterwards holds exactly the bytes that were saved under its hash."""
+    from staged_saver_proc import kill_mid_save_and_check
+
+    for seed in (1, 2, 3, 4):
+        kill_mid_save_and_check(server.endpoint, "cpu", seed)
+    assert server.client().health()["status"] == "ok"
+
+
 def test_auto_staging_is_for_gpu_tensors_of_several_pieces(
     server: ServerHandle, make_worker: MakeWorker
 ) -> None:

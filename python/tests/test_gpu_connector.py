@@ -227,3 +227,14 @@ def test_captured_chunk_copies_move_exactly_the_blocks_asked(n: int) -> None:
         assert torch.equal(scattered, slots[:, offset : offset + size])
         assert torch.equal(t[untouched], old[untouched])
         offset += size
+
+
+def test_a_saver_killed_mid_save_leaves_no_torn_block(server: ServerHandle) -> None:
+    """A process saving through its staging buffer is killed mid-save (its CUDA context,
+    and the memory the server was copying from, go with it): every block the server
+    serves afterwards holds exactly the bytes saved under its hash."""
+    from staged_saver_proc import kill_mid_save_and_check
+
+    for seed in (1, 2, 3, 4):
+        kill_mid_save_and_check(server.endpoint, "cuda", seed)
+    assert server.client().health()["status"] == "ok"
