@@ -100,6 +100,19 @@ pub fn choose(segments: &[Segment], batched: bool) -> Strategy {
     }
 }
 
+/// `segment` as pieces of at most `max` bytes, in order (one piece when `max` is 0). A
+/// copy engine works through one DMA at a time: a 128 MiB DMA (a staged chunk coalesced
+/// into one run) holds it for 2.4 ms, and the inference engine's own small copies on
+/// it wait behind that.
+pub fn pieces(segment: Segment, max: u64) -> impl Iterator<Item = Segment> {
+    let step = if max == 0 { segment.len.max(1) } else { max };
+    (0..segment.len).step_by(step as usize).map(move |at| Segment {
+        device_ptr: segment.device_ptr + at,
+        host_offset: segment.host_offset + at,
+        len: step.min(segment.len - at),
+    })
+}
+
 /// Splits `segments` into chunks of at most `slot_bytes` staged bytes and at most
 /// `max_table` kernel entries. Segments are ordered by pool offset so each chunk's pool
 /// side collapses into few large DMAs; a segment larger than the room left is split.
@@ -196,6 +209,20 @@ mod tests {
         assert_eq!(pairs(&chunks, 128), want);
         let limited = plan_staged((0..10).map(|i| seg(i * 100, i * 8, 8)).collect(), 1 << 20, 3);
         assert_eq!(limited.iter().map(|c| c.segments.len()).collect::<Vec<_>>(), vec![3, 3, 3, 1]);
+    }
+
+    #[test]
+    fn pieces_cover_a_segment_in_order_within_the_cap() {
+        let s = seg(1 << 30, 4096, 10 * 1024 + 7);
+        let got: Vec<_> = pieces(s, 4096).collect();
+        assert_eq!(
+            got,
+            vec![seg(1 << 30, 4096, 4096), seg((1 << 30) + 4096, 8192, 4096), seg((1 << 30) + 8192, 12_288, 2055)]
+        );
+        assert_eq!(pieces(s, 0).collect::<Vec<_>>(), vec![s]);
+        assert_eq!(pieces(s, 1 << 20).collect::<Vec<_>>(), vec![s]);
+        assert_eq!(pieces(seg(0, 0, 8192), 4096).count(), 2);
+        assert_eq!(pieces(seg(0, 0, 0), 4096).count(), 0);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::driver::{Context, DeviceBuffer, Event, PinnedBuffer, Result, Stream};
 use super::host_ptr;
 use super::kernel::CopyKernel;
 use super::lanes::{BatchArrays, Lanes};
-use super::plan::{Chunk, Segment, Strategy, choose, plan_staged};
+use super::plan::{Chunk, Segment, Strategy, choose, pieces, plan_staged};
 use crate::device::{CopyDone, DeviceError, DeviceRegion, Direction};
 use crate::memory::HostPool;
 use pegaflow_common::spin::recv_spinning;
@@ -24,7 +24,7 @@ const MAX_TABLE: usize = 8192;
 const ENTRY_BYTES: u64 = 24;
 
 /// Staging and kernel settings. Defaults come from measurements on the H100
-/// (docs/benchmarks.md); `PEGAFLOW_CUDA_{STRATEGY,LANES,SLOT_MB,SLOTS}` override them.
+/// (docs/benchmarks.md); `PEGAFLOW_CUDA_{STRATEGY,LANES,SLOT_MB,SLOTS,MAX_DMA_MB}` override them.
 #[derive(Debug, Clone, Copy)]
 struct Tuning {
     /// Bytes of one staging slot.
@@ -37,6 +37,10 @@ struct Tuning {
     /// Batched-copy lanes (threads with their own stream). Default 8: measured 13.4–13.9 ms
     /// for 16,384 × 32 KiB on the H100, against 19–21 ms for one lane.
     lanes: usize,
+    /// Largest single DMA of a direct copy, in bytes (0: as large as the run). Opt-in
+    /// (`PEGAFLOW_CUDA_MAX_DMA_MB`) until measured: whether the engine's own copies wait
+    /// less behind ours, against the per-DMA cost.
+    max_dma_bytes: u64,
 }
 
 impl Tuning {
@@ -55,6 +59,7 @@ impl Tuning {
                 _ => None,
             },
             lanes: var("PEGAFLOW_CUDA_LANES", 8).clamp(1, 64) as usize,
+            max_dma_bytes: var("PEGAFLOW_CUDA_MAX_DMA_MB", 0) << 20,
         }
     }
 }
@@ -374,7 +379,7 @@ impl CopyEngine {
 
     /// One DMA per segment on the DMA stream; the caller waits for the stream.
     fn queue_direct(&self, pool: &HostPool, segments: &[Segment]) -> Result<()> {
-        for s in segments {
+        for s in segments.iter().flat_map(|s| pieces(*s, self.tuning.max_dma_bytes)) {
             let host = host_ptr(pool, s.host_offset, s.len)?;
             // SAFETY: `host` is inside the pool (checked) and owned by this job until done;
             // the device range is inside a live registered region (engine-validated).
