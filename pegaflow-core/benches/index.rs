@@ -45,7 +45,13 @@ fn filled(kind: PolicyKind) -> pegaflow_core::Result<(BlockCache, Arc<str>)> {
 
 fn main() -> pegaflow_core::Result<()> {
     for (name, kind) in [("lru", PolicyKind::Lru), ("tinylfu", PolicyKind::TinyLfu)] {
+        let started = Instant::now();
         let (mut cache, namespace) = filled(kind)?;
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "{name:8} save: {:.0} ns per block (prepare and complete, chains of {CHAIN} into an empty cache)",
+            secs / (CHAIN * CHAINS) as f64 * 1e9
+        );
         let chains: Vec<Vec<BlockHash>> = (0..CHAINS).map(|c| (0..CHAIN).map(|i| hash(c, i)).collect()).collect();
         let misses: Vec<Vec<BlockHash>> =
             (0..CHAINS).map(|c| (0..CHAIN).map(|i| hash(CHAINS + c, i)).collect()).collect();
@@ -77,6 +83,43 @@ fn main() -> pegaflow_core::Result<()> {
                 release / n / CHAIN as f64 * 1e9
             );
         }
+        for layers in [1u32, 32] {
+            let per_block = full_cache_saves(&mut cache, &namespace, layers)?;
+            println!(
+                "{name:8} save into the full cache, {layers:2} layers: {per_block:.0} ns per block \
+                 (prepare, evicting one block each, and complete)"
+            );
+        }
     }
     Ok(())
+}
+
+/// Saves new chains into a full cache, as a server that has run a while does: every new
+/// block evicts one. Returns nanoseconds per block.
+fn full_cache_saves(cache: &mut BlockCache, namespace: &Arc<str>, layers: u32) -> pegaflow_core::Result<f64> {
+    let geometry = Arc::new(PartGeometry::new(vec![BLOCK / u64::from(layers); layers as usize]));
+    let all: Vec<u32> = (0..layers).collect();
+    let rounds = 100;
+    let mut secs = 0.0;
+    for round in 0..rounds {
+        // Hashes no other round or query used.
+        let hashes: Vec<BlockHash> =
+            (0..CHAIN).map(|i| hash(10 * CHAINS + 1000 * layers as usize + round, i)).collect();
+        let parents: Vec<Option<BlockHash>> = (0..CHAIN).map(|i| i.checked_sub(1).map(|p| hashes[p])).collect();
+        let spec = SaveSpec {
+            namespace,
+            hashes: &hashes,
+            parents: &parents,
+            rank: 0,
+            tp_size: 1,
+            geometry: &geometry,
+            layers: &all,
+        };
+        let started = Instant::now();
+        let ticket = cache.prepare_save_with(&spec, |c, v| c.reclaim(v))?;
+        black_box(ticket.slot_count());
+        cache.complete_save(ticket, true);
+        secs += started.elapsed().as_secs_f64();
+    }
+    Ok(secs / (rounds * CHAIN) as f64 * 1e9)
 }

@@ -370,6 +370,29 @@ async fn cross_layer_layout_round_trips_byte_exact() {
     for (src, dst) in [(9, 40), (2, 41), (30, 60), (5, 50)] {
         assert_eq!(block(src), block(dst), "block {src} -> {dst}");
     }
+
+    // Layer subsets out of order (saved as runs 2, 0 and then 1..4), loaded back as layers
+    // 0 and 2..4 only: layer 1 of the destination must stay as it was.
+    let h = hashes(8, 2);
+    save(&e, "x", 0, ME, &[2, 0], &[11, 12], &h).await.unwrap();
+    assert_eq!(query(&e, "x", &h, None).unwrap().0, 0, "layers 1 and 3 missing");
+    let out = save(&e, "x", 0, ME, &[1, 2, 3], &[11, 12], &h).await.unwrap();
+    assert_eq!(out.sealed_blocks, 2);
+    let (hits, lease) = query(&e, "x", &h, None).unwrap();
+    assert_eq!(hits, 2);
+    state.reset();
+    load(&e, "x", 0, ME, &lease.unwrap(), &[21, 22], &[0, 2, 3], &state_token).unwrap();
+    assert_eq!(wait(&state).await, LoadStatus::Done);
+    let layer = |b: u64, l: u64| {
+        let start = (b * block_bytes + l * 2 * SEG) as usize;
+        bytes[start..start + (2 * SEG) as usize].to_vec()
+    };
+    for (src, dst) in [(11, 21), (12, 22)] {
+        for l in [0, 2, 3] {
+            assert_eq!(layer(src, l), layer(dst, l), "block {src} -> {dst}, layer {l}");
+        }
+        assert_ne!(layer(src, 1), layer(dst, 1), "layer 1 was not asked for");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! A block's record: which tiers hold a copy, in what state, and what keeps it cached.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::policy::PolicyEntry;
@@ -21,6 +22,56 @@ pub(super) struct Part {
     pub saved: u32,
     /// Slots being written now.
     pub writing: u32,
+}
+
+impl Part {
+    /// A part in `slice` with no slot saved or being written.
+    pub fn empty(slice: PoolSlice, geometry: &Arc<PartGeometry>) -> Self {
+        Self {
+            slice,
+            geometry: Arc::clone(geometry),
+            slots: vec![Slot::Empty; geometry.num_layers() as usize].into(),
+            saved: 0,
+            writing: 0,
+        }
+    }
+
+    /// Marks the empty slots among `layers` as being written and calls `run(layers, pool
+    /// offset)` for each run of consecutive layers marked (a run's slots are back to
+    /// back in the pool). Returns whether it marked any.
+    pub fn mark_writing(&mut self, layers: &[u32], mut run: impl FnMut(Range<u32>, u64)) -> bool {
+        let mut current: Option<Range<u32>> = None;
+        let mut marked = false;
+        for &layer in layers {
+            let slot = &mut self.slots[layer as usize];
+            if *slot != Slot::Empty {
+                if let Some(done) = current.take() {
+                    run(done.clone(), self.slot_offset(done.start));
+                }
+                continue;
+            }
+            *slot = Slot::Writing;
+            self.writing += 1;
+            marked = true;
+            match &mut current {
+                Some(open) if open.end == layer => open.end += 1,
+                _ => {
+                    if let Some(done) = current.replace(layer..layer + 1) {
+                        run(done.clone(), self.slot_offset(done.start));
+                    }
+                }
+            }
+        }
+        if let Some(done) = current {
+            run(done.clone(), self.slot_offset(done.start));
+        }
+        marked
+    }
+
+    /// Pool offset of `layer`'s slot.
+    pub fn slot_offset(&self, layer: u32) -> u64 {
+        self.slice.offset() + self.geometry.layer_offset(layer)
+    }
 }
 
 /// The RAM tier's copy of a block: one part per TP rank.

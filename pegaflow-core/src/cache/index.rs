@@ -183,8 +183,7 @@ impl BlockCache {
         for key in &keys {
             let Some(block) = self.blocks.get_mut(key) else { continue };
             // Pinned first: off its queue, the use only updates its order (no queue move).
-            block.pins += 1;
-            self.policy.dequeue(&mut block.policy);
+            pin_block(self.policy.as_mut(), block);
             let mut entry = block.policy;
             self.policy.touch(key, &mut entry, &mut self.blocks);
             if let Some(block) = self.blocks.get_mut(key) {
@@ -268,9 +267,12 @@ impl BlockCache {
             part_offsets.push(part.slice.offset());
         }
         for key in &keys {
-            self.pin(key);
-            if let Some(copy) = self.blocks.get_mut(key).and_then(|b| b.ram.as_mut()) {
-                copy.reads += 1;
+            // Pinned and counted as read with one lookup.
+            if let Some(block) = self.blocks.get_mut(key) {
+                pin_block(self.policy.as_mut(), block);
+                if let Some(copy) = block.ram.as_mut() {
+                    copy.reads += 1;
+                }
             }
         }
         if let Some(lease) = self.leases.get_mut(lease_id) {
@@ -285,10 +287,13 @@ impl BlockCache {
     /// Phase two of a load: unpins the copied blocks.
     pub fn complete_load(&mut self, ticket: LoadTicket) {
         for key in &ticket.keys {
-            if let Some(copy) = self.blocks.get_mut(key).and_then(|b| b.ram.as_mut()) {
-                copy.reads = copy.reads.saturating_sub(1);
+            // Unpinned with the same lookup.
+            if let Some(block) = self.blocks.get_mut(key) {
+                if let Some(copy) = block.ram.as_mut() {
+                    copy.reads = copy.reads.saturating_sub(1);
+                }
+                unpin_block(self.policy.as_mut(), key, block);
             }
-            self.unpin(key);
         }
     }
 
@@ -383,18 +388,28 @@ impl BlockCache {
 
     pub(super) fn pin(&mut self, key: &BlockKey) {
         if let Some(block) = self.blocks.get_mut(key) {
-            block.pins += 1;
-            self.policy.dequeue(&mut block.policy);
+            pin_block(self.policy.as_mut(), block);
         }
     }
 
     pub(super) fn unpin(&mut self, key: &BlockKey) {
         if let Some(block) = self.blocks.get_mut(key) {
-            block.pins = block.pins.saturating_sub(1);
-            if block.evictable() {
-                self.policy.enqueue(key, &mut block.policy);
-            }
+            unpin_block(self.policy.as_mut(), key, block);
         }
+    }
+}
+
+/// Pins a block the caller has at hand (no second lookup): off its policy queue.
+pub(super) fn pin_block(policy: &mut dyn Policy, block: &mut Block) {
+    block.pins += 1;
+    policy.dequeue(&mut block.policy);
+}
+
+/// Drops one pin of a block the caller has at hand; back on its queue once evictable.
+pub(super) fn unpin_block(policy: &mut dyn Policy, key: &BlockKey, block: &mut Block) {
+    block.pins = block.pins.saturating_sub(1);
+    if block.evictable() {
+        policy.enqueue(key, &mut block.policy);
     }
 }
 

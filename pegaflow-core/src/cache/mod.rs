@@ -29,7 +29,7 @@ pub use copyout::{PinnedBlock, PinnedPart};
 pub use index::{BlockCache, CacheStats, LoadTicket};
 pub use lease::{DEFAULT_LEASE_TTL, LeaseLimits, LeaseRange};
 pub use policy::PolicyKind;
-pub use save::{RoomPlan, SaveSpec, SaveTicket};
+pub use save::{RoomPlan, SaveSpec, SaveTicket, SlotRun};
 
 use crate::memory::PoolSlice;
 
@@ -196,6 +196,12 @@ impl PartGeometry {
     /// Number of layers.
     pub fn num_layers(&self) -> u32 {
         self.layer_bytes.len() as u32
+    }
+
+    /// Bytes of the slots of `layers`, back to back in the part. `layers.end <=
+    /// num_layers()`.
+    pub fn run_bytes(&self, layers: std::ops::Range<u32>) -> u64 {
+        self.layer_bytes[layers.start as usize..layers.end as usize].iter().sum()
     }
 
     /// Offset of `layer`'s slot inside the part. `layer < num_layers()`.

@@ -141,6 +141,10 @@ pub(crate) struct RankBinding {
     /// address order inside one block stride (vLLM's cross-layer layout): copies emitted
     /// block by block are then already sorted by address.
     pub block_major: bool,
+    /// Block-major, and each block's (layer, segment) pieces lie back to back in the
+    /// order the pool stores them (vLLM's cross-layer tensor, the connector's staging
+    /// buffer): a run of a block's layers is one copy, whatever the number of layers.
+    pub block_dense: bool,
 }
 
 struct Instance {
@@ -340,6 +344,7 @@ impl Registry {
             )));
         }
         let geometry = Arc::new(PartGeometry::new(layers.iter().map(|l| l.layout.slot_bytes()).collect()));
+        let block_major = regions.len() == 1 && is_block_major(&layers);
         Ok(RankBinding {
             namespace: Arc::from(req.namespace.as_str()),
             session_id: req.session_id.clone(),
@@ -347,7 +352,8 @@ impl Registry {
             parts: if req.replicated_kv { 1 } else { req.tp_size },
             backend,
             regions: regions.len() as u32,
-            block_major: regions.len() == 1 && is_block_major(&layers),
+            block_major,
+            block_dense: block_major && is_block_dense(&layers),
             layers,
             geometry,
         })
@@ -375,6 +381,24 @@ fn is_block_major(layers: &[LayerBinding]) -> bool {
         }
     }
     start.is_some_and(|first| end - first <= stride)
+}
+
+/// Whether block 0's (layer, segment) pieces follow each other without a gap in layer
+/// and segment order, as a part's slots do in the pool. With a stride every layer shares
+/// (block-major), the same then holds for every block.
+fn is_block_dense(layers: &[LayerBinding]) -> bool {
+    let Some(first) = layers.first() else { return false };
+    let mut next = first.layout.segment_offset(0, 0);
+    for layer in layers {
+        let layout = &layer.layout;
+        for segment in 0..layout.num_segments() {
+            if layout.segment_offset(0, segment) != next {
+                return false;
+            }
+            next += layout.segment_bytes();
+        }
+    }
+    true
 }
 
 /// The instance's owner is the caller, or the caller's user is unknown (TCP: the session
@@ -495,5 +519,14 @@ mod tests {
         // Layers out of address order, or spilling past the block stride, are not.
         assert!(!is_block_major(&layers(512, &[128, 0, 256, 384])));
         assert!(!is_block_major(&layers(128, &[0, 1 << 20])));
+    }
+
+    #[test]
+    fn dense_blocks_have_no_gap_between_their_pieces() {
+        // 4 layers of K and V (64 B each) back to back: a block is 512 contiguous bytes.
+        assert!(is_block_dense(&layers(512, &[0, 128, 256, 384])));
+        // A gap between layers (a wider stride), or layers out of order, are not dense.
+        assert!(!is_block_dense(&layers(1024, &[0, 256, 512, 768])));
+        assert!(!is_block_dense(&layers(512, &[128, 0, 256, 384])));
     }
 }

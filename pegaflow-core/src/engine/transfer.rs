@@ -1,10 +1,11 @@
 //! Turns prepared tickets into copy jobs: the one place that pairs layout addresses
 //! (device side) with slot offsets (pool side).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::registry::{LayerBinding, RankBinding};
-use crate::cache::{LoadTicket, SaveTicket};
+use crate::cache::{LoadTicket, SaveTicket, SlotRun};
 use crate::device::{CopyJob, CopyOp, Direction, RegionCopy, coalesce};
 use crate::memory::HostPool;
 
@@ -42,21 +43,32 @@ impl JobBuilder {
 /// Copies for every slot of a save ticket: each segment of the layer's block goes to the
 /// slot, segments back to back.
 pub(super) fn save_job(pool: &Arc<HostPool>, rank: &RankBinding, block_ids: &[u64], ticket: &SaveTicket) -> CopyJob {
+    // The slots of a run, each with its pool offset.
+    let slots = |run: &SlotRun| {
+        let base = run.offset - rank.geometry.layer_offset(run.layers.start);
+        run.layers.clone().map(move |layer| (layer, base + rank.geometry.layer_offset(layer)))
+    };
     if rank.block_major {
-        // A ticket lists each block's slots together, layers ascending.
-        let mut blocks: Vec<&[(usize, u32, u64)]> = ticket.slots.chunk_by(|a, b| a.0 == b.0).collect();
-        blocks.sort_unstable_by_key(|slots| block_ids[slots[0].0]);
+        // A ticket lists each block's runs together.
+        let mut blocks: Vec<&[SlotRun]> = ticket.slots.chunk_by(|a, b| a.index == b.index).collect();
+        blocks.sort_unstable_by_key(|runs| block_ids[runs[0].index]);
         let mut job = JobBuilder::new(rank);
-        for slots in blocks {
-            for &(index, layer, slot_offset) in slots {
-                push_block(&mut job, &rank.layers[layer as usize], block_ids[index], slot_offset);
+        for run in blocks.into_iter().flatten() {
+            if rank.block_dense {
+                push_dense_run(&mut job, rank, block_ids[run.index], run.layers.clone(), run.offset);
+                continue;
+            }
+            for (layer, slot_offset) in slots(run) {
+                push_block(&mut job, &rank.layers[layer as usize], block_ids[run.index], slot_offset);
             }
         }
         return job.finish(Direction::Save, pool);
     }
     let mut per_layer: Vec<Vec<(u64, u64)>> = vec![Vec::new(); rank.layers.len()];
-    for &(index, layer, slot_offset) in &ticket.slots {
-        per_layer[layer as usize].push((block_ids[index], slot_offset));
+    for run in &ticket.slots {
+        for (layer, slot_offset) in slots(run) {
+            per_layer[layer as usize].push((block_ids[run.index], slot_offset));
+        }
     }
     let mut job = JobBuilder::new(rank);
     for (binding, mut slots) in rank.layers.iter().zip(per_layer) {
@@ -79,6 +91,16 @@ pub(super) fn load_job(
     let order: Vec<(u64, u64)> =
         destinations.iter().map(|&(block, index)| (block, ticket.part_offsets[index])).collect();
     let mut job = JobBuilder::new(rank);
+    if rank.block_dense {
+        let runs = consecutive_runs(layers);
+        for &(block, part) in &order {
+            for run in &runs {
+                let slot_offset = part + ticket.geometry.layer_offset(run.start);
+                push_dense_run(&mut job, rank, block, run.clone(), slot_offset);
+            }
+        }
+        return job.finish(Direction::Load, pool);
+    }
     if rank.block_major {
         for &(block, part) in &order {
             for &layer in layers {
@@ -96,6 +118,32 @@ pub(super) fn load_job(
         push_layer(&mut job, &rank.layers[layer as usize], &slots);
     }
     job.finish(Direction::Load, pool)
+}
+
+/// One op for layers `layers` of `block` of a dense rank: their pieces are back to back
+/// on the device as their slots are in the pool, from `slot_offset`.
+fn push_dense_run(job: &mut JobBuilder, rank: &RankBinding, block: u64, layers: Range<u32>, slot_offset: u64) {
+    let binding = &rank.layers[layers.start as usize];
+    job.push(
+        binding,
+        CopyOp {
+            device_offset: binding.layout.segment_offset(block, 0),
+            host_offset: slot_offset,
+            len: rank.geometry.run_bytes(layers),
+        },
+    );
+}
+
+/// `layers` as runs of consecutive layers, in the order given.
+fn consecutive_runs(layers: &[u32]) -> Vec<Range<u32>> {
+    let mut runs: Vec<Range<u32>> = Vec::new();
+    for &layer in layers {
+        match runs.last_mut() {
+            Some(run) if run.end == layer => run.end += 1,
+            _ => runs.push(layer..layer + 1),
+        }
+    }
+    runs
 }
 
 /// Ops for one block of one layer, segment by segment.
@@ -118,5 +166,17 @@ fn push_layer(job: &mut JobBuilder, binding: &LayerBinding, slots: &[(u64, u64)]
                 },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::consecutive_runs;
+
+    #[test]
+    fn consecutive_runs_split_at_gaps_and_turns() {
+        assert_eq!(consecutive_runs(&[0, 1, 2, 3]), vec![0..4]);
+        assert_eq!(consecutive_runs(&[0, 1, 3, 4, 2]), vec![0..2, 3..5, 2..3]);
+        assert!(consecutive_runs(&[]).is_empty());
     }
 }

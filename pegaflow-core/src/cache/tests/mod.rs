@@ -116,7 +116,7 @@ fn a_block_seals_only_when_every_layer_and_rank_is_saved() {
     assert_eq!(hits(&mut c, &n, &[h(1)]), 0);
     // Rank 0, both layers: layer 0 is skipped, layer 1 copied.
     let t = prep(&mut c, &n, &[h(1)], 0, 2, &g, &[0, 1]).unwrap();
-    assert_eq!(t.slots.iter().map(|s| s.1).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(t.slots.iter().map(|s| s.layers.clone()).collect::<Vec<_>>(), vec![1..2]);
     assert_eq!(c.complete_save(t, true), 0);
     assert_eq!(hits(&mut c, &n, &[h(1)]), 0, "rank 1 has not saved");
     assert_eq!(save_all(&mut c, &n, &[h(1)], 1, 2, &g), 1);
@@ -131,10 +131,15 @@ fn slot_offsets_are_disjoint_per_layer_and_rank() {
     let g = Arc::new(PartGeometry::new(vec![100, 300]));
     let t0 = prep(&mut c, &n, &[h(1), h(2)], 0, 2, &g, &[0, 1]).unwrap();
     let t1 = prep(&mut c, &n, &[h(1), h(2)], 1, 2, &g, &[0, 1]).unwrap();
-    let mut ranges: Vec<(u64, u64)> =
-        t0.slots.iter().chain(&t1.slots).map(|&(_, layer, off)| (off, off + g.layer_bytes(layer))).collect();
+    let mut ranges: Vec<(u64, u64)> = t0
+        .slots
+        .iter()
+        .chain(&t1.slots)
+        .map(|run| (run.offset, run.offset + run.layers.clone().map(|l| g.layer_bytes(l)).sum::<u64>()))
+        .collect();
     ranges.sort();
-    assert_eq!(ranges.len(), 8);
+    // One run per block and rank: both layers of a part are back to back.
+    assert_eq!(ranges.len(), 4);
     assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{ranges:?}");
 }
 
@@ -462,4 +467,26 @@ fn one_stored_copy_serves_every_rank_of_a_replicated_instance() {
     assert_eq!(c.stats().leases, 0);
     c.complete_load(r0);
     c.complete_load(r1);
+}
+
+#[test]
+fn marking_a_part_gives_one_run_per_stretch_of_consecutive_empty_layers() {
+    use super::block::{Part, Slot};
+    let g = Arc::new(PartGeometry::new(vec![10, 20, 30, 40, 50]));
+    let mut alloc = PoolAllocator::new(1 << 20, None);
+    let mut part = Part::empty(alloc.allocate(g.total()).unwrap(), &g);
+    let base = part.slice.offset();
+    part.slots[3] = Slot::Saved;
+    let mut runs = Vec::new();
+    // Layer 3 is saved already; 1 comes after 4 and 0, out of order.
+    assert!(part.mark_writing(&[0, 2, 3, 4, 1], |layers, offset| runs.push((layers, offset))));
+    assert_eq!(runs, vec![(0..1, base), (2..3, base + 30), (4..5, base + 100), (1..2, base + 10)]);
+    assert_eq!(part.writing, 4);
+    runs.clear();
+    let mut all = Part::empty(alloc.allocate(g.total()).unwrap(), &g);
+    let base = all.slice.offset();
+    assert!(all.mark_writing(&[0, 1, 2, 3, 4], |layers, offset| runs.push((layers, offset))));
+    assert_eq!(runs, vec![(0..5, base)], "every layer of a block: one run");
+    // Nothing left to mark: no run, and it says so.
+    assert!(!all.mark_writing(&[0, 1, 2, 3, 4], |_, _| panic!("nothing is empty")));
 }
