@@ -26,12 +26,6 @@ const LEASE_SWEEP: Duration = Duration::from_millis(500);
 const RESERVED_FDS: u64 = 256;
 /// Concurrent calls (streams) one HTTP/2 connection may carry.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
-/// HTTP/2 receive window of one call: a whole 7,000-block query or 3,000-block save
-/// arrives without waiting for a window update (the protocol's default is 64 KiB).
-const STREAM_WINDOW_BYTES: u32 = 256 << 10;
-/// HTTP/2 receive window of one connection: what a client may have in flight, unread,
-/// over all its calls.
-const CONNECTION_WINDOW_BYTES: u32 = 512 << 10;
 
 /// Runs the server until SIGINT or SIGTERM. Blocks the calling thread.
 pub fn run_server(config: ServerConfig) -> Result<(), ServerError> {
@@ -151,11 +145,6 @@ async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(Duration::from_secs(config.keepalive_timeout_s.max(1))))
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-            // A 32K-token prompt's query is ~70 KB: past HTTP/2's default 64 KiB window
-            // it waited a round trip for a window update mid-request. Bounded per
-            // connection, so clients cannot make the server buffer much more.
-            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
-            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .layer(rpc_metrics.clone())
             .layer(tower::util::MapResponseLayer::new(crate::error::client_faults_are_invalid))
     };
