@@ -233,32 +233,6 @@ impl BlockCache {
                     continue;
                 }
                 Some(_) => self.touch(&key),
-                None if !spec.layers.is_empty() => {
-                    // The common case, built whole before it enters the index: one map
-                    // operation instead of five lookups.
-                    match self.allocator.allocate(spec.geometry.total()) {
-                        Some(slice) => {
-                            let mut block = self.new_block(spec, index, &key);
-                            let mut part = Part::empty(slice, spec.geometry);
-                            let first = ticket.slots.len();
-                            part.mark_writing(spec.layers, |layers, offset| {
-                                ticket.slots.push(SlotRun { index, layers, offset });
-                            });
-                            block.pins = 1;
-                            if let Some(copy) = block.ram.as_mut() {
-                                copy.parts[spec.rank as usize] = Some(part);
-                            }
-                            self.blocks.insert(key.clone(), block);
-                            ticket.admitted += 1;
-                            let runs = first..ticket.slots.len();
-                            ticket.entries.push(SaveEntry { key, rank: spec.rank, runs });
-                        }
-                        // No pool range although the plan made room (fragmentation between
-                        // block sizes): skipped, reported, never an error.
-                        None => ticket.skipped += 1,
-                    }
-                    continue;
-                }
                 None => {
                     let block = self.new_block(spec, index, &key);
                     self.blocks.insert(key.clone(), block);
@@ -267,6 +241,8 @@ impl BlockCache {
             }
             self.pin(&key);
             if !self.place_part(spec, &key) {
+                // No pool range although the plan made room (fragmentation between
+                // block sizes): skipped, reported, never an error.
                 ticket.skipped += 1;
                 self.unpin(&key);
                 if self.drop_if_empty(&key) {
