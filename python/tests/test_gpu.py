@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,35 @@ def test_round_trip_is_byte_exact(gpu_server: ServerHandle, instance_id: str, la
         assert torch.equal(block_slice(t, block_dim, dst), before[layer]), f"layer {layer}"
         # Blocks outside the destination are untouched.
         assert torch.equal(block_slice(t, block_dim, src), before[layer])
+
+
+@pytest.mark.parametrize("layout", ["cross_layer", "nhd"])
+def test_paced_saves_keep_their_rate_and_bytes(
+    start_server: StartServer, instance_id: str, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``PEGAFLOW_CUDA_SAVE_GBPS=1``: a save of 8 MiB goes as four 2 MiB groups with 2.1 ms
+    between their starts (direct DMAs for cross-layer blocks, batched calls for NHD's
+    32 KiB pieces), so it takes at least 6 ms instead of ~0.3, and loads back exact."""
+    monkeypatch.setenv("PEGAFLOW_CUDA_SAVE_GBPS", "1")
+    monkeypatch.setenv("PEGAFLOW_CUDA_SAVE_PIECE_MB", "2")
+    server = start_server(pool_size="1gb")
+    make, block_dim = LAYOUTS[layout]
+    tensors, specs = make()
+    client = server.client()
+    client.register_kv_layers(instance_id, f"ns-paced-{layout}", 0, 1, specs)
+    src = list(range(32))  # 32 blocks x 256 KiB = 8 MiB
+    dst = list(range(64, 96))
+    h = hashes(len(src))
+    before = [block_slice(t, block_dim, src).clone() for t in tensors]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    assert client.save(instance_id, 0, src, h).sealed_blocks == len(src)
+    assert time.perf_counter() - start >= 6e-3
+    q = client.query(instance_id, h)
+    load(client, instance_id, q.lease_id, dst)
+    torch.cuda.synchronize()
+    for layer, t in enumerate(tensors):
+        assert torch.equal(block_slice(t, block_dim, dst), before[layer]), f"layer {layer}"
 
 
 def test_large_contiguous_blocks_take_the_direct_path(

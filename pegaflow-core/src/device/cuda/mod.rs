@@ -10,6 +10,7 @@ mod ce_gather;
 mod driver;
 mod kernel;
 mod lanes;
+mod pace;
 pub mod plan;
 mod worker;
 

@@ -14,7 +14,8 @@ use super::driver::{Context, DeviceBuffer, Event, PinnedBuffer, Result, Stream};
 use super::host_ptr;
 use super::kernel::CopyKernel;
 use super::lanes::{BatchArrays, Lanes};
-use super::plan::{Chunk, Segment, Strategy, choose, pieces, plan_staged};
+use super::pace::{Pacer, SavePace, groups};
+use super::plan::{Chunk, DIRECT_MAX_SEGMENTS, Segment, Strategy, choose, pieces, plan_staged};
 use crate::device::{CopyDone, DeviceError, DeviceRegion, Direction};
 use crate::memory::HostPool;
 use pegaflow_common::spin::recv_spinning;
@@ -41,6 +42,9 @@ struct Tuning {
     /// (`PEGAFLOW_CUDA_MAX_DMA_MB`) until measured: whether the engine's own copies wait
     /// less behind ours, against the per-DMA cost.
     max_dma_bytes: u64,
+    /// Saves issued in paced pieces (`PEGAFLOW_CUDA_SAVE_GBPS`, `PEGAFLOW_CUDA_SAVE_PIECE_MB`);
+    /// `None`: as fast as the link takes them.
+    save_pace: Option<SavePace>,
 }
 
 impl Tuning {
@@ -60,6 +64,10 @@ impl Tuning {
             },
             lanes: var("PEGAFLOW_CUDA_LANES", 8).clamp(1, 64) as usize,
             max_dma_bytes: var("PEGAFLOW_CUDA_MAX_DMA_MB", 0) << 20,
+            save_pace: SavePace::from_values(
+                std::env::var("PEGAFLOW_CUDA_SAVE_GBPS").ok().as_deref(),
+                std::env::var("PEGAFLOW_CUDA_SAVE_PIECE_MB").ok().as_deref(),
+            ),
         }
     }
 }
@@ -248,6 +256,8 @@ struct CopyEngine {
     staged: Option<std::result::Result<(CopyKernel, Vec<Slot>), String>>,
     /// Copy-engine gather slots, made on first use; `Err` disables the strategy.
     ce: Option<std::result::Result<CeGather, String>>,
+    /// Paces saves when set (the save worker only): every save goes through it.
+    pacer: Option<Pacer>,
 }
 
 impl CopyEngine {
@@ -261,12 +271,18 @@ impl CopyEngine {
             lanes,
             staged: None,
             ce: None,
+            pacer: tuning.save_pace.filter(|_| direction == Direction::Save).map(Pacer::new),
         })
     }
 
     fn run(&mut self, pool: &HostPool, segments: Vec<Segment>) -> Result<()> {
         if segments.is_empty() {
             return Ok(());
+        }
+        if let Some(mut pacer) = self.pacer.take() {
+            let result = self.run_paced(&mut pacer, pool, &segments);
+            self.pacer = Some(pacer);
+            return result;
         }
         let started = std::time::Instant::now();
         let (count, bytes) = (segments.len(), segments.iter().map(|s| s.len).sum::<u64>());
@@ -309,7 +325,7 @@ impl CopyEngine {
     /// DMAs from this thread (direct, or one batched call); returns the event that marks
     /// its end. `None`: the request needs [`Self::run`].
     fn queue(&mut self, pool: &HostPool, segments: &[Segment]) -> Option<Result<Event>> {
-        if segments.is_empty() || self.tuning.force.is_some() {
+        if segments.is_empty() || self.tuning.force.is_some() || self.pacer.is_some() {
             return None;
         }
         let to_host = self.direction == Direction::Save;
@@ -369,6 +385,32 @@ impl CopyEngine {
             self.staged = Some(made.map_err(|e| e.to_string()));
         }
         matches!(self.staged, Some(Ok(_)))
+    }
+
+    /// A save in groups of the pace's piece size, each issued when the pacer allows (plain
+    /// DMAs, or one batched call for a group of many small segments), then waited for.
+    fn run_paced(&self, pacer: &mut Pacer, pool: &HostPool, segments: &[Segment]) -> Result<()> {
+        let started = std::time::Instant::now();
+        let groups = groups(segments, pacer.pace().piece_bytes);
+        let queued = groups.iter().try_for_each(|group| {
+            pacer.wait_turn();
+            if group.len() > DIRECT_MAX_SEGMENTS && self.lanes.is_some() {
+                BatchArrays::new(pool, group, true)?.queue_on(&self.dma)?;
+            } else {
+                self.queue_direct(pool, group)?;
+            }
+            pacer.issued(std::time::Instant::now(), group.iter().map(|s| s.len).sum());
+            Ok(())
+        });
+        // Also after an error: part of the save may be in flight.
+        let drained = self.dma.synchronize();
+        tracing::debug!(
+            groups = groups.len(),
+            segments = segments.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "cuda paced save"
+        );
+        queued.and(drained)
     }
 
     fn run_direct(&self, pool: &HostPool, segments: &[Segment]) -> Result<()> {
