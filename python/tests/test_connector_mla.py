@@ -65,6 +65,9 @@ def mla_engines(mla_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
                 "block_size": MLA_BLOCK,
                 "enable_prefix_caching": True,
                 "tensor_parallel_size": tp,
+                # The reference CPU MLA kernels, also on CPUs with AMX (where vLLM would
+                # pick its AMX backend, which takes bf16 weights only).
+                "attention_backend": "CPU_MLA",
             }
             llm = start(lambda: make_llm(mla_model, endpoint, args))
             assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
