@@ -184,11 +184,8 @@ impl BlockCache {
             let Some(block) = self.blocks.get_mut(key) else { continue };
             // Pinned first: off its queue, the use only updates its order (no queue move).
             pin_block(self.policy.as_mut(), block);
-            let mut entry = block.policy;
-            self.policy.touch(key, &mut entry, &mut self.blocks);
-            if let Some(block) = self.blocks.get_mut(key) {
-                block.policy = entry;
-            }
+            self.policy.touch(key, &mut block.policy);
+            self.policy.rebalance(&mut self.blocks);
         }
         let tiers = vec![Tier::Ram; keys.len()];
         let lease_id = self.leases.insert(Lease {
@@ -379,10 +376,14 @@ impl BlockCache {
 
     /// Tells the policy the block was used.
     pub(super) fn touch(&mut self, key: &BlockKey) {
-        let Some(mut entry) = self.blocks.get(key).map(|b| b.policy) else { return };
-        self.policy.touch(key, &mut entry, &mut self.blocks);
-        if let Some(block) = self.blocks.get_mut(key) {
-            block.policy = entry;
+        let Some(block) = self.blocks.get_mut(key) else { return };
+        // Off its queue while the policy rebalances (see `Policy::touch`).
+        let queued = block.policy.queued;
+        self.policy.dequeue(&mut block.policy);
+        self.policy.touch(key, &mut block.policy);
+        self.policy.rebalance(&mut self.blocks);
+        if queued && let Some(block) = self.blocks.get_mut(key) {
+            self.policy.enqueue(key, &mut block.policy);
         }
     }
 

@@ -28,7 +28,7 @@ impl Policy for Lru {
         *entry = PolicyEntry { segment: 0, order: self.next_tick(), queued: false };
     }
 
-    fn touch(&mut self, key: &BlockKey, entry: &mut PolicyEntry, _store: &mut dyn EntryStore) {
+    fn touch(&mut self, key: &BlockKey, entry: &mut PolicyEntry) {
         let order = self.next_tick();
         self.queue.reorder(key, entry, order);
     }

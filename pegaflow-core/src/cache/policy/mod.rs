@@ -65,7 +65,15 @@ pub trait Policy: Send {
     fn insert(&mut self, key: &BlockKey, entry: &mut PolicyEntry, store: &mut dyn EntryStore);
 
     /// The block was used (hit, or saved again): moves it in its queue if it is on one.
-    fn touch(&mut self, key: &BlockKey, entry: &mut PolicyEntry, store: &mut dyn EntryStore);
+    /// Changes only this block's state; what the use makes the policy do to other blocks
+    /// waits for [`Policy::rebalance`], which the index calls once the entry is back in
+    /// its record (one lookup of the record per hit) and before the block goes back on its
+    /// queue.
+    fn touch(&mut self, key: &BlockKey, entry: &mut PolicyEntry);
+
+    /// Moves other blocks as the last [`Policy::touch`] requires (W-TinyLFU: demotes
+    /// protected blocks beyond its share). Default: nothing.
+    fn rebalance(&mut self, _store: &mut dyn EntryStore) {}
 
     /// The block may leave now: puts it on its segment's queue at its current order.
     fn enqueue(&mut self, key: &BlockKey, entry: &mut PolicyEntry);

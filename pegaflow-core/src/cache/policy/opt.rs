@@ -72,7 +72,7 @@ impl Policy for Opt {
         *entry = PolicyEntry { segment: 0, order: self.next_use(key), queued: false };
     }
 
-    fn touch(&mut self, key: &BlockKey, entry: &mut PolicyEntry, _store: &mut dyn EntryStore) {
+    fn touch(&mut self, key: &BlockKey, entry: &mut PolicyEntry) {
         let order = self.next_use(key);
         self.queue.reorder(key, entry, order);
     }

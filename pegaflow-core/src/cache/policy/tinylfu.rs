@@ -180,20 +180,22 @@ impl Policy for TinyLfu {
         self.spill_window(store);
     }
 
-    fn touch(&mut self, key: &BlockKey, entry: &mut PolicyEntry, store: &mut dyn EntryStore) {
+    fn touch(&mut self, key: &BlockKey, entry: &mut PolicyEntry) {
         let queued = entry.queued;
         self.dequeue(entry);
         entry.order = self.next_tick();
         if entry.segment == PROBATION {
             self.shift(key, entry, PROTECTED);
         }
-        if entry.segment == PROTECTED {
-            // Off its queue meanwhile, so the block itself is never the one demoted.
-            self.balance_protected(store);
-        }
         if queued {
             self.enqueue(key, entry);
         }
+    }
+
+    fn rebalance(&mut self, store: &mut dyn EntryStore) {
+        // The index keeps the touched block off its queue until this returns, so the
+        // block itself is never the one demoted.
+        self.balance_protected(store);
     }
 
     fn enqueue(&mut self, key: &BlockKey, entry: &mut PolicyEntry) {
