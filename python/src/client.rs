@@ -374,7 +374,8 @@ impl PyEngineClient {
     ) -> PyResult<QueryResult> {
         let req = pb::QueryRequest { instance_id, block_hashes, lease_ttl_ms };
         let r = self.call(py, |mut c| async move { c.query(req).await })?;
-        let tiers = r.hit_tiers().map(|t| t.as_str_name().trim_start_matches("TIER_").to_ascii_lowercase()).collect();
+        // Static names: a query of thousands of blocks builds no string per block.
+        let tiers = r.hit_tiers().map(tier_name).collect();
         Ok(QueryResult {
             hit_blocks: r.hit_blocks,
             lease_id: (!r.lease_id.is_empty()).then_some(r.lease_id),
@@ -524,5 +525,15 @@ impl PyEngineClient {
 impl Drop for PyEngineClient {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// A tier's name for Python (`ram`, `ssd`), as the protocol's enum names it without the
+/// `TIER_` prefix.
+fn tier_name(tier: pb::Tier) -> &'static str {
+    match tier {
+        pb::Tier::Ram => "ram",
+        pb::Tier::Ssd => "ssd",
+        pb::Tier::Unspecified => "unspecified",
     }
 }

@@ -46,9 +46,10 @@ def test_single_rank_roundtrip(
     # Misses and prefix hits.
     unknown = random_hashes(1, rng)[0]
     miss = client.query(instance_id, [unknown, *hashes])
-    assert (miss.hit_blocks, miss.lease_id) == (0, None)
+    assert (miss.hit_blocks, miss.lease_id, miss.tiers) == (0, None, [])
     prefix = client.query(instance_id, [*hashes[:100], unknown, *hashes[100:]])
     assert prefix.hit_blocks == 100
+    assert prefix.tiers == ["ram"] * 100
     assert prefix.lease_id is not None
     client.release_lease(prefix.lease_id)
     assert client.query(instance_id, []).hit_blocks == 0
