@@ -37,6 +37,9 @@ pub struct TinyLfu {
     window_percent: u64,
     tick: u64,
     rejected: u64,
+    /// The last touch left a block in protected: the next rebalance keeps protected
+    /// within its share (a touch that ends elsewhere demotes nothing).
+    balance_due: bool,
 }
 
 impl TinyLfu {
@@ -50,6 +53,7 @@ impl TinyLfu {
             window_percent: WINDOW_PERCENT,
             tick: 0,
             rejected: 0,
+            balance_due: false,
         }
     }
 
@@ -187,6 +191,7 @@ impl Policy for TinyLfu {
         if entry.segment == PROBATION {
             self.shift(key, entry, PROTECTED);
         }
+        self.balance_due = entry.segment == PROTECTED;
         if queued {
             self.enqueue(key, entry);
         }
@@ -195,7 +200,9 @@ impl Policy for TinyLfu {
     fn rebalance(&mut self, store: &mut dyn EntryStore) {
         // The index keeps the touched block off its queue until this returns, so the
         // block itself is never the one demoted.
-        self.balance_protected(store);
+        if std::mem::take(&mut self.balance_due) {
+            self.balance_protected(store);
+        }
     }
 
     fn enqueue(&mut self, key: &BlockKey, entry: &mut PolicyEntry) {
@@ -248,5 +255,59 @@ impl Policy for TinyLfu {
 
     fn rejected(&self) -> u64 {
         self.rejected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use super::*;
+
+    impl EntryStore for HashMap<BlockKey, PolicyEntry> {
+        fn entry(&mut self, key: &BlockKey) -> Option<&mut PolicyEntry> {
+            self.get_mut(key)
+        }
+    }
+
+    fn key(i: u8) -> BlockKey {
+        BlockKey { namespace: Arc::from("ns"), hash: [i; 32] }
+    }
+
+    /// Four protected blocks (over protected's share of a main region without probation)
+    /// and one window block, each on its queue.
+    fn policy_over_its_share() -> (TinyLfu, HashMap<BlockKey, PolicyEntry>) {
+        let mut policy = TinyLfu::new(1000);
+        let mut store = HashMap::new();
+        for (i, segment) in [(1, PROTECTED), (2, PROTECTED), (3, PROTECTED), (4, PROTECTED), (9, WINDOW)] {
+            let mut entry = PolicyEntry { segment, order: policy.next_tick(), queued: false };
+            policy.enqueue(&key(i), &mut entry);
+            store.insert(key(i), entry);
+        }
+        (policy, store)
+    }
+
+    /// A use as the index makes it: off the queue, touch, rebalance, back on.
+    fn used(policy: &mut TinyLfu, store: &mut HashMap<BlockKey, PolicyEntry>, i: u8) {
+        let mut entry = store[&key(i)];
+        policy.dequeue(&mut entry);
+        policy.touch(&key(i), &mut entry);
+        store.insert(key(i), entry);
+        policy.rebalance(store);
+        let mut entry = store[&key(i)];
+        policy.enqueue(&key(i), &mut entry);
+        store.insert(key(i), entry);
+    }
+
+    #[test]
+    fn only_a_use_that_ends_in_protected_demotes_protected_blocks() {
+        let (mut policy, mut store) = policy_over_its_share();
+        used(&mut policy, &mut store, 9); // a window block: protected is left alone
+        assert_eq!(policy.counts, [1, 0, 4]);
+        used(&mut policy, &mut store, 4); // a protected block: the others over the share go
+        assert_eq!(policy.counts, [1, 2, 2]);
+        assert_eq!(store[&key(1)].segment, PROBATION, "the oldest protected block is demoted first");
+        assert_eq!(store[&key(4)].segment, PROTECTED, "the used block itself is never demoted");
     }
 }

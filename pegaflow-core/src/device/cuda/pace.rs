@@ -7,11 +7,21 @@
 //! (38 GiB/s) cost 1.3%. Saves only need to keep up with prefill (a tenth of the link for
 //! Llama-8B on an H200), so trading save speed for decode latency is cheap. Opt-in
 //! (`PEGAFLOW_CUDA_SAVE_GBPS`, `PEGAFLOW_CUDA_SAVE_PIECE_MB`) until measured in the server.
+//! While on, every save is paced, whatever `PEGAFLOW_CUDA_STRATEGY` forces, and a save no
+//! longer queues behind the previous one without a wait. The pace spaces the groups'
+//! starts: when the link is slower than the pace, groups queue back to back and the link
+//! never idles (pacing then changes nothing).
 //! The pure half (grouping, the schedule) lives here so CI tests it without a GPU.
 
 use std::time::{Duration, Instant};
 
 use super::plan::{Segment, pieces};
+
+/// The slowest pace taken (0.01 GB/s): a 2 MiB group every 0.2 s. Slower values would
+/// make a save of a few blocks take minutes, or overflow the schedule's clock.
+pub const MIN_GBPS: f64 = 0.01;
+/// The largest group (MiB).
+pub const MAX_PIECE_MB: u64 = 1024;
 
 /// How saves are paced.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,11 +33,14 @@ pub struct SavePace {
 }
 
 impl SavePace {
-    /// From `PEGAFLOW_CUDA_SAVE_GBPS` (GB/s, decimal; unset, 0 or unparsable: no pacing)
-    /// and `PEGAFLOW_CUDA_SAVE_PIECE_MB` (MiB, default 2).
+    /// From `PEGAFLOW_CUDA_SAVE_GBPS` (GB/s, decimal, at least [`MIN_GBPS`]; unset, 0 or
+    /// unparsable: no pacing) and `PEGAFLOW_CUDA_SAVE_PIECE_MB` (MiB, default 2, at most
+    /// [`MAX_PIECE_MB`]).
     pub fn from_values(gbps: Option<&str>, piece_mb: Option<&str>) -> Option<Self> {
         let gbps: f64 = gbps?.trim().parse().ok().filter(|v: &f64| v.is_finite() && *v > 0.0)?;
-        let piece_mb: u64 = piece_mb.and_then(|v| v.trim().parse().ok()).filter(|v| *v > 0).unwrap_or(2);
+        let gbps = gbps.max(MIN_GBPS);
+        let piece_mb: u64 =
+            piece_mb.and_then(|v| v.trim().parse().ok()).filter(|v| *v > 0).unwrap_or(2).min(MAX_PIECE_MB);
         Some(Self { piece_bytes: piece_mb << 20, bytes_per_sec: gbps * 1e9 })
     }
 
@@ -120,6 +133,12 @@ mod tests {
             Some(SavePace { piece_bytes: 8 << 20, bytes_per_sec: 27.5e9 })
         );
         assert_eq!(SavePace::from_values(Some("40"), Some("0")).map(|p| p.piece_bytes), Some(2 << 20));
+        // Extremes are clamped, not overflowed.
+        assert_eq!(SavePace::from_values(Some("1e-15"), None).map(|p| p.bytes_per_sec), Some(MIN_GBPS * 1e9));
+        assert_eq!(
+            SavePace::from_values(Some("40"), Some("17592186044416")).map(|p| p.piece_bytes),
+            Some(MAX_PIECE_MB << 20)
+        );
     }
 
     #[test]
