@@ -374,8 +374,9 @@ impl PyEngineClient {
     ) -> PyResult<QueryResult> {
         let req = pb::QueryRequest { instance_id, block_hashes, lease_ttl_ms };
         let r = self.call(py, |mut c| async move { c.query(req).await })?;
-        // Static names: a query of thousands of blocks builds no string per block.
-        let tiers = r.hit_tiers().map(tier_name).collect();
+        // Static names: a query of thousands of blocks builds no string per block. A tier
+        // this client does not know (a newer server) still counts, as "unknown".
+        let tiers = r.hit_tiers.iter().map(|&t| pb::Tier::try_from(t).map_or("unknown", tier_name)).collect();
         Ok(QueryResult {
             hit_blocks: r.hit_blocks,
             lease_id: (!r.lease_id.is_empty()).then_some(r.lease_id),
@@ -529,7 +530,7 @@ impl Drop for PyEngineClient {
 }
 
 /// A tier's name for Python (`ram`, `ssd`), as the protocol's enum names it without the
-/// `TIER_` prefix.
+/// `TIER_` prefix (`unknown` for a value this client's protocol does not have).
 fn tier_name(tier: pb::Tier) -> &'static str {
     match tier {
         pb::Tier::Ram => "ram",

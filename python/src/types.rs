@@ -181,7 +181,8 @@ pub struct QueryResult {
     pub lease_id: Option<String>,
     /// How long the lease lives, milliseconds (the server's choice when none was asked).
     pub lease_ttl_ms: u64,
-    /// Where each hit block is read from ("ram"), one per hit block.
+    /// Where each hit block is read from ("ram", "ssd"; "unknown" for a tier this client
+    /// does not know), one per hit block.
     pub tiers: Vec<&'static str>,
     /// Nothing hit, but the first block is being saved now: asking again soon may hit.
     pub loading: bool,
