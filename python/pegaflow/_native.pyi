@@ -68,7 +68,7 @@ class QueryResult:
     hit_blocks: int
     lease_id: str | None
     lease_ttl_ms: int
-    tiers: list[str]
+    tiers: list[str]  # one per hit block: "ram", "ssd", or "unknown" (a newer server's tier)
     loading: bool
 
 @final
